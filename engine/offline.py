@@ -1,0 +1,86 @@
+"""Static-batch forward passes over the paged cache, with no scheduler.
+
+Each sequence of a fixed batch owns a contiguous run of pages (page 0 stays the
+padding sink). Used to check the model against transformers, prefill and decode,
+and by tools that need raw logits; the serving path is `engine.runner`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engine.config import ModelConfig
+from engine.models import llama
+
+
+class StaticBatch:
+    """A batch of sequences with statically assigned pages and their own KV cache."""
+
+    def __init__(self, cfg: ModelConfig, params, *, num_seqs: int, max_len: int, page_size: int):
+        self.cfg, self.params, self.page_size = cfg, params, page_size
+        self.pages_per_seq = -(-max_len // page_size)
+        self.page_table = (1 + np.arange(num_seqs * self.pages_per_seq, dtype=np.int32)).reshape(
+            num_seqs, self.pages_per_seq
+        )
+        dtype = params["embed"].dtype
+        self.kv = llama.init_kv_cache(cfg, 1 + num_seqs * self.pages_per_seq, page_size, dtype)
+        self.lengths = np.zeros(num_seqs, np.int32)
+        self._step = jax.jit(partial(_step, cfg=cfg, page_size=page_size), donate_argnums=(1,))
+
+    def extend(self, token_lists: list[list[int]]) -> np.ndarray:
+        """Append tokens to every sequence (ragged); returns float32 logits of all new tokens, [N, V]
+        in sequence order. One segment, padded to the longest list."""
+        rows = len(token_lists)
+        qn = max(len(t) for t in token_lists)
+        ids = np.zeros((rows, qn), np.int32)
+        pos = np.zeros((rows, qn), np.int32)
+        slots = np.zeros((rows, qn), np.int32)  # padding writes to page 0
+        logits_idx = []
+        for r, toks in enumerate(token_lists):
+            n, start = len(toks), int(self.lengths[r])
+            p = start + np.arange(n)
+            ids[r, :n], pos[r, :n] = toks, p
+            slots[r, :n] = self.page_table[r, p // self.page_size] * self.page_size + p % self.page_size
+            logits_idx.extend(r * qn + np.arange(n))
+            self.lengths[r] += n
+        step = llama.StepInput(
+            token_ids=jnp.asarray(ids.reshape(-1)),
+            positions=jnp.asarray(pos.reshape(-1)),
+            slot_mapping=jnp.asarray(slots.reshape(-1)),
+            logits_indices=jnp.asarray(np.array(logits_idx, np.int32)),
+            segments=(llama.Segment(jnp.asarray(self.page_table[:rows]), jnp.asarray(self.lengths[:rows]), qn),),
+        )
+        logits, self.kv = self._step(self.params, self.kv, step)
+        return np.asarray(logits)
+
+
+def _step(params, kv, step, *, cfg, page_size):
+    h, kv = llama.forward(params, kv, step, cfg=cfg, page_size=page_size)
+    return llama.logits_from_hidden(params, h, cfg=cfg), kv
+
+
+def greedy_generate(cfg: ModelConfig, params, prompts: list[list[int]], max_new_tokens: int,
+                    *, page_size: int = 16, stop_ids: tuple[int, ...] = ()) -> list[list[int]]:
+    """Greedy continuation of each prompt; a sequence stops at a stop id (not included)."""
+    batch = StaticBatch(cfg, params, num_seqs=len(prompts),
+                        max_len=max(map(len, prompts)) + max_new_tokens, page_size=page_size)
+    logits = batch.extend(prompts)
+    ends = np.cumsum([len(p) for p in prompts]) - 1
+    next_ids = logits[ends].argmax(-1)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for _ in range(max_new_tokens):
+        for i, tok in enumerate(next_ids):
+            if not done[i]:
+                if int(tok) in stop_ids:
+                    done[i] = True
+                else:
+                    outputs[i].append(int(tok))
+        if all(done) or all(len(o) >= max_new_tokens for o in outputs):
+            break
+        next_ids = batch.extend([[int(t)] for t in next_ids]).argmax(-1)
+    return [o[:max_new_tokens] for o in outputs]
