@@ -1,0 +1,112 @@
+"""Loading errors name the file and the tensor; the default model is found without importing its package."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from engine.config import ModelConfig
+from engine.models.loader import ModelLoadError, default_model_path, load_model, resolve_source
+
+
+@pytest.fixture
+def checkpoint_copy(tiny_checkpoints, tmp_path):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoints("llama_untied"), dst)
+    return dst
+
+
+def _rewrite_tensors(path, edit):
+    from safetensors.numpy import load_file, save_file
+
+    file = path / "model.safetensors"
+    tensors = load_file(str(file))
+    edit(tensors)
+    save_file(tensors, str(file))
+
+
+def test_missing_path():
+    with pytest.raises(ModelLoadError, match="no such model file or directory"):
+        load_model("/nonexistent/model")
+
+
+def test_missing_config(checkpoint_copy):
+    os.remove(checkpoint_copy / "config.json")
+    with pytest.raises(ModelLoadError, match=r"config\.json: missing"):
+        load_model(str(checkpoint_copy))
+
+
+def test_unreadable_config(checkpoint_copy):
+    (checkpoint_copy / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match=r"config\.json: unreadable"):
+        load_model(str(checkpoint_copy))
+
+
+def test_unknown_architecture(checkpoint_copy):
+    cfg = json.loads((checkpoint_copy / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (checkpoint_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=r"config\.json: architectures: unsupported architecture 'GPT2LMHeadModel'"):
+        load_model(str(checkpoint_copy))
+
+
+def test_missing_tensor(checkpoint_copy):
+    _rewrite_tensors(checkpoint_copy, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors: missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+        load_model(str(checkpoint_copy))
+
+
+def test_shape_mismatch(checkpoint_copy):
+    def edit(t):
+        t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:, :-1].copy()
+
+    _rewrite_tensors(checkpoint_copy, edit)
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' "
+                                             r"has shape \(32, 63\), expected \(32, 64\)"):
+        load_model(str(checkpoint_copy))
+
+
+def test_corrupt_safetensors(checkpoint_copy):
+    (checkpoint_copy / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors: unreadable safetensors file"):
+        load_model(str(checkpoint_copy))
+
+
+def test_no_safetensors(checkpoint_copy):
+    os.remove(checkpoint_copy / "model.safetensors")
+    with pytest.raises(ModelLoadError, match=r"no \*\.safetensors files"):
+        load_model(str(checkpoint_copy))
+
+
+def test_not_gguf_file(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"1234")
+    with pytest.raises(ModelLoadError, match=r"weights\.bin: not a \.gguf file"):
+        load_model(str(path))
+
+
+def test_corrupt_gguf(tmp_path):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"GGUF" + b"\x00" * 7)
+    with pytest.raises(ModelLoadError, match=r"broken\.gguf: unreadable GGUF file"):
+        load_model(str(path))
+
+
+def test_config_validation_names_the_field():
+    good = dict(architectures=["LlamaForCausalLM"], vocab_size=10, hidden_size=8, intermediate_size=16,
+                num_hidden_layers=1, num_attention_heads=2)
+    assert ModelConfig.from_hf(good).num_kv_heads == 2
+    with pytest.raises(ValueError, match="intermediate_size: missing"):
+        ModelConfig.from_hf({k: v for k, v in good.items() if k != "intermediate_size"})
+    with pytest.raises(ValueError, match="num_key_value_heads: 3 does not divide"):
+        ModelConfig.from_hf({**good, "num_attention_heads": 4, "num_key_value_heads": 3, "hidden_size": 8})
+    with pytest.raises(ValueError, match="rope_scaling: unsupported rope_type 'yarn'"):
+        ModelConfig.from_hf({**good, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+
+
+def test_default_model_is_found():
+    path = default_model_path()
+    assert path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and os.path.isfile(path)
+    source = resolve_source(None)
+    assert source.is_gguf and source.name == "SmolLM2-135M-Instruct"
