@@ -80,7 +80,7 @@ class PrefixCache:
     def hit_rate(self) -> float:
         return self.num_hit_tokens / self.num_query_tokens if self.num_query_tokens else 0.0
 
-    def _count_query(self, num_query_tokens: int, num_hit_tokens: int) -> None:
+    def record_query(self, num_query_tokens: int, num_hit_tokens: int) -> None:
         self.num_queries += 1
         self.num_hits += num_hit_tokens > 0
         self.num_query_tokens += num_query_tokens
@@ -111,8 +111,10 @@ class RadixCache(PrefixCache):
         # An unlocked node has no locked descendant, so all of it can go.
         return self._num_cached_pages - self._num_locked_pages
 
-    def match_prefix(self, tokens: Sequence[int], max_tokens: Optional[int] = None) -> PrefixMatch:
-        """Longest cached whole-page prefix of tokens[:max_tokens]; marks the path used."""
+    def match_prefix(self, tokens: Sequence[int], max_tokens: Optional[int] = None,
+                     count_stats: bool = True) -> PrefixMatch:
+        """Longest cached whole-page prefix of tokens[:max_tokens]; marks the path used.
+        count_stats=False probes without counting a query (scheduling policies use it)."""
         tokens, ps = tuple(tokens), self.page_size
         limit = len(tokens) if max_tokens is None else max(0, min(max_tokens, len(tokens)))
         limit -= limit % ps
@@ -129,7 +131,8 @@ class RadixCache(PrefixCache):
             node = child  # a partly matched node is the handle: locking it pins more, never less
             if n < len(child.pages):
                 break
-        self._count_query(len(tokens), pos)
+        if count_stats:
+            self.record_query(len(tokens), pos)
         return PrefixMatch(pos, pages, node if pos else None)
 
     def lock(self, node: Optional[_Node]) -> None:
@@ -244,8 +247,10 @@ class NoPrefixCache(PrefixCache):
     num_cached_pages = property(lambda self: 0)
     num_evictable_pages = property(lambda self: 0)
 
-    def match_prefix(self, tokens: Sequence[int], max_tokens: Optional[int] = None) -> PrefixMatch:
-        self._count_query(len(tokens), 0)
+    def match_prefix(self, tokens: Sequence[int], max_tokens: Optional[int] = None,
+                     count_stats: bool = True) -> PrefixMatch:
+        if count_stats:
+            self.record_query(len(tokens), 0)
         return PrefixMatch(0, [], None)
 
     def lock(self, node: object) -> None:

@@ -1,0 +1,391 @@
+"""`Engine`: what a Python program embeds.
+
+    async with Engine(EngineConfig(model=...)) as engine:
+        async for out in engine.generate("Hello", SamplingParams(max_tokens=8)):
+            print(out.text, end="")
+
+Data flow. The event loop owns the scheduler, the page allocator, the prefix
+cache and every request. `generate()` turns a prompt into a `Request`, queues
+it and wakes the engine loop; the loop runs one step at a time:
+
+    batch = scheduler.schedule()                       # immutable snapshot
+    result = await compute.run(runner.step, batch)     # the compute thread
+    updated = scheduler.apply(batch, result)           # requests change only here
+    _emit(updated)                                     # text deltas, stop strings -> each request's queue
+
+States: STARTING -> WARMING -> READY; DEGRADED (warm-up failed), FAILED (a
+step failed: every request ends with an explicit error), STOPPING -> STOPPED.
+Work is refused at once unless READY. Nothing is global: engines are plain
+objects, any number per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+import random
+import time
+from typing import AsyncIterator, Callable, Optional, Sequence, Union
+
+from engine.buckets import BucketPlan
+from engine.config import EngineConfig
+from engine.executor import ComputeThread
+from engine.metrics import EngineMetrics
+from engine.pages import PageAllocator
+from engine.radix_cache import make_prefix_cache
+from engine.request import (FinishReason, Request, RequestOutput, SamplingParams, validate_prompt_ids)
+from engine.scheduler import QueueFullError, Scheduler, check_fits
+from engine.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Engine", "EngineState", "EngineNotReadyError", "EngineUnavailableError", "QueueFullError"]
+
+
+class EngineState(str, enum.Enum):
+    STARTING = "starting"
+    WARMING = "warming"
+    READY = "ready"
+    DEGRADED = "degraded"
+    FAILED = "failed"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class EngineNotReadyError(RuntimeError):
+    """The engine is starting or warming up; retry later."""
+
+
+class EngineUnavailableError(RuntimeError):
+    """The engine failed or is stopping; requests end with this error."""
+
+
+def _default_runner(config: EngineConfig, plan: BucketPlan):
+    from engine.runner import ModelRunner  # imports JAX; the engine module itself does not
+
+    return ModelRunner(config, plan)
+
+
+class Engine:
+    def __init__(self, config: Optional[EngineConfig] = None, *,
+                 runner_factory: Callable = _default_runner, warmup_gate: Optional[asyncio.Event] = None):
+        self.config = config or EngineConfig()
+        self.plan = BucketPlan.from_config(self.config.scheduler)
+        self._runner_factory = runner_factory
+        self._warmup_gate = warmup_gate  # tests hold warm-up open with it
+        self.state = EngineState.STOPPED
+        self.state_detail = "not started"
+        self.started_at: Optional[float] = None
+        self.last_ready_at: Optional[float] = None
+        self.num_compiled_at_ready: Optional[int] = None
+        self.tokenizer: Optional[Tokenizer] = None
+        self.runner = None
+        self.scheduler: Optional[Scheduler] = None
+        self._compute: Optional[ComputeThread] = None
+        self._loop_task: Optional[asyncio.Task] = None
+        self._wakeup = asyncio.Event()
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._ids = itertools.count()
+        self._rng = random.Random(self.config.seed)
+        self.metrics = EngineMetrics(self._live_metrics)
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> "Engine":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    @property
+    def is_ready(self) -> bool:
+        return self.state is EngineState.READY
+
+    @property
+    def model_name(self) -> str:
+        return self.runner.source.name if self.runner else (self.config.model or "default")
+
+    @property
+    def max_model_len(self) -> int:
+        return self.runner.max_model_len
+
+    async def start(self) -> None:
+        """Load, warm up, round-trip one real request, then READY. Raises if loading fails;
+        a warm-up failure leaves the engine DEGRADED with the reason in `state_detail`."""
+        if self.state not in (EngineState.STOPPED,):
+            raise RuntimeError(f"start: the engine is {self.state.value}")
+        self.started_at = time.monotonic()
+        self._set_state(EngineState.STARTING, "loading the model")
+        self._compute = ComputeThread(name=f"kvloom-compute-{id(self):x}")
+        try:
+            self.runner = await self._compute.run(self._runner_factory, self.config, self.plan)
+            self.tokenizer = await self._compute.run(
+                Tokenizer.load, self.runner.source, self.runner.model_config.eos_token_ids)
+        except BaseException:
+            self._compute.close()
+            self._set_state(EngineState.STOPPED, "loading failed")
+            raise
+        self._build_state()
+        self._loop_task = asyncio.get_running_loop().create_task(self._run_loop(), name="kvloom-engine-loop")
+        await self._warm_up()
+
+    def _build_state(self) -> None:
+        runner = self.runner
+        allocator = PageAllocator(runner.num_pages)
+        cache = make_prefix_cache(allocator, runner.page_size, self.config.cache.enable_prefix_cache)
+        self.scheduler = Scheduler(self.config.scheduler, self.plan, allocator, cache,
+                                   page_size=runner.page_size, max_model_len=runner.max_model_len)
+
+    async def _warm_up(self) -> None:
+        self._set_state(EngineState.WARMING, "compiling step shapes")
+        try:
+            if self._warmup_gate is not None:
+                await self._warmup_gate.wait()
+            if self.config.warmup:
+                await self._compute.run(self.runner.warmup)
+            self.state_detail = "round-tripping one request"
+            prompt = [t for t in range(min(8, self.runner.vocab_size))]
+            async for _ in self._generate(prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
+                                          None, "warmup"):
+                pass
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported in state_detail
+            log.exception("warm-up failed")
+            self._set_state(EngineState.DEGRADED, f"warm-up failed: {type(exc).__name__}: {exc}")
+            return
+        if self.state is EngineState.WARMING:
+            self.num_compiled_at_ready = getattr(self.runner, "num_compiled", None)
+            self.last_ready_at = time.time()
+            self._set_state(EngineState.READY, "ready")
+
+    async def stop(self) -> None:
+        """Stop: every unfinished request ends with an error; returns without waiting for a step in flight."""
+        if self.state in (EngineState.STOPPED, EngineState.STOPPING):
+            return
+        self._set_state(EngineState.STOPPING, "stopping")
+        self._fail_all("the engine is stopping")
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+            self._loop_task = None
+        if self._compute is not None:
+            self._compute.close()
+        self.runner = None
+        self._set_state(EngineState.STOPPED, "stopped")
+
+    def join_compute_thread(self, timeout: Optional[float] = None) -> bool:
+        """Wait for the compute thread of the last run to exit (after stop)."""
+        return self._compute is None or self._compute.join(timeout)
+
+    def _set_state(self, state: EngineState, detail: str) -> None:
+        if state is not self.state:
+            log.info("engine %s -> %s (%s)", self.state.value, state.value, detail)
+        self.state, self.state_detail = state, detail
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def _check_accepting(self) -> None:
+        if self.state in (EngineState.STARTING, EngineState.WARMING, EngineState.DEGRADED):
+            raise EngineNotReadyError(f"the engine is {self.state.value}: {self.state_detail}")
+        if self.state is not EngineState.READY:
+            raise EngineUnavailableError(f"the engine is {self.state.value}: {self.state_detail}")
+
+    def encode_prompt(self, prompt: Union[str, Sequence[int], None] = None,
+                      messages: Optional[list] = None) -> list[int]:
+        """Prompt text, token ids or chat messages to token ids; ValueError names the bad field."""
+        if messages is not None:
+            return self.tokenizer.apply_chat_template(messages)
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt: must not be empty")
+            return self.tokenizer.encode(prompt)
+        if prompt is None:
+            raise ValueError("prompt: required")
+        return list(validate_prompt_ids(prompt, self.runner.vocab_size))
+
+    def generate(self, prompt: Union[str, Sequence[int], None] = None, params: Optional[SamplingParams] = None,
+                 *, messages: Optional[list] = None, request_id: Optional[str] = None
+                 ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs. Validation happens here, at the call: a bad prompt or parameter
+        raises ValueError naming the field; a full queue raises QueueFullError; an engine that is not
+        READY raises EngineNotReadyError or EngineUnavailableError. Leaving the iteration early (break,
+        cancellation) aborts the request and frees its pages."""
+        self._check_accepting()
+        return self._generate(prompt, params or SamplingParams(), messages, request_id)
+
+    def _new_request(self, prompt, params, messages, request_id) -> Request:
+        if not isinstance(params, SamplingParams):
+            raise TypeError("params: must be a SamplingParams")
+        ids = self.encode_prompt(prompt, messages)
+        check_fits(len(ids), params.max_tokens, self.runner.max_model_len,
+                   field="messages" if messages is not None else "prompt")
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        request = Request(request_id or f"req-{next(self._ids)}", tuple(ids), params,
+                          eos_token_ids=self.tokenizer.eos_token_ids, seed=seed)
+        request.detokenizer = IncrementalDetokenizer(self.tokenizer, ids)
+        request.stop_matcher = StopStringMatcher(params.stop) if params.stop else None
+        return request
+
+    def _generate(self, prompt, params, messages, request_id) -> AsyncIterator[RequestOutput]:
+        request = self._new_request(prompt, params, messages, request_id)
+        queue: asyncio.Queue = asyncio.Queue()
+        self.scheduler.add(request)
+        self._queues[request.request_id] = queue
+        self._wakeup.set()
+        return self._stream(request, queue)
+
+    async def _stream(self, request: Request, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        try:
+            while True:
+                out = await queue.get()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            self._queues.pop(request.request_id, None)
+            if not request.is_finished and self.scheduler is not None:
+                self.scheduler.abort(request.request_id)
+                self.metrics.requests_finished.labels(FinishReason.ABORT.value).inc()
+                self._wakeup.set()
+
+    def abort(self, request_id: str) -> bool:
+        """Abort a request by id; its stream ends with finish_reason "abort"."""
+        request = self.scheduler.abort(request_id) if self.scheduler else None
+        if request is None:
+            return False
+        self._emit([request])
+        return True
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    async def _run_loop(self) -> None:
+        while True:
+            if not self.scheduler.has_work:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = self.scheduler.schedule()
+            if batch is None:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            try:
+                result = await self._compute.run(self.runner.step, batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the engine fails loudly, every request is told
+                log.exception("engine step failed")
+                self._set_state(EngineState.FAILED, f"step failed: {type(exc).__name__}: {exc}")
+                self._fail_all(f"the engine failed: {type(exc).__name__}: {exc}")
+                return
+            self.metrics.steps.inc()
+            self._emit(self.scheduler.apply(batch, result))
+
+    def _fail_all(self, message: str) -> None:
+        if self.scheduler is None:
+            return
+        failed = []
+        for request in list(self.scheduler.requests.values()):
+            self.scheduler.finish(request, FinishReason.ERROR, error=message)
+            failed.append(request)
+        self._emit(failed)
+
+    def _emit(self, requests: list[Request]) -> None:
+        now = time.monotonic()
+        for request in requests:
+            new_ids = request.output_ids[request.num_emitted_tokens:]
+            new_logprobs = request.output_logprobs[request.num_emitted_tokens:]
+            request.num_emitted_tokens = len(request.output_ids)
+            text = ""
+            for i, token in enumerate(new_ids):
+                ends_on_stop_token = (request.is_finished and i == len(new_ids) - 1
+                                      and request.stop_reason == token and request.finish_reason is FinishReason.STOP)
+                if not ends_on_stop_token:
+                    text += request.detokenizer.add(token)
+            if request.is_finished:
+                text += request.detokenizer.finish()
+            if request.stop_matcher is not None:
+                text, stopped = request.stop_matcher.feed(text)
+                if stopped and not request.is_finished:
+                    self.scheduler.finish(request, FinishReason.STOP, stop_reason=request.stop_matcher.stopped_by)
+                elif request.is_finished and not stopped:
+                    text += request.stop_matcher.flush()
+            self._record_metrics(request, len(new_ids), now)
+            out = RequestOutput(
+                request_id=request.request_id, text=text, token_ids=tuple(new_ids), logprobs=tuple(new_logprobs),
+                finished=request.is_finished, finish_reason=request.finish_reason,
+                stop_reason=request.stop_reason, usage=request.usage() if request.is_finished else None,
+                error=request.error,
+            )
+            queue = self._queues.get(request.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
+
+    def _record_metrics(self, request: Request, num_new: int, now: float) -> None:
+        m = self.metrics
+        if num_new:
+            m.generation_tokens.inc(num_new)
+            if len(request.output_ids) == num_new and request.first_token_time is not None:
+                m.time_to_first_token.observe(request.first_token_time - request.arrival_time)
+            elif request.last_emit_time is not None:
+                m.inter_token_latency.observe((now - request.last_emit_time) / num_new)
+            request.last_emit_time = now
+        if request.is_finished:
+            m.requests_finished.labels(request.finish_reason.value).inc()
+            m.prompt_tokens.inc(len(request.prompt_ids))
+            m.e2e_latency.observe(now - request.arrival_time)
+            if request.finish_reason is FinishReason.ERROR:
+                m.request_errors.labels("engine_unavailable").inc()
+
+    # ---- introspection --------------------------------------------------------------------------
+
+    def _live_metrics(self) -> dict:
+        s = self.scheduler
+        cache = s.prefix_cache if s else None
+        return dict(
+            num_requests_running=s.num_running if s else 0,
+            num_requests_waiting=s.num_waiting if s else 0,
+            kv_cache_usage_ratio=s.kv_usage() if s else 0.0,
+            engine_ready=1.0 if self.is_ready else 0.0,
+            prefix_cache_hits=cache.num_hit_tokens if cache else 0,
+            prefix_cache_queries=cache.num_query_tokens if cache else 0,
+            num_preemptions=s.num_preemptions if s else 0,
+        )
+
+    def status(self) -> dict:
+        live = self._live_metrics()
+        s, runner = self.scheduler, self.runner
+        cache = s.prefix_cache if s else None
+        sc, cc = self.config.scheduler, self.config.cache
+        return {
+            "state": self.state.value,
+            "state_detail": self.state_detail,
+            "ready": self.is_ready,
+            "last_ready_at": self.last_ready_at,
+            "uptime_s": time.monotonic() - self.started_at if self.started_at else 0.0,
+            "model": self.model_name,
+            "config": {
+                "dtype": self.config.dtype,
+                "max_model_len": runner.max_model_len if runner else self.config.max_model_len,
+                "page_size": cc.page_size,
+                "num_pages": runner.num_pages if runner else cc.num_pages,
+                "prefix_cache": cc.enable_prefix_cache,
+                "max_running": sc.max_running,
+                "max_tokens_per_step": sc.max_tokens_per_step,
+                "chunk_size": sc.chunk_size,
+                "policy": sc.policy,
+                "max_waiting": sc.max_waiting,
+            },
+            "num_running": live["num_requests_running"],
+            "num_waiting": live["num_requests_waiting"],
+            "kv_cache_usage": live["kv_cache_usage_ratio"],
+            "prefix_cache_hit_rate": cache.hit_rate if cache else 0.0,
+            "num_preemptions": live["num_preemptions"],
+        }

@@ -1,0 +1,79 @@
+"""The compute thread: every JAX call of an engine runs on its one dedicated thread.
+
+The event loop submits a callable and awaits its result without blocking;
+results and exceptions come back through the loop's thread-safe call. The
+thread is a daemon, so a step that never returns cannot hold the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from typing import Any, Callable, Optional
+
+
+class ComputeThreadDead(RuntimeError):
+    """The compute thread is gone; nothing submitted to it will run."""
+
+
+def _resolve(future: asyncio.Future, ok: bool, value: Any) -> None:
+    if future.done():  # cancelled by the awaiting side
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
+
+class ComputeThread:
+    def __init__(self, name: str = "kvloom-compute"):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._closed = False
+        self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
+    async def run(self, fn: Callable, *args, timeout: Optional[float] = None):
+        """Run fn(*args) on the compute thread; await its result (or exception)."""
+        if self._closed or not self._thread.is_alive():
+            raise ComputeThreadDead("the compute thread is not running")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._jobs.put((fn, args, future, loop))
+        if timeout is None:
+            return await future
+        return await asyncio.wait_for(future, timeout)
+
+    def _main(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, args, future, loop = job
+            try:
+                value, ok = fn(*args), True
+            except BaseException as exc:  # noqa: BLE001 - every failure goes back to the awaiting side
+                value, ok = exc, False
+            try:
+                loop.call_soon_threadsafe(_resolve, future, ok, value)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+            del job, fn, args, future, value
+
+    def close(self) -> None:
+        """Ask the thread to exit after the job in hand; does not wait."""
+        if not self._closed:
+            self._closed = True
+            self._jobs.put(None)
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()

@@ -1,0 +1,202 @@
+"""Requests, their sampling parameters and their outputs.
+
+A `Request` is the only owner of a request's tokens and state, and only the
+event loop thread mutates it (the scheduler, through `apply`); the compute
+thread sees immutable `ScheduledRow` snapshots. `version` changes whenever the
+request's computed state is thrown away (preemption), so a result computed
+from an older snapshot is recognised as stale and dropped.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+MAX_TOP_LOGPROBS = 20
+
+
+class RequestState(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # eos, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the context length
+    ABORT = "abort"  # the caller went away or asked to stop
+    ERROR = "error"  # the engine failed; `Request.error` says why
+
+
+def _check_number(name: str, value, *, low=None, high=None, low_open=False, integer=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"{name}: must be {kind}, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: must be finite, got {value!r}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{name}: must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{name}: must be <= {high}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: Optional[int] = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: Optional[int] = None  # None: no logprobs; k: the sampled token's and the top-k alternatives
+
+    def __post_init__(self):
+        _check_number("max_tokens", self.max_tokens, low=1, integer=True)
+        _check_number("temperature", self.temperature, low=0.0, high=100.0)
+        _check_number("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        _check_number("top_k", self.top_k, low=0, integer=True)
+        _check_number("min_p", self.min_p, low=0.0, high=1.0)
+        _check_number("repetition_penalty", self.repetition_penalty, low=0.0, high=100.0, low_open=True)
+        _check_number("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0)
+        _check_number("presence_penalty", self.presence_penalty, low=-2.0, high=2.0)
+        if self.seed is not None:
+            _check_number("seed", self.seed, low=0, high=2**63 - 1, integer=True)
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop: must be a list of non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if not isinstance(self.stop_token_ids, (tuple, list)):
+            raise ValueError(f"stop_token_ids: must be a list of integers, got {self.stop_token_ids!r}")
+        for i, t in enumerate(self.stop_token_ids):
+            _check_number(f"stop_token_ids[{i}]", t, low=0, integer=True)
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos: must be a boolean, got {self.ignore_eos!r}")
+        if self.logprobs is not None:
+            _check_number("logprobs", self.logprobs, low=0, high=MAX_TOP_LOGPROBS, integer=True)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
+                or self.presence_penalty != 0.0)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step brought a request: the new text and token ids, and the finish when it came."""
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finished: bool = False
+    finish_reason: Optional[FinishReason] = None
+    stop_reason: Optional[object] = None  # the stop string or token id that ended it
+    usage: Optional[Usage] = None
+    error: Optional[str] = None
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    eos_token_ids: tuple[int, ...] = ()
+    seed: int = 0  # the resolved sampling seed
+    arrival_time: float = field(default_factory=time.monotonic)
+    state: RequestState = RequestState.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens of all_ids whose KV is in `pages`
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first admission
+    pages: list[int] = field(default_factory=list)
+    prefix_node: object = None  # the locked radix node, if any
+    version: int = 0
+    num_preemptions: int = 0
+    finish_reason: Optional[FinishReason] = None
+    stop_reason: Optional[object] = None
+    error: Optional[str] = None
+    first_token_time: Optional[float] = None
+    last_token_time: Optional[float] = None
+    last_emit_time: Optional[float] = None
+    # Set by the engine: per-request text state (detokenizer, stop matcher) and its output channel.
+    detokenizer: object = None
+    stop_matcher: object = None
+    num_emitted_tokens: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_at(self, index: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[index] if index < n else self.output_ids[index - n]
+
+    def tokens(self, start: int, end: int) -> tuple[int, ...]:
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        return tuple(self.prompt_ids[start:n]) + tuple(self.output_ids[max(0, start - n):end - n])
+
+    @property
+    def all_ids(self) -> tuple[int, ...]:
+        return self.prompt_ids + tuple(self.output_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.state is RequestState.FINISHED
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_tokens - self.num_computed_tokens > 1
+
+    def usage(self) -> Usage:
+        return Usage(len(self.prompt_ids), len(self.output_ids), self.num_cached_tokens)
+
+
+def validate_prompt_ids(prompt_ids: Sequence[int], vocab_size: int, field_name: str = "prompt") -> tuple[int, ...]:
+    if len(prompt_ids) == 0:
+        raise ValueError(f"{field_name}: must not be empty")
+    out = []
+    for i, t in enumerate(prompt_ids):
+        if isinstance(t, bool) or not isinstance(t, int) and not hasattr(t, "__index__"):
+            raise ValueError(f"{field_name}[{i}]: token ids must be integers, got {t!r}")
+        t = int(t)
+        if not 0 <= t < vocab_size:
+            raise ValueError(f"{field_name}[{i}]: token id {t} is outside the vocabulary [0, {vocab_size})")
+        out.append(t)
+    return tuple(out)

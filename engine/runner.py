@@ -1,0 +1,186 @@
+"""The JAX boundary: a `ScheduledBatch` in, a `StepResult` out.
+
+Built and called only on the compute thread. Each step pads the batch into the
+arrays of its bucket (`engine.buckets`), runs the jitted forward with the KV
+cache donated in and returned, then the jitted sampler on the logits (which
+stay on the device), and brings back the sampled tokens as numpy arrays.
+The public methods are host-side; the jitted functions are private.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from functools import partial
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engine.buckets import BucketPlan, StepShape
+from engine.config import EngineConfig
+from engine.models import llama
+from engine.models.loader import load_model
+from engine.sampling import SamplingInput, sample
+from engine.scheduler import ScheduledBatch, ScheduledRow, StepResult
+
+log = logging.getLogger(__name__)
+
+
+def available_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _forward_logits(params, kv, step, *, cfg, page_size):
+    h, kv = llama.forward(params, kv, step, cfg=cfg, page_size=page_size)
+    return llama.logits_from_hidden(params, h, cfg=cfg), kv
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, plan: BucketPlan):
+        t0 = time.perf_counter()
+        self.source, self.model_config, self.params = load_model(config.model, config.dtype)
+        self.load_seconds = time.perf_counter() - t0
+        cfg = self.model_config
+        self.plan = plan
+        self.page_size = config.cache.page_size
+        self.max_model_len = config.resolved_max_model_len(cfg)
+        self.pages_per_seq = -(-self.max_model_len // self.page_size)
+        self.num_pages = self._num_pages(config)
+        self.vocab_size = cfg.vocab_size
+        dtype = self.params["embed"].dtype
+        self.kv = llama.init_kv_cache(cfg, self.num_pages, self.page_size, dtype)
+        self._forward = jax.jit(partial(_forward_logits, cfg=cfg, page_size=self.page_size), donate_argnums=(1,))
+        self._sample = jax.jit(sample)
+        self._no_penalty_ids: dict[int, jax.Array] = {}
+
+    def _num_pages(self, config: EngineConfig) -> int:
+        cache = config.cache
+        if cache.num_pages is not None:
+            num_pages = cache.num_pages
+        else:
+            per_page = llama.kv_cache_bytes_per_token(self.model_config, self.params["embed"].dtype) * self.page_size
+            num_pages = int(available_memory_bytes() * cache.memory_fraction // per_page)
+            num_pages = min(num_pages, cache.max_num_pages)
+        if (num_pages - 1) < self.pages_per_seq:
+            raise ValueError(
+                f"num_pages: {num_pages} pages of {self.page_size} tokens cannot hold one sequence of "
+                f"max_model_len {self.max_model_len}; give the cache more pages or lower max_model_len"
+            )
+        return num_pages
+
+    @property
+    def num_compiled(self) -> int:
+        """Compiled executables so far (the forward's buckets plus the sampler's)."""
+        return self._forward._cache_size() + self._sample._cache_size()
+
+    # ---- arrays ---------------------------------------------------------------------------------
+
+    def _step_input(self, shape: StepShape, batch: Optional[ScheduledBatch]):
+        d, r, q = shape.num_decode_rows, shape.num_prefill_rows, shape.prefill_len
+        ps, width = self.page_size, self.pages_per_seq
+        num_tokens = shape.num_tokens
+        num_logits = self.plan.logits_rows(shape.num_rows)
+        ids = np.zeros(num_tokens, np.int32)
+        pos = np.zeros(num_tokens, np.int32)
+        slots = np.zeros(num_tokens, np.int32)  # padding writes page 0
+        logits_idx = np.zeros(num_logits, np.int32)
+        tables = [np.zeros((d, width), np.int32), np.zeros((r, width), np.int32)]
+        lens = [np.zeros(d, np.int32), np.zeros(r, np.int32)]
+        if batch is not None:
+            for i, row in enumerate(batch.decode_rows):
+                self._fill(row, i, i, tables[0], lens[0], ids, pos, slots)
+                logits_idx[i] = i
+            for j, row in enumerate(batch.prefill_rows):
+                base = d + j * q
+                self._fill(row, j, base, tables[1], lens[1], ids, pos, slots)
+                logits_idx[d + j] = base + len(row.token_ids) - 1
+        segments = []
+        if d:
+            segments.append(llama.Segment(tables[0], lens[0], 1))
+        if r:
+            segments.append(llama.Segment(tables[1], lens[1], q))
+        return llama.StepInput(ids, pos, slots, logits_idx, tuple(segments))
+
+    def _fill(self, row: ScheduledRow, index, base, table, lens, ids, pos, slots):
+        n, ps = len(row.token_ids), self.page_size
+        pages = np.asarray(row.page_ids, np.int32)
+        p = row.start_pos + np.arange(n)
+        ids[base:base + n] = row.token_ids
+        pos[base:base + n] = p
+        slots[base:base + n] = pages[p // ps] * ps + p % ps
+        table[index, :len(pages)] = pages
+        lens[index] = row.start_pos + n
+
+    def _sampling_input(self, num_logits: int, rows: list[tuple[int, ScheduledRow]]) -> SamplingInput:
+        f32 = lambda v: np.full(num_logits, v, np.float32)  # noqa: E731
+        temperature, top_p, min_p = f32(0.0), f32(1.0), f32(0.0)
+        rep, freq, pres = f32(1.0), f32(0.0), f32(0.0)
+        top_k = np.zeros(num_logits, np.int32)
+        seeds = np.zeros(num_logits, np.uint32)
+        counters = np.zeros(num_logits, np.int32)
+        any_penalties = any(row.params.has_penalties for _, row in rows)
+        for i, row in rows:
+            sp = row.params
+            temperature[i], top_p[i], min_p[i], top_k[i] = sp.temperature, sp.top_p, sp.min_p, sp.top_k
+            rep[i], freq[i], pres[i] = sp.repetition_penalty, sp.frequency_penalty, sp.presence_penalty
+            seeds[i] = (row.seed ^ (row.seed >> 32)) & 0xFFFFFFFF
+            counters[i] = row.num_output_tokens
+        if any_penalties:
+            prompt_ids = np.full((num_logits, self.max_model_len), -1, np.int32)
+            output_ids = np.full((num_logits, self.max_model_len), -1, np.int32)
+            for i, row in rows:
+                prompt_ids[i, :len(row.penalty_prompt_ids)] = row.penalty_prompt_ids
+                output_ids[i, :len(row.penalty_output_ids)] = row.penalty_output_ids
+        else:
+            if num_logits not in self._no_penalty_ids:
+                self._no_penalty_ids[num_logits] = jnp.full((num_logits, self.max_model_len), -1, jnp.int32)
+            prompt_ids = output_ids = self._no_penalty_ids[num_logits]
+        return SamplingInput(
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            repetition_penalty=rep, frequency_penalty=freq, presence_penalty=pres,
+            seeds=seeds, counters=counters, prompt_ids=prompt_ids, output_ids=output_ids,
+            any_sampled=np.bool_(any(row.params.temperature > 0 for _, row in rows)),
+            any_penalties=np.bool_(any_penalties),
+            any_logprobs=np.bool_(any(row.params.logprobs is not None for _, row in rows)),
+        )
+
+    # ---- steps ----------------------------------------------------------------------------------
+
+    def step(self, batch: ScheduledBatch) -> StepResult:
+        shape = batch.shape
+        step = self._step_input(shape, batch)
+        d = shape.num_decode_rows
+        positions = list(range(len(batch.decode_rows))) + [d + j for j in range(len(batch.prefill_rows))]
+        sampled = [(i, row) for i, row in zip(positions, batch.rows) if row.sample]
+        sampling = self._sampling_input(len(step.logits_indices), sampled)
+        logits, self.kv = self._forward(self.params, self.kv, step)
+        out = self._sample(logits, sampling)
+        index = np.asarray(positions, np.int64)
+        tokens = np.asarray(out.token_ids)[index]
+        if not bool(sampling.any_logprobs):
+            return StepResult(batch.step_id, tokens)
+        return StepResult(batch.step_id, tokens, np.asarray(out.logprobs)[index],
+                          np.asarray(out.top_ids)[index], np.asarray(out.top_logprobs)[index])
+
+    def warmup(self) -> int:
+        """Compile every step shape and sampler bucket; returns the number of compiled executables."""
+        sampler_rows = set()
+        for shape in self.plan.all_shapes():
+            step = self._step_input(shape, None)
+            logits, self.kv = self._forward(self.params, self.kv, step)
+            num_logits = len(step.logits_indices)
+            if num_logits not in sampler_rows:
+                sampler_rows.add(num_logits)
+                jax.block_until_ready(self._sample(logits, self._sampling_input(num_logits, [])))
+        jax.block_until_ready(self.kv)
+        return self.num_compiled

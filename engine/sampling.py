@@ -1,0 +1,153 @@
+"""Token sampling and logprobs, jitted, one compiled function per row bucket.
+
+Per row: penalties (repetition on prompt and output tokens, frequency and
+presence on output tokens), then greedy argmax at temperature 0, else
+temperature, the top-k / top-p / min-p filters and one draw by inverse CDF
+from a per-row key `fold_in(key(seed), num_output_tokens)`: the same seed and
+prompt give the same tokens whatever else shares the batch.
+
+No full-vocabulary sort (it costs hundreds of ms on a CPU): the top-k and
+top-p thresholds come from the 256 best candidates (`lax.top_k`), exact
+whenever top_k <= 256 and the nucleus lies within them; when a row's nucleus
+is wider, a bisection over the whole vocabulary finds the exact threshold, and
+only batches that need it pay for it. Optional work (penalties, sampling,
+logprobs) sits behind `lax.cond`, so greedy batches pay for an argmax only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from engine.request import MAX_TOP_LOGPROBS
+
+NUM_CANDIDATES = 256
+_NEG_INF = -1e30
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class SamplingInput:
+    """Per-row sampling parameters, [S] each; penalty ids [S, L] padded with -1."""
+
+    temperature: jax.Array
+    top_k: jax.Array  # int32, 0 = off
+    top_p: jax.Array
+    min_p: jax.Array
+    repetition_penalty: jax.Array
+    frequency_penalty: jax.Array
+    presence_penalty: jax.Array
+    seeds: jax.Array  # uint32
+    counters: jax.Array  # int32
+    prompt_ids: jax.Array  # [S, L] int32, for the repetition penalty
+    output_ids: jax.Array  # [S, L] int32
+    any_sampled: jax.Array  # bool scalars: which optional parts run
+    any_penalties: jax.Array
+    any_logprobs: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class SamplingOutput:
+    token_ids: jax.Array  # [S] int32
+    logprobs: jax.Array  # [S] float32, of the sampled token under the raw model distribution
+    top_ids: jax.Array  # [S, MAX_TOP_LOGPROBS] int32
+    top_logprobs: jax.Array  # [S, MAX_TOP_LOGPROBS]
+
+
+def _counts(ids, vocab_size):
+    # ids: [S, L] with -1 padding -> [S, V] occurrence counts
+    rows = jnp.broadcast_to(jnp.arange(ids.shape[0])[:, None], ids.shape)
+    safe = jnp.where(ids >= 0, ids, vocab_size)  # out of range: dropped
+    return jnp.zeros((ids.shape[0], vocab_size), jnp.float32).at[rows, safe].add(1.0, mode="drop")
+
+
+def apply_penalties(logits, inp: SamplingInput):
+    vocab = logits.shape[-1]
+    seen = (_counts(inp.prompt_ids, vocab) + _counts(inp.output_ids, vocab)) > 0
+    rep = inp.repetition_penalty[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    out_counts = _counts(inp.output_ids, vocab)
+    logits = logits - inp.frequency_penalty[:, None] * out_counts
+    return logits - inp.presence_penalty[:, None] * (out_counts > 0)
+
+
+def _top_p_threshold_exact(z, lse, top_p, iterations=40):
+    """Per row, the largest t with mass(z >= t) >= top_p, by bisection on t over the full vocabulary."""
+    lo = jnp.min(z, axis=-1)
+    hi = jnp.max(z, axis=-1)
+    probs = jnp.exp(z - lse[:, None])
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) / 2
+        mass = jnp.sum(jnp.where(z >= mid[:, None], probs, 0.0), axis=-1)
+        ok = mass >= top_p
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, iterations, body, (lo, hi))
+    return lo
+
+
+def _filtered_logits(z, inp: SamplingInput):
+    """Mask z (temperature-scaled logits, [S, V]) below each row's top-k / top-p / min-p threshold."""
+    lse = jax.nn.logsumexp(z, axis=-1)
+    k = min(NUM_CANDIDATES, z.shape[-1])
+    cand, _ = jax.lax.top_k(z, k)  # [S, k], descending
+    cand_probs = jnp.exp(cand - lse[:, None])
+    cum = jnp.cumsum(cand_probs, axis=-1)
+    # top-p keeps each candidate whose preceding mass is below top_p (the crossing token included)
+    keep_p = (cum - cand_probs) < inp.top_p[:, None]
+    top_p_t = jnp.min(jnp.where(keep_p, cand, jnp.inf), axis=-1)
+    nucleus_wider = (inp.top_p < 1.0) & (cum[:, -1] < inp.top_p)
+    top_p_t = jax.lax.cond(
+        jnp.any(nucleus_wider),
+        lambda: jnp.where(nucleus_wider, _top_p_threshold_exact(z, lse, inp.top_p), top_p_t),
+        lambda: top_p_t,
+    )
+    top_p_t = jnp.where(inp.top_p < 1.0, top_p_t, -jnp.inf)
+    kth = jnp.take_along_axis(cand, jnp.clip(inp.top_k - 1, 0, k - 1)[:, None], axis=-1)[:, 0]
+    top_k_t = jnp.where((inp.top_k > 0) & (inp.top_k <= k), kth, -jnp.inf)
+    min_p_t = jnp.where(inp.min_p > 0, cand[:, 0] + jnp.log(jnp.maximum(inp.min_p, 1e-30)), -jnp.inf)
+    threshold = jnp.maximum(jnp.maximum(top_p_t, top_k_t), min_p_t)
+    return jnp.where(z >= threshold[:, None], z, _NEG_INF)
+
+
+def _draw(z, inp: SamplingInput):
+    """One inverse-CDF draw per row from softmax(z) with the row's own key."""
+    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(inp.seeds, inp.counters)
+    u = jax.vmap(lambda key: jax.random.uniform(key, dtype=jnp.float32))(keys)  # [S]
+    probs = jnp.exp(z - jnp.max(z, axis=-1, keepdims=True))
+    cdf = jnp.cumsum(probs, axis=-1)
+    target = u * cdf[:, -1]
+    token = jnp.sum(cdf <= target[:, None], axis=-1)  # first index whose cdf exceeds the target
+    return jnp.minimum(token, z.shape[-1] - 1).astype(jnp.int32)
+
+
+def sample(logits, inp: SamplingInput) -> SamplingOutput:
+    """logits: [S, V] float32 -> one token per row."""
+    x = jax.lax.cond(inp.any_penalties, lambda: apply_penalties(logits, inp), lambda: logits)
+    greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
+
+    def sampled():
+        t = jnp.where(inp.temperature > 0, inp.temperature, 1.0)
+        z = _filtered_logits(x / t[:, None], inp)
+        return jnp.where(inp.temperature > 0, _draw(z, inp), greedy)
+
+    tokens = jax.lax.cond(inp.any_sampled, sampled, lambda: greedy)
+
+    def with_logprobs():
+        lp = jax.nn.log_softmax(logits, axis=-1)
+        chosen = jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
+        top_lp, top_ids = jax.lax.top_k(lp, MAX_TOP_LOGPROBS)
+        return chosen, top_ids.astype(jnp.int32), top_lp
+
+    s = logits.shape[0]
+    chosen, top_ids, top_lp = jax.lax.cond(
+        inp.any_logprobs, with_logprobs,
+        lambda: (jnp.zeros((s,), jnp.float32), jnp.zeros((s, MAX_TOP_LOGPROBS), jnp.int32),
+                 jnp.zeros((s, MAX_TOP_LOGPROBS), jnp.float32)),
+    )
+    return SamplingOutput(tokens, chosen, top_ids, top_lp)

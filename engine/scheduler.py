@@ -1,0 +1,348 @@
+"""Continuous batching: which tokens of which requests the next step computes.
+
+Pure Python on the event loop thread. Every step, `schedule()` turns the queues
+into an immutable `ScheduledBatch` (rows of token ids, positions and page ids,
+copied out of the requests); the compute thread runs it; `apply()` takes the
+`StepResult` and is the only place where requests change.
+
+A request is "extended" by up to n tokens per step: the tokens of
+`all_ids[num_computed_tokens:]`. One remaining token is a decode row; more is
+a prefill chunk (a fresh prompt, or the prompt and outputs of a preempted
+request being recomputed). When a chunk reaches the last token, the step
+samples the request's next token. So prefill and decode are the same
+operation, mixed in one step under a token budget:
+
+    1. running decodes, oldest first (each needs at most one new page; when the
+       pool is dry the newest running request is preempted: its computed pages
+       go to the prefix cache, it returns to the front of the queue, and it
+       recomputes later, keeping every token it already produced);
+    2. running requests still prefilling, a chunk each;
+    3. waiting requests, by policy (fcfs, or lpm: longest cached prefix first),
+       while running slots, budget, pages and a prefill bucket allow.
+
+Stale results: each row carries the request's `version` and start position; a
+result whose request was preempted, aborted or advanced since is dropped, so a
+stale snapshot can never overwrite or duplicate tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from engine.buckets import BucketPlan, StepShape
+from engine.config import SchedulerConfig
+from engine.pages import PageAllocator
+from engine.radix_cache import PrefixCache
+from engine.request import FinishReason, Request, RequestState, SamplingParams, TokenLogprob
+
+LPM_WINDOW = 64  # waiting requests the lpm policy looks at per pick
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its limit; try again later."""
+
+
+@dataclass(frozen=True)
+class ScheduledRow:
+    """One request's share of a step, copied out of the request."""
+
+    request_id: str
+    version: int
+    token_ids: tuple[int, ...]
+    start_pos: int
+    page_ids: tuple[int, ...]  # covers start_pos + len(token_ids) tokens
+    sample: bool  # the chunk ends at the request's last token: sample the next one
+    params: SamplingParams
+    seed: int
+    num_output_tokens: int  # the sampling counter: the same seed and count give the same draw
+    penalty_prompt_ids: tuple[int, ...] = ()  # filled only when params.has_penalties
+    penalty_output_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ScheduledBatch:
+    step_id: int
+    shape: StepShape
+    decode_rows: tuple[ScheduledRow, ...]
+    prefill_rows: tuple[ScheduledRow, ...]
+
+    @property
+    def rows(self) -> tuple[ScheduledRow, ...]:
+        return self.decode_rows + self.prefill_rows
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(r.token_ids) for r in self.rows)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Per row of the batch (decode rows first): the sampled token and its logprobs."""
+
+    step_id: int
+    token_ids: np.ndarray  # [num_rows] int
+    logprobs: Optional[np.ndarray] = None  # [num_rows] float
+    top_ids: Optional[np.ndarray] = None  # [num_rows, k] int
+    top_logprobs: Optional[np.ndarray] = None  # [num_rows, k] float
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, plan: BucketPlan, allocator: PageAllocator,
+                 prefix_cache: PrefixCache, *, page_size: int, max_model_len: int):
+        self.config, self.plan = config, plan
+        self.allocator, self.prefix_cache = allocator, prefix_cache
+        self.page_size, self.max_model_len = page_size, max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._step_ids = itertools.count()
+        self.num_preemptions = 0
+
+    # ---- queues -------------------------------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        if len(self.waiting) >= self.config.max_waiting:
+            raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting} requests)")
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id: {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT,
+              error: Optional[str] = None) -> Optional[Request]:
+        request = self.requests.get(request_id)
+        if request is not None:
+            self.finish(request, reason, error=error)
+        return request
+
+    def finish(self, request: Request, reason: FinishReason, stop_reason=None, error: Optional[str] = None) -> None:
+        if request.is_finished:
+            return
+        if request.state is RequestState.RUNNING:
+            self.running.remove(request)
+            self._release(request)
+        else:
+            self.waiting.remove(request)
+        request.state = RequestState.FINISHED
+        request.finish_reason, request.stop_reason, request.error = reason, stop_reason, error
+        self.requests.pop(request.request_id, None)
+
+    # ---- pages --------------------------------------------------------------------------------
+
+    def _num_pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
+    def _allocate(self, n: int) -> Optional[list[int]]:
+        if n <= 0:
+            return []
+        if not self.allocator.can_allocate(n):
+            self.prefix_cache.evict(n - self.allocator.num_free_pages)
+        return self.allocator.allocate(n) if self.allocator.can_allocate(n) else None
+
+    def _grow(self, request: Request, num_tokens: int) -> bool:
+        pages = self._allocate(self._num_pages_for(num_tokens) - len(request.pages))
+        if pages is None:
+            return False
+        request.pages.extend(pages)
+        return True
+
+    def _cache_computed(self, request: Request) -> None:
+        num_full = request.num_computed_tokens // self.page_size
+        if num_full:
+            self.prefix_cache.insert(request.tokens(0, num_full * self.page_size), request.pages[:num_full])
+
+    def _release(self, request: Request) -> None:
+        self._cache_computed(request)
+        self.prefix_cache.unlock(request.prefix_node)
+        self.allocator.release(request.pages)
+        request.prefix_node, request.pages = None, []
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self._release(request)
+        request.num_computed_tokens = 0
+        request.version += 1
+        request.num_preemptions += 1
+        request.state = RequestState.WAITING
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
+
+    # ---- one step -----------------------------------------------------------------------------
+
+    def schedule(self) -> Optional[ScheduledBatch]:
+        budget = self.config.max_tokens_per_step
+        decodes: list[Request] = []
+        for request in list(self.running):
+            if request.state is not RequestState.RUNNING or request.is_prefilling:
+                continue
+            while not self._grow(request, request.num_computed_tokens + 1):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim in decodes:
+                    decodes.remove(victim)
+                    budget += 1
+                if victim is request:
+                    break
+            else:
+                decodes.append(request)
+                budget -= 1
+
+        prefills: list[tuple[Request, int]] = []
+        for request in self.running:
+            if request.is_prefilling and budget > 0:
+                chunk = self._fit_chunk(request.num_tokens - request.num_computed_tokens, budget, prefills)
+                if chunk and self._grow(request, request.num_computed_tokens + chunk):
+                    prefills.append((request, chunk))
+                    budget -= chunk
+
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
+            chunk = self._admit(self._pick_waiting(), budget, prefills)
+            if not chunk:
+                break
+            budget -= chunk
+
+        if not decodes and not prefills:
+            return None
+        shape = self.plan.step_shape(len(decodes), [n for _, n in prefills])
+        return ScheduledBatch(
+            step_id=next(self._step_ids),
+            shape=shape,
+            decode_rows=tuple(self._row(r, 1) for r in decodes),
+            prefill_rows=tuple(self._row(r, n) for r, n in prefills),
+        )
+
+    def _fit_chunk(self, remaining: int, budget: int, prefills: list[tuple[Request, int]]) -> int:
+        """The chunk a new prefill row may take, within the budget and a compiled prefill shape; 0 if none."""
+        if len(prefills) >= self.config.max_prefill_seqs:
+            return 0
+        chunk = min(remaining, self.config.chunk_size, budget)
+        longest = max([n for _, n in prefills], default=0)
+        while chunk > 0 and self.plan.prefill_shape(len(prefills) + 1, max(longest, chunk)) is None:
+            smaller = [q for q in self.plan.prefill_lens if q < chunk]
+            chunk = smaller[-1] if smaller and longest <= smaller[-1] else 0
+        return chunk
+
+    def _pick_waiting(self) -> Request:
+        if self.config.policy == "fcfs" or self.waiting[0].num_preemptions:
+            return self.waiting[0]
+        best, best_len = self.waiting[0], -1
+        for request in itertools.islice(self.waiting, LPM_WINDOW):
+            hit = self.prefix_cache.match_prefix(request.all_ids, request.num_tokens - 1, count_stats=False)
+            if hit.num_tokens > best_len:
+                best, best_len = request, hit.num_tokens
+        return best
+
+    def _admit(self, request: Request, budget: int, prefills: list[tuple[Request, int]]) -> int:
+        """Move `request` to running with its first chunk scheduled; returns the chunk, or 0 if it must wait."""
+        match = self.prefix_cache.match_prefix(request.all_ids, request.num_tokens - 1, count_stats=False)
+        chunk = self._fit_chunk(request.num_tokens - match.num_tokens, budget, prefills)
+        if not chunk:
+            return 0
+        # Pin the matched prefix before anything is evicted to make room for the rest.
+        self.prefix_cache.lock(match.node)
+        self.allocator.incref(match.pages)
+        pages = self._allocate(self._num_pages_for(match.num_tokens + chunk) - len(match.pages))
+        if pages is None:
+            self.prefix_cache.unlock(match.node)
+            self.allocator.release(match.pages)
+            return 0
+        self.prefix_cache.record_query(request.num_tokens, match.num_tokens)
+        self.waiting.remove(request)
+        request.pages = list(match.pages) + pages
+        request.prefix_node = match.node
+        request.num_computed_tokens = match.num_tokens
+        if request.num_preemptions == 0:
+            request.num_cached_tokens = match.num_tokens
+        request.state = RequestState.RUNNING
+        self.running.append(request)
+        prefills.append((request, chunk))
+        return chunk
+
+    def _row(self, request: Request, n: int) -> ScheduledRow:
+        start = request.num_computed_tokens
+        params = request.params
+        return ScheduledRow(
+            request_id=request.request_id,
+            version=request.version,
+            token_ids=request.tokens(start, start + n),
+            start_pos=start,
+            page_ids=tuple(request.pages[:self._num_pages_for(start + n)]),
+            sample=start + n == request.num_tokens,
+            params=params,
+            seed=request.seed,
+            num_output_tokens=len(request.output_ids),
+            penalty_prompt_ids=request.prompt_ids if params.has_penalties else (),
+            penalty_output_ids=tuple(request.output_ids) if params.has_penalties else (),
+        )
+
+    def apply(self, batch: ScheduledBatch, result: StepResult) -> list[Request]:
+        """Apply a step's result; returns the requests that got a new token (some now finished)."""
+        updated = []
+        now = time.monotonic()
+        for i, row in enumerate(batch.rows):
+            request = self.requests.get(row.request_id)
+            if (request is None or request.version != row.version or request.state is not RequestState.RUNNING
+                    or request.num_computed_tokens != row.start_pos):
+                continue  # stale: finished, aborted, preempted or advanced since the batch was built
+            prompt_was_done = request.num_computed_tokens >= len(request.prompt_ids)
+            request.num_computed_tokens += len(row.token_ids)
+            if not prompt_was_done and request.num_computed_tokens >= len(request.prompt_ids):
+                self._cache_computed(request)  # later requests with this prompt prefix reuse it now
+            if not row.sample:
+                continue
+            token = int(result.token_ids[i])
+            request.output_ids.append(token)
+            if row.params.logprobs is not None and result.logprobs is not None:
+                k = row.params.logprobs
+                top = tuple(zip(result.top_ids[i, :k].tolist(), result.top_logprobs[i, :k].tolist()))
+                request.output_logprobs.append(TokenLogprob(token, float(result.logprobs[i]), top))
+            if request.first_token_time is None:
+                request.first_token_time = now
+            request.last_token_time = now
+            self._check_finish(request, token)
+            updated.append(request)
+        return updated
+
+    def _check_finish(self, request: Request, token: int) -> None:
+        params = request.params
+        if not params.ignore_eos and token in request.eos_token_ids:
+            self.finish(request, FinishReason.STOP, stop_reason=token)
+        elif token in params.stop_token_ids:
+            self.finish(request, FinishReason.STOP, stop_reason=token)
+        elif len(request.output_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            self.finish(request, FinishReason.LENGTH)
+
+    # ---- introspection ------------------------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def kv_usage(self) -> float:
+        return self.allocator.num_used_pages / self.allocator.num_usable_pages
+
+
+def check_fits(prompt_len: int, max_tokens: int, max_model_len: int, field: str = "prompt") -> None:
+    """Submission-time limits, with the field that breaks them named."""
+    if prompt_len >= max_model_len:
+        raise ValueError(f"{field}: {prompt_len} tokens is at or over the context length {max_model_len}")
+    if prompt_len + max_tokens > max_model_len:
+        raise ValueError(
+            f"max_tokens: {max_tokens} does not fit; the prompt has {prompt_len} tokens "
+            f"and the context length is {max_model_len} (at most {max_model_len - prompt_len})"
+        )
+
