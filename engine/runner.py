@@ -61,7 +61,6 @@ class ModelRunner:
         self.kv = llama.init_kv_cache(cfg, self.num_pages, self.page_size, dtype)
         self._forward = jax.jit(partial(_forward_logits, cfg=cfg, page_size=self.page_size), donate_argnums=(1,))
         self._sample = jax.jit(sample)
-        self._no_penalty_ids: dict[int, jax.Array] = {}
 
     def _num_pages(self, config: EngineConfig) -> int:
         cache = config.cache
@@ -135,16 +134,13 @@ class ModelRunner:
             rep[i], freq[i], pres[i] = sp.repetition_penalty, sp.frequency_penalty, sp.presence_penalty
             seeds[i] = (row.seed ^ (row.seed >> 32)) & 0xFFFFFFFF
             counters[i] = row.num_output_tokens
+        # Always host arrays of one shape, so every call hits the same compiled executable.
+        prompt_ids = np.full((num_logits, self.max_model_len), -1, np.int32)
+        output_ids = prompt_ids.copy()
         if any_penalties:
-            prompt_ids = np.full((num_logits, self.max_model_len), -1, np.int32)
-            output_ids = np.full((num_logits, self.max_model_len), -1, np.int32)
             for i, row in rows:
                 prompt_ids[i, :len(row.penalty_prompt_ids)] = row.penalty_prompt_ids
                 output_ids[i, :len(row.penalty_output_ids)] = row.penalty_output_ids
-        else:
-            if num_logits not in self._no_penalty_ids:
-                self._no_penalty_ids[num_logits] = jnp.full((num_logits, self.max_model_len), -1, jnp.int32)
-            prompt_ids = output_ids = self._no_penalty_ids[num_logits]
         return SamplingInput(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=rep, frequency_penalty=freq, presence_penalty=pres,

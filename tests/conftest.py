@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny checkpoints are built once per test process and reused read-only."""
+"""Shared fixtures: tiny checkpoints are built once per test process and reused read-only;
+compiled executables are shared through JAX's persistent compilation cache."""
 
 import os
 
@@ -6,6 +7,16 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+_JAX_CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax")
+
+
+def pytest_configure(config):
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", _JAX_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +38,16 @@ def tiny_checkpoints(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_checkpoints):
     return tiny_checkpoints("llama")
+
+
+def tiny_engine_config(model: str, **overrides):
+    """A small engine: 4 running requests, 64-token steps, 32-token chunks, pages of 4."""
+    from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+
+    scheduler = dict(max_running=4, max_tokens_per_step=64, chunk_size=32, max_prefill_seqs=2)
+    scheduler.update(overrides.pop("scheduler", {}))
+    cache = dict(page_size=4, num_pages=512)
+    cache.update(overrides.pop("cache", {}))
+    overrides.setdefault("max_model_len", 256)
+    return EngineConfig(model=model, scheduler=SchedulerConfig(**scheduler),
+                        cache=CacheConfig(**cache), **overrides)

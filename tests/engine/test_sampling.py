@@ -1,0 +1,95 @@
+"""The jitted sampler on hand-made logits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from engine.sampling import SamplingInput, apply_penalties, sample
+
+V = 600  # more than the 256 candidates, so the wide-nucleus path is reachable
+_sample = jax.jit(sample)
+
+
+def make_input(n, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, rep=1.0, freq=0.0, pres=0.0,
+               seeds=None, counters=None, prompt_ids=None, output_ids=None, logprobs=False):
+    full = lambda v, dt=np.float32: np.full(n, v, dt)  # noqa: E731
+    pad = np.full((n, 8), -1, np.int32)
+    return SamplingInput(
+        temperature=full(temperature), top_k=full(top_k, np.int32), top_p=full(top_p), min_p=full(min_p),
+        repetition_penalty=full(rep), frequency_penalty=full(freq), presence_penalty=full(pres),
+        seeds=np.arange(n, dtype=np.uint32) if seeds is None else np.asarray(seeds, np.uint32),
+        counters=np.zeros(n, np.int32) if counters is None else np.asarray(counters, np.int32),
+        prompt_ids=pad if prompt_ids is None else prompt_ids,
+        output_ids=pad if output_ids is None else output_ids,
+        any_sampled=np.bool_(temperature > 0), any_penalties=np.bool_(rep != 1.0 or freq or pres),
+        any_logprobs=np.bool_(logprobs),
+    )
+
+
+def draws(logits_row, n=4000, **kw):
+    logits = np.tile(np.asarray(logits_row, np.float32), (n, 1))
+    out = _sample(logits, make_input(n, **kw))
+    return np.asarray(out.token_ids)
+
+
+def test_greedy_is_argmax_and_logprobs():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((4, V)).astype(np.float32)
+    out = _sample(logits, make_input(4, temperature=0.0, logprobs=True))
+    assert np.array_equal(np.asarray(out.token_ids), logits.argmax(-1))
+    ref = np.asarray(jax.nn.log_softmax(logits))
+    np.testing.assert_allclose(np.asarray(out.logprobs), ref.max(-1), rtol=1e-5)
+    top = np.asarray(out.top_logprobs)
+    assert np.all(np.diff(top, axis=-1) <= 0)
+    np.testing.assert_array_equal(np.asarray(out.top_ids)[:, 0], logits.argmax(-1))
+
+
+def test_distribution_follows_softmax():
+    logits = np.full(V, -20.0, np.float32)
+    logits[[5, 6, 7]] = np.log([0.5, 0.3, 0.2])
+    counts = np.bincount(draws(logits), minlength=V)
+    assert counts[[5, 6, 7]].sum() == 4000
+    np.testing.assert_allclose(counts[[5, 6, 7]] / 4000, [0.5, 0.3, 0.2], atol=0.03)
+
+
+def test_top_k_top_p_min_p():
+    logits = np.full(V, -30.0, np.float32)
+    logits[[10, 11, 12, 13]] = np.log([0.4, 0.3, 0.2, 0.1])
+    assert set(draws(logits, top_k=2)) == {10, 11}
+    assert set(draws(logits, top_p=0.65)) == {10, 11}  # 0.4 < 0.65, 0.7 >= 0.65: the crossing token stays
+    assert set(draws(logits, min_p=0.6)) == {10, 11}  # p >= 0.6 * 0.4
+    assert set(draws(logits, top_k=1)) == {10}
+
+
+def test_top_p_wider_than_the_candidates_is_exact():
+    logits = np.linspace(0.0, -3.0, V).astype(np.float32)  # a flat tail: the 0.9 nucleus is ~430 tokens
+    probs = np.exp(logits) / np.exp(logits).sum()
+    cutoff = int(np.searchsorted(np.cumsum(probs), 0.9))  # the last token inside the nucleus
+    assert cutoff > 256
+    seen = draws(logits, n=8000, top_p=0.9)
+    assert cutoff - 20 < seen.max() <= cutoff
+
+
+def test_seed_and_counter_decide_the_draw():
+    logits = np.zeros((3, V), np.float32)
+    a = np.asarray(_sample(logits, make_input(3, seeds=[7, 7, 8], counters=[0, 0, 0])).token_ids)
+    b = np.asarray(_sample(logits[:1], make_input(1, seeds=[7], counters=[0])).token_ids)
+    c = np.asarray(_sample(logits[:1], make_input(1, seeds=[7], counters=[1])).token_ids)
+    assert a[0] == a[1] == b[0]
+    assert a[2] != a[0] or c[0] != b[0]
+
+
+@pytest.mark.parametrize("rep,freq,pres", [(2.0, 0.0, 0.0), (1.0, 0.5, 0.0), (1.0, 0.0, 1.0)])
+def test_penalties(rep, freq, pres):
+    logits = jnp.asarray(np.array([[2.0, -2.0, 1.0, 0.5]], np.float32))
+    prompt = np.array([[1, -1, -1]], np.int32)
+    output = np.array([[0, 0, -1]], np.int32)
+    inp = make_input(1, rep=rep, freq=freq, pres=pres, prompt_ids=prompt, output_ids=output)
+    got = np.asarray(apply_penalties(logits, inp))[0]
+    want = np.array([2.0, -2.0, 1.0, 0.5])
+    seen = [0, 1]
+    for t in seen:  # repetition: prompt and output tokens
+        want[t] = want[t] / rep if want[t] > 0 else want[t] * rep
+    want[0] -= freq * 2 + pres  # frequency and presence: output tokens only
+    np.testing.assert_allclose(got, want, rtol=1e-6)

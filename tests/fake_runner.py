@@ -1,0 +1,87 @@
+"""A deterministic stand-in for the model runner: outputs computable by hand, nothing compiled.
+
+The next token of a row depends only on the row's last token and its position:
+    greedy:   3 + (last * 7 + position) % (vocab - 3)
+    sampled:  3 + hash(seed, num_output_tokens) % (vocab - 3)
+so ids 0..2 (the tiny tokenizer's special tokens, eos among them) never appear.
+Tests pass hooks to pause a step or make one fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Callable, Optional
+
+import numpy as np
+
+from engine.config import ModelConfig
+from engine.models.loader import resolve_source
+from engine.scheduler import StepResult
+
+
+def fake_next_token(last: int, position: int, vocab_size: int) -> int:
+    return 3 + (last * 7 + position) % (vocab_size - 3)
+
+
+class FakeRunner:
+    def __init__(self, config, plan, *, num_pages: Optional[int] = None,
+                 before_step: Optional[Callable] = None):
+        self.source = resolve_source(config.model)
+        with open(os.path.join(self.source.path, "config.json")) as f:
+            self.model_config = ModelConfig.from_hf(json.load(f))
+        self.plan = plan
+        self.vocab_size = self.model_config.vocab_size
+        self.page_size = config.cache.page_size
+        self.max_model_len = config.resolved_max_model_len(self.model_config)
+        self.num_pages = num_pages or config.cache.num_pages or 1024
+        self.before_step = before_step
+        self.num_steps = 0
+        self.num_compiled = 0
+        self.step_thread: Optional[threading.Thread] = None
+        self.batches = []
+
+    def warmup(self) -> int:
+        return 0
+
+    def step(self, batch) -> StepResult:
+        self.step_thread = threading.current_thread()
+        self.num_steps += 1
+        self.batches.append(batch)
+        if self.before_step is not None:
+            self.before_step(batch)
+        tokens = []
+        for row in batch.rows:
+            if row.params.temperature > 0:
+                h = hash((row.seed, row.num_output_tokens)) & 0x7FFFFFFF
+                tokens.append(3 + h % (self.vocab_size - 3))
+            else:
+                tokens.append(fake_next_token(row.token_ids[-1], row.start_pos + len(row.token_ids) - 1,
+                                              self.vocab_size))
+        n = len(tokens)
+        k = 20
+        top_ids = np.tile(np.arange(k), (n, 1))
+        return StepResult(batch.step_id, np.asarray(tokens, np.int64), np.full(n, -0.5),
+                          top_ids, np.full((n, k), -1.0))
+
+
+def fake_greedy(prompt: list[int], max_tokens: int, vocab_size: int) -> list[int]:
+    """What FakeRunner produces for a greedy request, computed directly."""
+    seq = list(prompt)
+    for _ in range(max_tokens):
+        seq.append(fake_next_token(seq[-1], len(seq) - 1, vocab_size))
+    return seq[len(prompt):]
+
+
+def factory(**kwargs):
+    """A runner_factory for Engine that builds a FakeRunner with the given hooks."""
+    made = []
+
+    def make(config, plan):
+        runner = FakeRunner(config, plan, **kwargs)
+        made.append(runner)
+        return runner
+
+    make.made = made
+    return make
