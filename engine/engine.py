@@ -162,8 +162,9 @@ class Engine:
             self.last_ready_at = time.time()
             self._set_state(EngineState.READY, "ready")
 
-    async def stop(self) -> None:
-        """Stop: every unfinished request ends with an error; returns without waiting for a step in flight."""
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop: every unfinished request ends with an error at once; then wait up to `timeout` s for a
+        step in flight to finish and the compute thread to exit (a hung step is left to its daemon thread)."""
         if self.state in (EngineState.STOPPED, EngineState.STOPPING):
             return
         self._set_state(EngineState.STOPPING, "stopping")
@@ -175,8 +176,8 @@ class Engine:
             except (asyncio.CancelledError, Exception):  # noqa: BLE001
                 pass
             self._loop_task = None
-        if self._compute is not None:
-            self._compute.close()
+        if self._compute is not None and not await self._compute.aclose(timeout):
+            log.warning("the compute thread is still busy after %.1fs; leaving it behind", timeout)
         self.runner = None
         self._set_state(EngineState.STOPPED, "stopped")
 

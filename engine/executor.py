@@ -58,6 +58,9 @@ class ComputeThread:
             if job is None:
                 return
             fn, args, future, loop = job
+            if fn is None:
+                loop.call_soon_threadsafe(_resolve, future, True, None)
+                return
             try:
                 value, ok = fn(*args), True
             except BaseException as exc:  # noqa: BLE001 - every failure goes back to the awaiting side
@@ -73,6 +76,22 @@ class ComputeThread:
         if not self._closed:
             self._closed = True
             self._jobs.put(None)
+
+    async def aclose(self, timeout: float) -> bool:
+        """Ask the thread to exit and wait up to `timeout` s without blocking the loop; True if it has exited."""
+        if self._closed or not self._thread.is_alive():
+            self.close()
+            return not self._thread.is_alive()
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        exited = loop.create_future()
+        self._jobs.put((None, (), exited, loop))  # the exit marker: resolved, then the thread returns
+        try:
+            await asyncio.wait_for(asyncio.shield(exited), timeout)
+        except asyncio.TimeoutError:
+            return False
+        self._thread.join(1.0)
+        return not self._thread.is_alive()
 
     def join(self, timeout: Optional[float] = None) -> bool:
         self._thread.join(timeout)

@@ -40,6 +40,7 @@ class StaticBatch:
         pos = np.zeros((rows, qn), np.int32)
         slots = np.zeros((rows, qn), np.int32)  # padding writes to page 0
         logits_idx = []
+        past = self.lengths[:rows].copy()
         for r, toks in enumerate(token_lists):
             n, start = len(toks), int(self.lengths[r])
             p = start + np.arange(n)
@@ -52,7 +53,8 @@ class StaticBatch:
             positions=jnp.asarray(pos.reshape(-1)),
             slot_mapping=jnp.asarray(slots.reshape(-1)),
             logits_indices=jnp.asarray(np.array(logits_idx, np.int32)),
-            segments=(llama.Segment(jnp.asarray(self.page_table[:rows]), jnp.asarray(self.lengths[:rows]), qn),),
+            segments=(llama.Segment(jnp.asarray(self.page_table[:rows]), jnp.asarray(past),
+                                    jnp.asarray(self.lengths[:rows] - past), qn),),
         )
         logits, self.kv = self._step(self.params, self.kv, step)
         return np.asarray(logits)

@@ -94,23 +94,24 @@ class ModelRunner:
         slots = np.zeros(num_tokens, np.int32)  # padding writes page 0
         logits_idx = np.zeros(num_logits, np.int32)
         tables = [np.zeros((d, width), np.int32), np.zeros((r, width), np.int32)]
-        lens = [np.zeros(d, np.int32), np.zeros(r, np.int32)]
+        past = [np.zeros(d, np.int32), np.zeros(r, np.int32)]
+        new = [np.zeros(d, np.int32), np.zeros(r, np.int32)]
         if batch is not None:
             for i, row in enumerate(batch.decode_rows):
-                self._fill(row, i, i, tables[0], lens[0], ids, pos, slots)
+                self._fill(row, i, i, tables[0], past[0], new[0], ids, pos, slots)
                 logits_idx[i] = i
             for j, row in enumerate(batch.prefill_rows):
                 base = d + j * q
-                self._fill(row, j, base, tables[1], lens[1], ids, pos, slots)
+                self._fill(row, j, base, tables[1], past[1], new[1], ids, pos, slots)
                 logits_idx[d + j] = base + len(row.token_ids) - 1
         segments = []
         if d:
-            segments.append(llama.Segment(tables[0], lens[0], 1))
+            segments.append(llama.Segment(tables[0], past[0], new[0], 1))
         if r:
-            segments.append(llama.Segment(tables[1], lens[1], q))
+            segments.append(llama.Segment(tables[1], past[1], new[1], q))
         return llama.StepInput(ids, pos, slots, logits_idx, tuple(segments))
 
-    def _fill(self, row: ScheduledRow, index, base, table, lens, ids, pos, slots):
+    def _fill(self, row: ScheduledRow, index, base, table, past, new, ids, pos, slots):
         n, ps = len(row.token_ids), self.page_size
         pages = np.asarray(row.page_ids, np.int32)
         p = row.start_pos + np.arange(n)
@@ -118,7 +119,7 @@ class ModelRunner:
         pos[base:base + n] = p
         slots[base:base + n] = pages[p // ps] * ps + p % ps
         table[index, :len(pages)] = pages
-        lens[index] = row.start_pos + n
+        past[index], new[index] = row.start_pos, n
 
     def _sampling_input(self, num_logits: int, rows: list[tuple[int, ScheduledRow]]) -> SamplingInput:
         f32 = lambda v: np.full(num_logits, v, np.float32)  # noqa: E731

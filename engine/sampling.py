@@ -95,7 +95,8 @@ def _filtered_logits(z, inp: SamplingInput):
     """Mask z (temperature-scaled logits, [S, V]) below each row's top-k / top-p / min-p threshold."""
     lse = jax.nn.logsumexp(z, axis=-1)
     k = min(NUM_CANDIDATES, z.shape[-1])
-    cand, _ = jax.lax.top_k(z, k)  # [S, k], descending
+    # The barrier keeps XLA from folding the top-k into a full sort (it does when a gather reads it).
+    cand = jax.lax.optimization_barrier(jax.lax.top_k(z, k)[0])  # [S, k], descending
     cand_probs = jnp.exp(cand - lse[:, None])
     cum = jnp.cumsum(cand_probs, axis=-1)
     # top-p keeps each candidate whose preceding mass is below top_p (the crossing token included)

@@ -1,20 +1,28 @@
-"""Paged attention over a KV cache laid out in pages.
+"""Paged "prefix + extend" attention.
 
-Layout (one layer):
-    k_pages, v_pages: [num_pages, page_size, num_kv_heads, head_dim]
-    page_table:       [B, P] int32, page ids of each sequence in position order
-    kv_lens:          [B] int32, valid KV tokens of each sequence (this step's tokens included)
-    q:                [B, Q, H, D] queries, Q per sequence (Q = 1 for decode)
-    q_positions:      [B, Q] int32, absolute position of each query token
+A step extends each of B sequences by up to Q new tokens. Their queries attend
+to the sequence's past, read from the paged KV cache, and to the step's own new
+keys (causally); the new keys are written to the cache after the whole forward,
+so inside the layer loop the cache is read-only (reading and writing one big
+buffer in the same loop makes XLA copy it).
 
-A query at position p attends to the keys at positions 0..p that are below its
-sequence's kv_len (causal, and padding rows with kv_len 0 see nothing and
-return zeros). Grouped-query attention: head h reads kv head h // (H // KVH).
+Shapes (one step):
+    q:                [B, Q, H, D]   queries of the new tokens
+    k_new, v_new:     [B, Q, KVH, D] keys and values of the new tokens
+    new_lens:         [B] int32      real new tokens per row (the rest is padding)
+    k_cache, v_cache: [L, num_pages, page_size, KVH, D], read at layer `layer`
+                      (or [num_pages, page_size, KVH, D] with layer=None)
+    page_table:       [B, P] int32   page ids of each sequence, in position order
+    past_lens:        [B] int32      tokens already in the cache before this step
 
-`paged_attention_reference` is the pure-jnp definition: it gathers every page
-of the table. `paged_attention` is the variant the model runs: it walks the
-pages in blocks with an online softmax and stops after the longest sequence,
-so its cost follows the real context lengths, not the table's width. The test
+New token i of a row sees every past token and new tokens 0..i. A padding row
+(new_lens 0) returns zeros. Grouped-query attention: head h reads kv head
+h // (H // KVH).
+
+`prefix_extend_attention_reference` is the pure-jnp definition: it gathers the
+whole page table. `prefix_extend_attention` is what the model runs: it walks
+the past in blocks of pages with an online softmax and stops after the longest
+past, so its cost follows the real context, not the table's width. The test
 compares the two over dtypes, page sizes and lengths.
 """
 
@@ -26,70 +34,86 @@ import jax.numpy as jnp
 _NEG_INF = -1e30
 
 
-def _group(q, num_kv_heads):
-    b, qn, h, d = q.shape
-    return q.reshape(b, qn, num_kv_heads, h // num_kv_heads, d)  # [B, Q, KVH, G, D]
+def _group(x, num_kv_heads):
+    b, n, h, d = x.shape
+    return x.reshape(b, n, num_kv_heads, h // num_kv_heads, d)  # [B, Q, KVH, G, D]
 
 
-def paged_attention_reference(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, scale):
-    """Pure-jnp paged attention; returns [B, Q, H, D] in q's dtype."""
+def _gather_pages(cache, table, layer):
+    # One gather straight from the whole cache: slicing a layer out first would copy it.
+    return cache[table] if layer is None else cache[layer, table]  # [B, n, ps, KVH, D]
+
+
+def _new_mask(new_lens, qn):
+    i = jnp.arange(qn)
+    return (i[None, :] <= i[:, None])[None] & (i[None, None, :] < new_lens[:, None, None])  # [B, Q, Q]
+
+
+def prefix_extend_attention_reference(q, k_new, v_new, new_lens, k_cache, v_cache, page_table, past_lens,
+                                      *, scale, layer=None):
+    """Pure-jnp definition; returns [B, Q, H, D] in q's dtype."""
     b, qn, h, d = q.shape
-    _, page_size, kvh, _ = k_pages.shape
-    num_kv = page_table.shape[1] * page_size
-    k = k_pages[page_table].reshape(b, num_kv, kvh, d)  # [B, S, KVH, D]
-    v = v_pages[page_table].reshape(b, num_kv, kvh, d)
-    qg = _group(q, kvh).astype(jnp.float32)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k.astype(jnp.float32)) * scale  # [B, KVH, G, Q, S]
-    key_pos = jnp.arange(num_kv)
-    mask = (key_pos[None, None, :] <= q_positions[:, :, None]) & (key_pos[None, None, :] < kv_lens[:, None, None])
-    scores = jnp.where(mask[:, None, None], scores, _NEG_INF)  # mask: [B, Q, S]
-    probs = jax.nn.softmax(scores, axis=-1)
-    probs = jnp.where(mask[:, None, None], probs, 0.0)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(jnp.float32))
+    page_size, kvh = k_cache.shape[-3], k_cache.shape[-2]
+    num_past = page_table.shape[1] * page_size
+    k_past = _gather_pages(k_cache, page_table, layer).reshape(b, num_past, kvh, d)
+    v_past = _gather_pages(v_cache, page_table, layer).reshape(b, num_past, kvh, d)
+    k = jnp.concatenate([k_past, k_new], axis=1).astype(jnp.float32)  # [B, S + Q, KVH, D]
+    v = jnp.concatenate([v_past, v_new], axis=1).astype(jnp.float32)
+    past_mask = jnp.broadcast_to(jnp.arange(num_past)[None, None, :] < past_lens[:, None, None], (b, qn, num_past))
+    mask = jnp.concatenate([past_mask, _new_mask(new_lens, qn)], axis=-1)  # [B, Q, S + Q]
+    mask = mask & (jnp.arange(qn)[None, :, None] < new_lens[:, None, None])
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", _group(q, kvh).astype(jnp.float32), k) * scale
+    scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
+    probs = jnp.where(mask[:, None, None], jax.nn.softmax(scores, axis=-1), 0.0)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
     return out.reshape(b, qn, h, d).astype(q.dtype)
 
 
-def paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, scale, block_pages=None):
-    """Blocked paged attention with an online softmax; same contract as the reference."""
+def prefix_extend_attention(q, k_new, v_new, new_lens, k_cache, v_cache, page_table, past_lens,
+                            *, scale, layer=None, block_pages=None):
+    """Blocked variant with an online softmax; same contract as the reference."""
     b, qn, h, d = q.shape
-    _, page_size, kvh, _ = k_pages.shape
+    page_size, kvh = k_cache.shape[-3], k_cache.shape[-2]
+    g = h // kvh
+    qg = _group(q, kvh).astype(jnp.float32) * scale  # [B, Q, KVH, G, D]
+
+    # The new tokens first: they seed the running max, sum and accumulator.
+    s = jnp.einsum("bqkgd,bskd->bkgqs", qg, k_new.astype(jnp.float32))  # [B, KVH, G, Q, Q]
+    mask = _new_mask(new_lens, qn)[:, None, None]
+    s = jnp.where(mask, s, _NEG_INF)
+    m = jnp.max(s, axis=-1)  # [B, KVH, G, Q]
+    p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
+    l = jnp.sum(p, axis=-1)
+    acc = jnp.einsum("bkgqs,bskd->bkgqd", p, v_new.astype(jnp.float32))
+
     num_table_pages = page_table.shape[1]
-    if block_pages is None:
-        block_pages = max(1, min(num_table_pages, 256 // page_size))
+    if block_pages is None:  # decode rows gather little per block; prefill rows amortise bigger blocks
+        block_pages = max(1, (32 if qn == 1 else 256) // page_size)
     block_pages = min(block_pages, num_table_pages)
     num_blocks_total = -(-num_table_pages // block_pages)
     pad = num_blocks_total * block_pages - num_table_pages
     if pad:
         page_table = jnp.pad(page_table, ((0, 0), (0, pad)))
     block_kv = block_pages * page_size
-    qg = _group(q, kvh).astype(jnp.float32) * scale  # [B, Q, KVH, G, D]
-    g = h // kvh
-    # Only blocks up to the longest sequence are visited.
-    num_blocks = jnp.minimum((jnp.max(kv_lens) + block_kv - 1) // block_kv, num_blocks_total)
+    num_blocks = jnp.minimum((jnp.max(past_lens) + block_kv - 1) // block_kv, num_blocks_total)
 
     def body(state):
         j, m, l, acc = state
         pages = jax.lax.dynamic_slice_in_dim(page_table, j * block_pages, block_pages, axis=1)  # [B, bp]
-        k = k_pages[pages].reshape(b, block_kv, kvh, d).astype(jnp.float32)  # [B, bk, KVH, D]
-        v = v_pages[pages].reshape(b, block_kv, kvh, d).astype(jnp.float32)
+        k = _gather_pages(k_cache, pages, layer).reshape(b, block_kv, kvh, d).astype(jnp.float32)
+        v = _gather_pages(v_cache, pages, layer).reshape(b, block_kv, kvh, d).astype(jnp.float32)
         s = jnp.einsum("bqkgd,bskd->bkgqs", qg, k)  # [B, KVH, G, Q, bk]
-        key_pos = j * block_kv + jnp.arange(block_kv)
-        mask = (key_pos[None, None, :] <= q_positions[:, :, None]) & (key_pos[None, None, :] < kv_lens[:, None, None])
-        mask = mask[:, None, None]  # [B, 1, 1, Q, bk]
-        s = jnp.where(mask, s, _NEG_INF)
+        visible = (j * block_kv + jnp.arange(block_kv))[None, :] < past_lens[:, None]  # [B, bk]
+        visible = visible[:, None, None, None, :]
+        s = jnp.where(visible, s, _NEG_INF)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+        p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
         correction = jnp.exp(m - m_new)
         l = l * correction + jnp.sum(p, axis=-1)
         acc = acc * correction[..., None] + jnp.einsum("bkgqs,bskd->bkgqd", p, v)
         return j + 1, m_new, l, acc
 
-    init = (
-        jnp.int32(0),
-        jnp.full((b, kvh, g, qn), _NEG_INF, jnp.float32),
-        jnp.zeros((b, kvh, g, qn), jnp.float32),
-        jnp.zeros((b, kvh, g, qn, d), jnp.float32),
-    )
-    _, _, l, acc = jax.lax.while_loop(lambda s: s[0] < num_blocks, body, init)
+    _, _, l, acc = jax.lax.while_loop(lambda st: st[0] < num_blocks, body, (jnp.int32(0), m, l, acc))
     out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # [B, KVH, G, Q, D]
+    out = jnp.where((jnp.arange(qn)[None, :] < new_lens[:, None])[:, None, None, :, None], out, 0.0)
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, qn, h, d).astype(q.dtype)

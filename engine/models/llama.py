@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from engine.config import ModelConfig
-from kernels.attention import paged_attention
+from kernels.attention import prefix_extend_attention
 
 # HF parameter names -> (params key, transpose to [in, out]); per layer and global.
 LAYER_WEIGHTS = {
@@ -82,13 +82,29 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def fuse_params(params, cfg: ModelConfig):
+    """From the loaded layout (one leaf per HF tensor) to the layout the forward runs: q, k, v fused
+    into one projection, gate and up into another (fewer, larger matmuls), and an [D, V] output
+    projection even for tied embeddings (the transposed read of [V, D] is the slow matmul path)."""
+    layers = dict(params["layers"])
+    layers["wqkv"] = jnp.concatenate([layers.pop("wq"), layers.pop("wk"), layers.pop("wv")], axis=-1)
+    if cfg.attention_bias:
+        layers["bqkv"] = jnp.concatenate([layers.pop("bq"), layers.pop("bk"), layers.pop("bv")], axis=-1)
+    layers["w_gate_up"] = jnp.concatenate([layers.pop("w_gate"), layers.pop("w_up")], axis=-1)
+    fused = dict(params, layers=layers)
+    if cfg.tie_word_embeddings:
+        fused["lm_head"] = jnp.asarray(params["embed"].T)
+    return fused
+
+
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class Segment:
     """B sequences with `num_query_tokens` query tokens each, consecutive in the flat token run."""
 
     page_table: jax.Array  # [B, P] int32
-    kv_lens: jax.Array  # [B] int32, KV length after this step
+    past_lens: jax.Array  # [B] int32, tokens already in the cache
+    new_lens: jax.Array  # [B] int32, real tokens of this step (<= num_query_tokens)
     num_query_tokens: int = field(metadata=dict(static=True))
 
 
@@ -156,15 +172,18 @@ def forward(params, kv_cache, step: StepInput, *, cfg: ModelConfig, page_size: i
     hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
     eps = cfg.rms_norm_eps
 
-    def layer(carry, xs):
-        h, k_all, v_all = carry
+    k_all, v_all = kv_cache
+    # Read-only inside the layer loop: [L, num_pages, page_size, KVH, D]
+    k_pages = k_all.reshape(k_all.shape[0], -1, page_size, nkv, hd)
+    v_pages = v_all.reshape(v_all.shape[0], -1, page_size, nkv, hd)
+
+    def layer(h, xs):
         lp, index = xs
         x = rms_norm(h, lp["attn_norm"], eps)
-        q = jnp.einsum("td,dq->tq", x, lp["wq"])
-        k = jnp.einsum("td,dk->tk", x, lp["wk"])
-        v = jnp.einsum("td,dk->tk", x, lp["wv"])
+        qkv = jnp.einsum("td,dq->tq", x, lp["wqkv"])  # [T, (H + 2 KVH) * D]
         if cfg.attention_bias:
-            q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+            qkv = qkv + lp["bqkv"]
+        q, k, v = jnp.split(qkv, [nh * hd, (nh + nkv) * hd], axis=-1)
         q = q.reshape(num_tokens, nh, hd)  # q: [T, H, D]
         k = k.reshape(num_tokens, nkv, hd)  # k, v: [T, KVH, D]
         v = v.reshape(num_tokens, nkv, hd)
@@ -172,40 +191,36 @@ def forward(params, kv_cache, step: StepInput, *, cfg: ModelConfig, page_size: i
             q = rms_norm(q, lp["q_norm"], eps)
             k = rms_norm(k, lp["k_norm"], eps)
         q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
-        k_all = k_all.at[index, step.slot_mapping].set(k.astype(k_all.dtype))
-        v_all = v_all.at[index, step.slot_mapping].set(v.astype(v_all.dtype))
-        k_pages = k_all[index].reshape(-1, page_size, nkv, hd)  # [num_pages, page_size, KVH, D]
-        v_pages = v_all[index].reshape(-1, page_size, nkv, hd)
+        k = apply_rope(k, cos, sin).astype(k_all.dtype)
+        v = v.astype(v_all.dtype)
         outs, offset = [], 0
         for seg in step.segments:
             rows, qn = seg.page_table.shape[0], seg.num_query_tokens
             n = rows * qn
-            qs = q[offset:offset + n].reshape(rows, qn, nh, hd)
-            pos = step.positions[offset:offset + n].reshape(rows, qn)
-            o = paged_attention(qs, k_pages, v_pages, seg.page_table, seg.kv_lens, pos, scale=scale)
+            o = prefix_extend_attention(
+                q[offset:offset + n].reshape(rows, qn, nh, hd),
+                k[offset:offset + n].reshape(rows, qn, nkv, hd),
+                v[offset:offset + n].reshape(rows, qn, nkv, hd),
+                seg.new_lens, k_pages, v_pages, seg.page_table, seg.past_lens, scale=scale, layer=index)
             outs.append(o.reshape(n, nh * hd))
             offset += n
         attn = jnp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]  # [T, H*D]
         h = h + jnp.einsum("tq,qd->td", attn, lp["wo"])
         x = rms_norm(h, lp["mlp_norm"], eps)
-        gate = jnp.einsum("td,df->tf", x, lp["w_gate"])
-        up = jnp.einsum("td,df->tf", x, lp["w_up"])
+        gate, up = jnp.split(jnp.einsum("td,df->tf", x, lp["w_gate_up"]), 2, axis=-1)  # [T, F] each
         h = h + jnp.einsum("tf,fd->td", jax.nn.silu(gate) * up, lp["w_down"])
-        return (h, k_all, v_all), None
+        return h, (k, v)
 
-    k_all, v_all = kv_cache
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (h, k_all, v_all), _ = jax.lax.scan(layer, (h, k_all, v_all), (params["layers"], layer_ids))
+    h, (k_new, v_new) = jax.lax.scan(layer, h, (params["layers"], layer_ids))  # k_new: [L, T, KVH, D]
+    # One write of every layer's new keys and values, after the loop, into the donated cache.
+    k_all = k_all.at[:, step.slot_mapping].set(k_new)
+    v_all = v_all.at[:, step.slot_mapping].set(v_new)
     h = h[step.logits_indices]  # [S, D]
     h = rms_norm(h, params["final_norm"], eps)
     return h, (k_all, v_all)
 
 
 def logits_from_hidden(params, h, *, cfg: ModelConfig):
-    """Project final hidden states [S, D] to float32 logits [S, V]."""
-    if cfg.tie_word_embeddings:
-        logits = jnp.einsum("sd,vd->sv", h, params["embed"])
-    else:
-        logits = jnp.einsum("sd,dv->sv", h, params["lm_head"])
-    return logits.astype(jnp.float32)
+    """Project final hidden states [S, D] to float32 logits [S, V] (params as fused by fuse_params)."""
+    return jnp.einsum("sd,dv->sv", h, params["lm_head"]).astype(jnp.float32)

@@ -116,7 +116,7 @@ def _assemble(cfg: ModelConfig, tensors: TensorTable, dtype: str):
         ])
         layers[key] = jnp.asarray(stacked, dtype=target)
     params["layers"] = layers
-    return params
+    return llama.fuse_params(params, cfg)
 
 
 def _open_hf_dir(path: str) -> tuple[ModelConfig, TensorTable]:

@@ -61,12 +61,12 @@ def test_config_flags_per_family(tiny_checkpoints):
     flags = {}
     for family in tiny_models.FAMILIES:
         _, cfg, params = load_model(tiny_checkpoints(family))
-        flags[family] = (cfg.tie_word_embeddings, cfg.attention_bias, cfg.qk_norm, "lm_head" in params,
-                         "bq" in params["layers"], "q_norm" in params["layers"], cfg.rope_scaling.kind)
-    assert flags["llama"] == (True, False, False, False, False, False, "default")
-    assert flags["llama_untied"] == (False, False, False, True, False, False, "llama3")
-    assert flags["qwen2"] == (False, True, False, True, True, False, "default")
-    assert flags["qwen3"] == (True, False, True, False, False, True, "default")
+        flags[family] = (cfg.tie_word_embeddings, cfg.attention_bias, cfg.qk_norm,
+                         "bqkv" in params["layers"], "q_norm" in params["layers"], cfg.rope_scaling.kind)
+    assert flags["llama"] == (True, False, False, False, False, "default")
+    assert flags["llama_untied"] == (False, False, False, False, False, "llama3")
+    assert flags["qwen2"] == (False, True, False, True, False, "default")
+    assert flags["qwen3"] == (True, False, True, False, True, "default")
 
 
 def test_bfloat16_params(tiny_checkpoints, reference_logits):

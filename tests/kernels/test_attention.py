@@ -1,25 +1,29 @@
-"""The blocked paged attention against its pure-jnp reference."""
+"""The blocked prefix+extend attention against its pure-jnp reference, and the reference against
+plain causal attention."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.attention import paged_attention, paged_attention_reference
+from kernels.attention import prefix_extend_attention, prefix_extend_attention_reference
 
 
-def _case(rng, *, rows, qn, heads, kv_heads, dim, page_size, num_table_pages, dtype):
+def _case(rng, *, rows, qn, heads, kv_heads, dim, page_size, num_table_pages, dtype, layers=2):
     num_pages = 1 + rows * num_table_pages
-    k_pages = rng.standard_normal((num_pages, page_size, kv_heads, dim)).astype(np.float32)
-    v_pages = rng.standard_normal((num_pages, page_size, kv_heads, dim)).astype(np.float32)
+    k_cache = rng.standard_normal((layers, num_pages, page_size, kv_heads, dim)).astype(np.float32)
+    v_cache = rng.standard_normal((layers, num_pages, page_size, kv_heads, dim)).astype(np.float32)
     table = 1 + rng.permutation(rows * num_table_pages).reshape(rows, num_table_pages).astype(np.int32)
     capacity = num_table_pages * page_size
-    kv_lens = rng.integers(qn, capacity + 1, size=rows).astype(np.int32)
-    kv_lens[-1] = 0  # a padding row sees nothing
-    positions = (kv_lens[:, None] - qn + np.arange(qn)[None, :]).clip(min=0).astype(np.int32)
+    past_lens = rng.integers(0, capacity - qn + 1, size=rows).astype(np.int32)
+    new_lens = rng.integers(1, qn + 1, size=rows).astype(np.int32)
+    past_lens[-1], new_lens[-1] = 0, 0  # a padding row
     q = rng.standard_normal((rows, qn, heads, dim)).astype(np.float32)
-    cast = lambda a: jnp.asarray(a, dtype)  # noqa: E731
-    return cast(q), cast(k_pages), cast(v_pages), jnp.asarray(table), jnp.asarray(kv_lens), jnp.asarray(positions)
+    k_new = rng.standard_normal((rows, qn, kv_heads, dim)).astype(np.float32)
+    v_new = rng.standard_normal((rows, qn, kv_heads, dim)).astype(np.float32)
+    c = lambda a: jnp.asarray(a, dtype)  # noqa: E731
+    return (c(q), c(k_new), c(v_new), jnp.asarray(new_lens), c(k_cache), c(v_cache), jnp.asarray(table),
+            jnp.asarray(past_lens))
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
@@ -29,26 +33,29 @@ def test_blocked_matches_reference(dtype, tol, page_size, qn):
     rng = np.random.default_rng(page_size * 10 + qn)
     args = _case(rng, rows=4, qn=qn, heads=4, kv_heads=2, dim=16, page_size=page_size,
                  num_table_pages=max(2, 40 // page_size), dtype=dtype)
-    ref = paged_attention_reference(*args, scale=0.25)
+    ref = prefix_extend_attention_reference(*args, scale=0.25, layer=1)
     for block_pages in (3, None):
-        out = jax.jit(lambda *a: paged_attention(*a, scale=0.25, block_pages=block_pages))(*args)
+        fn = jax.jit(lambda *a: prefix_extend_attention(*a, scale=0.25, layer=1, block_pages=block_pages))
+        out = fn(*args)
         assert out.dtype == dtype
         np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=tol)
-    assert np.all(np.asarray(ref, np.float32)[-1] == 0)  # the kv_len-0 row
+    assert np.all(np.asarray(ref, np.float32)[-1] == 0)  # the padding row
 
 
 def test_reference_is_causal_attention():
-    """One sequence in order pages equals plain causal softmax attention."""
+    """A sequence split into a cached past and a new chunk equals plain causal softmax attention."""
     rng = np.random.default_rng(0)
-    s, h, d = 12, 2, 8
+    s, past, h, d, page_size = 12, 8, 2, 8, 4
     q, k, v = (rng.standard_normal((s, h, d)).astype(np.float32) for _ in range(3))
-    page_size = 4
-    k_pages = jnp.concatenate([jnp.zeros((1, page_size, h, d)), jnp.asarray(k).reshape(3, page_size, h, d)])
-    v_pages = jnp.concatenate([jnp.zeros((1, page_size, h, d)), jnp.asarray(v).reshape(3, page_size, h, d)])
-    out = paged_attention_reference(jnp.asarray(q)[None], k_pages, v_pages, jnp.array([[1, 2, 3]], jnp.int32),
-                                    jnp.array([s], jnp.int32), jnp.arange(s, dtype=jnp.int32)[None], scale=d ** -0.5)
+    pad = np.zeros((1, page_size, h, d), np.float32)
+    k_cache = jnp.asarray(np.concatenate([pad, k[:past].reshape(2, page_size, h, d)]))
+    v_cache = jnp.asarray(np.concatenate([pad, v[:past].reshape(2, page_size, h, d)]))
+    out = prefix_extend_attention_reference(
+        jnp.asarray(q[past:])[None], jnp.asarray(k[past:])[None], jnp.asarray(v[past:])[None],
+        jnp.array([s - past]), k_cache, v_cache, jnp.array([[1, 2]], jnp.int32), jnp.array([past]),
+        scale=d ** -0.5)
     scores = np.einsum("qhd,khd->hqk", q, k) * d ** -0.5
     scores = np.where(np.tril(np.ones((s, s), bool))[None], scores, -np.inf)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
-    np.testing.assert_allclose(np.asarray(out[0]), np.einsum("hqk,khd->qhd", probs, v), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out[0]), np.einsum("hqk,khd->qhd", probs, v)[past:], atol=1e-5)
