@@ -86,6 +86,8 @@ class Engine:
         self._compute: Optional[ComputeThread] = None
         self._loop_task: Optional[asyncio.Task] = None
         self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()  # set while the scheduler has no work
+        self._stopping = False
         self._queues: dict[str, asyncio.Queue] = {}
         self._ids = itertools.count()
         self._rng = random.Random(self.config.seed)
@@ -162,11 +164,26 @@ class Engine:
             self.last_ready_at = time.time()
             self._set_state(EngineState.READY, "ready")
 
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new work and let in-flight requests finish for up to `timeout` s; True if all did.
+        Call stop() afterwards: it ends whatever is left with an explicit error."""
+        if self.state is not EngineState.READY or self.scheduler is None:
+            return not (self.scheduler and self.scheduler.has_work)
+        self._set_state(EngineState.STOPPING, "draining")
+        if self.scheduler.has_work:
+            self._idle.clear()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop: every unfinished request ends with an error at once; then wait up to `timeout` s for a
         step in flight to finish and the compute thread to exit (a hung step is left to its daemon thread)."""
-        if self.state in (EngineState.STOPPED, EngineState.STOPPING):
+        if self.state is EngineState.STOPPED or self._stopping:
             return
+        self._stopping = True
         self._set_state(EngineState.STOPPING, "stopping")
         self._fail_all("the engine is stopping")
         if self._loop_task is not None:
@@ -179,6 +196,7 @@ class Engine:
         if self._compute is not None and not await self._compute.aclose(timeout):
             log.warning("the compute thread is still busy after %.1fs; leaving it behind", timeout)
         self.runner = None
+        self._stopping = False
         self._set_state(EngineState.STOPPED, "stopped")
 
     def join_compute_thread(self, timeout: Optional[float] = None) -> bool:
@@ -269,9 +287,11 @@ class Engine:
     async def _run_loop(self) -> None:
         while True:
             if not self.scheduler.has_work:
+                self._idle.set()
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            self._idle.clear()
             batch = self.scheduler.schedule()
             if batch is None:
                 self._wakeup.clear()

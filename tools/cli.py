@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 import time
 
@@ -40,17 +42,71 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible)")
     _add_model_args(serve)
+    _add_engine_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
-    serve.add_argument("--max-tokens", type=int, default=48)
+    serve.add_argument("--drain-timeout", type=float, default=30.0,
+                       help="seconds in-flight requests get to finish on SIGINT/SIGTERM")
     serve.set_defaults(func=cmd_serve)
     return parser
 
 
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    from engine.config import CacheConfig, SchedulerConfig
+
+    s, c = SchedulerConfig(), CacheConfig()
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-running", type=int, default=s.max_running)
+    p.add_argument("--max-tokens-per-step", type=int, default=s.max_tokens_per_step)
+    p.add_argument("--chunk-size", type=int, default=s.chunk_size)
+    p.add_argument("--max-prefill-seqs", type=int, default=s.max_prefill_seqs)
+    p.add_argument("--policy", choices=["fcfs", "lpm"], default=s.policy)
+    p.add_argument("--max-waiting", type=int, default=s.max_waiting)
+    p.add_argument("--page-size", type=int, default=c.page_size)
+    p.add_argument("--num-pages", type=int, default=None, help="KV pages (default: sized from free memory)")
+    p.add_argument("--no-prefix-cache", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile-cache", default=os.path.expanduser("~/.cache/kvloom/jax"),
+                   help="JAX persistent compilation cache directory ('' to disable)")
+
+
+def engine_config_from_args(args):
+    from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+
+    return EngineConfig(
+        model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
+        scheduler=SchedulerConfig(max_running=args.max_running, max_tokens_per_step=args.max_tokens_per_step,
+                                  chunk_size=args.chunk_size, max_prefill_seqs=args.max_prefill_seqs,
+                                  policy=args.policy, max_waiting=args.max_waiting),
+        cache=CacheConfig(page_size=args.page_size, num_pages=args.num_pages,
+                          enable_prefix_cache=not args.no_prefix_cache),
+    )
+
+
+def use_compile_cache(directory: str) -> None:
+    """Process-wide JAX setting, made by the command line only: warm restarts skip XLA compiles."""
+    if directory:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", directory)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
 def cmd_serve(args) -> int:
-    print("kvloom serve: the HTTP server is not built yet; answering one chat prompt instead.", file=sys.stderr)
-    return cmd_chat(args)
+    import uvloop
+
+    from api.server import serve
+    from engine.engine import Engine
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    use_compile_cache(args.compile_cache)
+    config = engine_config_from_args(args)
+
+    async def main():
+        await serve(Engine(config), args.host, args.port, drain_timeout=args.drain_timeout)
+
+    uvloop.run(main())
+    return 0
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,55 @@
+"""Errors in OpenAI's envelope: {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import orjson
+from aiohttp import web
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> web.Response:
+        return web.Response(status=self.status, body=orjson.dumps(self.body()),
+                            content_type="application/json", headers=self.headers)
+
+
+def invalid(param: Optional[str], message: str, code: str = "invalid_value") -> APIError:
+    """400 naming the field."""
+    return APIError(400, f"{param}: {message}" if param else message, param=param, code=code)
+
+
+def from_value_error(exc: ValueError) -> APIError:
+    """Engine-side validation errors start with the field path ("max_tokens: ...")."""
+    message = str(exc)
+    field, sep, _ = message.partition(":")
+    param = field.strip() if sep and " " not in field.strip() else None
+    return APIError(400, message, param=param, code="invalid_value")
+
+
+def not_ready(detail: str) -> APIError:
+    return APIError(503, f"the engine is not ready: {detail}", type="service_unavailable",
+                    code="engine_not_ready", headers={"Retry-After": "5"})
+
+
+def unavailable(detail: str) -> APIError:
+    return APIError(503, f"the engine is unavailable: {detail}", type="service_unavailable",
+                    code="engine_unavailable", headers={"Retry-After": "5"})
+
+
+def queue_full(detail: str) -> APIError:
+    return APIError(429, detail, type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(404, f"model: the model {model!r} does not exist", type="invalid_request_error",
+                    param="model", code="model_not_found")

@@ -1,0 +1,430 @@
+"""The OpenAI-compatible HTTP server: an aiohttp application built from an engine.
+
+`create_app(engine)` returns an `aiohttp.web.Application` that shares the
+engine's event loop; several apps (and engines) run side by side in one
+process. `start_server` binds it (port 0 picks a free port) with handler
+cancellation on, so a client that disconnects aborts its requests.
+`serve()` is the `kvloom serve` entry: uvloop, the server up at once (so
+/health and /ready answer during warm-up), the engine started behind it, and a
+bounded drain on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import time
+import uuid
+from typing import Optional
+
+import orjson
+from aiohttp import web
+
+from api import errors
+from api.errors import APIError
+from api.openapi import openapi_spec
+from api.protocol import GenerationRequest, parse_chat, parse_completion
+from engine.engine import Engine, EngineNotReadyError, EngineState, EngineUnavailableError
+from engine.request import FinishReason, RequestOutput, Usage
+from engine.scheduler import QueueFullError
+
+log = logging.getLogger(__name__)
+
+ENGINE_KEY = web.AppKey("engine", Engine)
+DEFAULT_MAX_BODY_BYTES = 4 * 2**20
+
+
+def _json(data, status: int = 200, headers: Optional[dict] = None) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json", headers=headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler):
+    engine = request.app[ENGINE_KEY]
+    try:
+        return await handler(request)
+    except APIError as exc:
+        engine.metrics.request_errors.labels(exc.code or exc.type).inc()
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status, "http_error")
+        message = {404: f"no route for {request.method} {request.path}",
+                   413: f"the request body exceeds {request.app['max_body_bytes']} bytes"}.get(exc.status, exc.reason)
+        engine.metrics.request_errors.labels(code).inc()
+        return APIError(exc.status, message, code=code).response()
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - never a bare 500 without the envelope
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        engine.metrics.request_errors.labels("internal_error").inc()
+        return APIError(500, f"internal error: {type(exc).__name__}", type="server_error",
+                        code="internal_error").response()
+
+
+async def _read_json(request: web.Request):
+    if request.content_type != "application/json":
+        raise errors.invalid("content-type", f"must be application/json, got {request.content_type!r}",
+                             "invalid_content_type")
+    raw = await request.read()  # 413 past client_max_size
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise errors.invalid(None, f"the request body is not valid JSON: {exc}", "invalid_json") from None
+
+
+def _check_model(engine: Engine, model: Optional[str]) -> None:
+    if model is not None and model != engine.model_name:
+        raise errors.model_not_found(model)
+
+
+def _check_engine(engine: Engine) -> None:
+    if engine.state in (EngineState.STARTING, EngineState.WARMING, EngineState.DEGRADED):
+        raise errors.not_ready(f"{engine.state.value}: {engine.state_detail}")
+    if engine.state is not EngineState.READY:
+        raise errors.unavailable(f"{engine.state.value}: {engine.state_detail}")
+
+
+class _Choice:
+    """One generated sequence of a response, accumulated from its stream."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.text = ""
+        self.logprobs: list = []
+        self.finish_reason: Optional[str] = None
+        self.usage: Optional[Usage] = None
+        self.error: Optional[str] = None
+
+
+def _finish_reason(out: RequestOutput) -> Optional[str]:
+    if not out.finished:
+        return None
+    return "stop" if out.finish_reason in (FinishReason.STOP, FinishReason.ABORT) else out.finish_reason.value
+
+
+class Generation:
+    """Fans one OpenAI request out into engine requests (prompts x n) and merges their outputs."""
+
+    def __init__(self, engine: Engine, req: GenerationRequest):
+        self.engine, self.req = engine, req
+        self.id = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.streams = []
+        self.prompt_tokens = 0
+
+    def submit(self) -> None:
+        """Encode and queue every choice; errors map to API errors and nothing stays queued."""
+        engine, req = self.engine, self.req
+        try:
+            if req.kind == "chat":
+                prompt_ids = [engine.encode_prompt(messages=req.messages)]
+            else:
+                prompt_ids = [engine.encode_prompt(p) for p in req.prompts]
+            for p_index, ids in enumerate(prompt_ids):
+                params = req.params
+                if not req.max_tokens_given and req.kind == "chat":
+                    params = dataclasses.replace(params, max_tokens=max(1, engine.max_model_len - len(ids)))
+                self.prompt_tokens += len(ids)
+                for j in range(req.n):
+                    p = params
+                    if p.seed is not None and j:
+                        p = dataclasses.replace(p, seed=p.seed + j)
+                    index = p_index * req.n + j
+                    stream = engine.generate(ids, p, request_id=f"{self.id}-{index}")
+                    self.streams.append((index, stream))
+        except BaseException as exc:
+            self.abort()
+            if isinstance(exc, ValueError):
+                if req.kind == "chat" and str(exc).startswith("prompt:"):
+                    exc = ValueError("messages" + str(exc)[len("prompt"):])
+                raise errors.from_value_error(exc) from None
+            if isinstance(exc, QueueFullError):
+                raise errors.queue_full(str(exc)) from None
+            if isinstance(exc, EngineNotReadyError):
+                raise errors.not_ready(str(exc)) from None
+            if isinstance(exc, EngineUnavailableError):
+                raise errors.unavailable(str(exc)) from None
+            raise
+
+    def abort(self) -> None:
+        """Abort every choice still running (a no-op for finished ones) and free its pages now."""
+        for index, stream in self.streams:
+            self.engine.abort(f"{self.id}-{index}")  # a stream never iterated has no cleanup of its own
+            asyncio.ensure_future(stream.aclose())
+        self.streams = []
+
+    async def merged(self):
+        """(choice index, RequestOutput) from every choice, as they come."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index, stream):
+            try:
+                async for out in stream:
+                    queue.put_nowait((index, out))
+            finally:
+                queue.put_nowait((index, None))
+
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in self.streams]
+        remaining = len(tasks)
+        try:
+            while remaining:
+                index, out = await queue.get()
+                if out is None:
+                    remaining -= 1
+                else:
+                    yield index, out
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ---- shaping -------------------------------------------------------------------------------
+
+    def logprobs_chat(self, out: RequestOutput) -> Optional[dict]:
+        if self.req.logprobs is None:
+            return None
+        tok = self.engine.tokenizer
+        content = []
+        for lp in out.logprobs:
+            content.append({
+                "token": tok.token_text(lp.token_id), "logprob": lp.logprob, "bytes": tok.token_bytes(lp.token_id),
+                "top_logprobs": [{"token": tok.token_text(t), "logprob": v, "bytes": tok.token_bytes(t)}
+                                 for t, v in lp.top],
+            })
+        return {"content": content}
+
+    def logprobs_completion(self, out: RequestOutput, offset: int) -> Optional[dict]:
+        if self.req.logprobs is None:
+            return None
+        tok = self.engine.tokenizer
+        tokens, values, tops, offsets = [], [], [], []
+        for lp in out.logprobs:
+            text = tok.token_text(lp.token_id)
+            tokens.append(text)
+            values.append(lp.logprob)
+            tops.append({tok.token_text(t): v for t, v in lp.top})
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+    def usage(self, choices) -> dict:
+        completion = sum(c.usage.completion_tokens for c in choices if c.usage)
+        cached = sum(c.usage.cached_tokens for c in choices if c.usage)
+        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                 "total_tokens": self.prompt_tokens + completion}
+        if cached:
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
+        return usage
+
+    async def full_response(self) -> web.Response:
+        choices = {i: _Choice(i) for i, _ in self.streams}
+        async for index, out in self.merged():
+            c = choices[index]
+            c.text += out.text
+            if self.req.kind == "chat":
+                c.logprobs.extend((self.logprobs_chat(out) or {"content": []})["content"])
+            else:
+                c.logprobs.append(self.logprobs_completion(out, len(c.text) - len(out.text)))
+            if out.finished:
+                c.finish_reason, c.usage, c.error = _finish_reason(out), out.usage, out.error
+        failed = [c.error for c in choices.values() if c.error]
+        if failed:
+            raise errors.unavailable(failed[0])
+        ordered = [choices[i] for i in sorted(choices)]
+        base = {"id": self.id, "created": self.created, "model": self.engine.model_name}
+        if self.req.kind == "chat":
+            body = dict(base, object="chat.completion", choices=[
+                {"index": c.index, "message": {"role": "assistant", "content": c.text},
+                 "logprobs": {"content": c.logprobs} if self.req.logprobs is not None else None,
+                 "finish_reason": c.finish_reason} for c in ordered])
+        else:
+            body = dict(base, object="text_completion", choices=[
+                {"index": c.index, "text": c.text, "logprobs": _merge_completion_logprobs(c.logprobs),
+                 "finish_reason": c.finish_reason} for c in ordered])
+        body["usage"] = self.usage(ordered)
+        return _json(body)
+
+    async def stream_response(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        chat = self.req.kind == "chat"
+        base = {"id": self.id, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": self.created, "model": self.engine.model_name}
+        choices = {i: _Choice(i) for i, _ in self.streams}
+
+        async def send(choice_list, usage=None):
+            chunk = dict(base, choices=choice_list)
+            if self.req.include_usage:
+                chunk["usage"] = usage
+            await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+
+        if chat:
+            for i in sorted(choices):
+                await send([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}])
+        error = None
+        async for index, out in self.merged():
+            c = choices[index]
+            if out.error:
+                error = out.error
+                break
+            if out.text or out.logprobs:
+                if chat:
+                    item = {"index": index, "delta": {"content": out.text}, "logprobs": self.logprobs_chat(out),
+                            "finish_reason": None}
+                else:
+                    item = {"index": index, "text": out.text, "finish_reason": None,
+                            "logprobs": self.logprobs_completion(out, len(c.text))}
+                c.text += out.text
+                await send([item])
+            if out.finished:
+                c.finish_reason, c.usage = _finish_reason(out), out.usage
+                item = ({"index": index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason} if chat
+                        else {"index": index, "text": "", "logprobs": None, "finish_reason": c.finish_reason})
+                await send([item])
+        if error is not None:
+            body = errors.unavailable(error).body()
+            await response.write(b"data: " + orjson.dumps(body) + b"\n\n")
+        elif self.req.include_usage:
+            await send([], usage=self.usage([choices[i] for i in sorted(choices)]))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+def _merge_completion_logprobs(parts: list) -> Optional[dict]:
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    return {key: [v for p in parts for v in p[key]] for key in ("tokens", "token_logprobs", "top_logprobs",
+                                                                "text_offset")}
+
+
+async def _generate(request: web.Request, parse) -> web.StreamResponse:
+    engine = request.app[ENGINE_KEY]
+    body = await _read_json(request)
+    req = parse(body)
+    _check_model(engine, req.model)
+    _check_engine(engine)
+    gen = Generation(engine, req)
+    gen.submit()
+    try:
+        if req.stream:
+            return await gen.stream_response(request)
+        return await gen.full_response()
+    finally:
+        gen.abort()
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, parse_completion)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, parse_chat)
+
+
+def _model_card(engine: Engine) -> dict:
+    return {"id": engine.model_name, "object": "model", "created": int(engine.last_ready_at or time.time()),
+            "owned_by": "kvloom", "max_model_len": engine.max_model_len if engine.runner else None}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return _json({"object": "list", "data": [_model_card(request.app[ENGINE_KEY])]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE_KEY]
+    model = request.match_info["model"]
+    _check_model(engine, model)
+    return _json(_model_card(engine))
+
+
+async def score(request: web.Request) -> web.Response:
+    await _read_json(request)
+    raise APIError(501, "/v1/score is not implemented yet", type="not_implemented", code="not_implemented")
+
+
+async def health(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE_KEY]
+    alive = engine.state not in (EngineState.FAILED, EngineState.STOPPED)
+    return _json({"status": "ok" if alive else engine.state.value, "state": engine.state.value},
+                 status=200 if alive else 503)
+
+
+async def ready(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE_KEY]
+    body = {"ready": engine.is_ready, "state": engine.state.value, "detail": engine.state_detail}
+    return _json(body, status=200 if engine.is_ready else 503, headers=None if engine.is_ready else {"Retry-After": "5"})
+
+
+async def status(request: web.Request) -> web.Response:
+    return _json(request.app[ENGINE_KEY].status())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[ENGINE_KEY].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return _json(openapi_spec(request.app[ENGINE_KEY].model_name))
+
+
+def create_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=max_body_bytes)
+    app[ENGINE_KEY] = engine
+    app["max_body_bytes"] = max_body_bytes
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/score", score)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model}", get_model)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/status", status)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
+    return app
+
+
+async def start_server(app: web.Application, host: str = "127.0.0.1", port: int = 0):
+    """Bind `app`; returns (runner, base_url). Clean up with `await runner.cleanup()`."""
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    sockets = site._server.sockets  # the bound port, when 0 was asked for
+    bound = sockets[0].getsockname()[1] if sockets else port
+    return runner, f"http://{host}:{bound}"
+
+
+async def serve(engine: Engine, host: str, port: int, drain_timeout: float = 30.0) -> None:
+    """Serve until SIGINT/SIGTERM, then drain in-flight requests (bounded) and stop."""
+    app = create_app(engine)
+    runner, url = await start_server(app, host, port)
+    log.info("kvloom listening on %s (model %s)", url, engine.config.model or "default")
+    print(f"kvloom: listening on {url}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    start = asyncio.ensure_future(engine.start())
+    try:
+        done, _ = await asyncio.wait({start, asyncio.ensure_future(stop.wait())},
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if start in done:
+            start.result()  # a load failure ends the process with its error
+            print(f"kvloom: {engine.state.value} ({engine.state_detail})", flush=True)
+            await stop.wait()
+        print("kvloom: draining", flush=True)
+        await engine.drain(drain_timeout)
+    finally:
+        if not start.done():
+            start.cancel()
+        await engine.stop()
+        await runner.cleanup()

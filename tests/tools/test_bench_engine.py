@@ -1,0 +1,73 @@
+"""tools.bench_engine: its pure helpers, and one tiny end-to-end run of main() on a tiny checkpoint."""
+
+import json
+
+import jax
+import pytest
+
+from tools import bench_engine
+
+
+def test_roofline_and_ratios():
+    assert bench_engine.roofline_tokens_per_s(100e9, 50_000_000) == pytest.approx(1000.0)
+    assert bench_engine.ratio(6.0, 2.0) == 3.0
+    assert bench_engine.ratio(6.0, None) is None and bench_engine.ratio(None, 2.0) is None
+    assert bench_engine.throughput_target(32) == bench_engine.TARGETS["concurrent_32"]
+    assert bench_engine.throughput_target(1) == bench_engine.TARGETS["single_stream"]
+    assert bench_engine.throughput_target(8) == ""
+    assert bench_engine.ttft_target(1500) == bench_engine.TARGETS["cached_ttft_1500"]
+
+
+def test_prompt_ids_stay_in_the_vocabulary():
+    assert bench_engine.prompt_id_range(49152) == (100, 10000)
+    low, high = bench_engine.prompt_id_range(384)
+    assert 0 < low < high == 384
+    rng = __import__("numpy").random.default_rng(0)
+    prompts = bench_engine.random_prompts(rng, 3, 5, (low, high))
+    assert len(prompts) == 3 and all(len(p) == 5 and all(low <= t < high for t in p) for p in prompts)
+
+
+def test_format_row_aligns_and_shows_missing_values():
+    row = bench_engine.format_row(("decode tok/s @1 concurrent", bench_engine.format_value(12.345),
+                                   bench_engine.format_value(None), bench_engine.format_value(2.0, suffix="x"),
+                                   "target"))
+    assert "12.35" in row and " - " in row + " " and "2.00x" in row and row.endswith("target")
+
+
+@pytest.mark.timeout(120)
+def test_main_on_a_tiny_checkpoint(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "out.json"
+    argv = [
+        "--model", tiny_llama, "--concurrency", "1,2", "--new-tokens", "4", "--prompt-tokens", "8",
+        "--long-prompt-tokens", "40", "--ttft-repeats", "2", "--no-hf", "--json", str(out),
+        "--max-running", "4", "--max-model-len", "256", "--page-size", "4", "--num-pages", "512",
+        "--chunk-size", "32", "--max-tokens-per-step", "64", "--max-prefill-seqs", "2",
+        "--matmul-sizes", "64,128", "--matmul-repeats", "2",
+        # keep the cache conftest chose: main() sets process-wide JAX config
+        "--jax-cache-dir", jax.config.jax_compilation_cache_dir,
+    ]
+    bench_engine.main(argv)
+
+    report = json.loads(out.read_text())
+    assert {"model", "dtype", "num_parameters", "throughput", "ttft", "matmul", "roofline", "targets"} <= set(report)
+    assert report["dtype"] == "float32" and report["num_parameters"] > 0
+
+    assert [t["concurrency"] for t in report["throughput"]] == [1, 2]
+    for t in report["throughput"]:
+        assert t["kvloom_tok_s"] > 0 and t["kvloom_wall_s"] > 0
+        assert t["hf_tok_s"] is None and t["ratio"] is None  # --no-hf
+
+    assert [t["prompt_tokens"] for t in report["ttft"]] == [8, 40]
+    for t in report["ttft"]:
+        assert t["cold_s"] > 0 and t["cached_s"] > 0 and t["ratio"] > 0
+        assert t["cold_cached_tokens"] == 0
+        assert t["cached_tokens"] > 0  # the resubmitted prompt came from the radix prefix cache
+    assert report["ttft"][1]["cached_tokens"] >= 40 - 4  # all full pages but the last token's
+
+    assert report["matmul"]["peak_gflops"] > 0
+    roofline = report["roofline"]
+    assert roofline["concurrency"] == 2 and roofline["tok_s"] > 0 and 0 < roofline["fraction"]
+    assert roofline["decode_tok_s"] == report["throughput"][-1]["kvloom_tok_s"]
+
+    printed = capsys.readouterr().out
+    assert "decode tok/s @2 concurrent" in printed and "of roofline" in printed

@@ -1,0 +1,364 @@
+"""Engine-level figures for one model in float32, kvloom beside HF transformers in the same run:
+aggregate decode throughput at several concurrencies, time to first token cold and from the
+prefix cache, and decode throughput as a fraction of the machine's float32 compute roofline.
+
+    .venv/bin/python -m tools.bench_engine [--model PATH] [--concurrency 1,8,32] [--new-tokens 128]
+        [--prompt-tokens 32] [--long-prompt-tokens 1500] [--hf/--no-hf] [--json OUT.json]
+
+Phases, each with a fixed number of requests:
+  1. throughput: per concurrency C, C requests of random prompts submitted at once to a started
+     Engine; tokens/s = C * new_tokens / wall time of the whole batch (prefill included).
+     HF `model.generate` runs the same prompts as one batch of C.
+  2. TTFT (max_tokens=1, submit -> first output): a never-seen prompt (cold), then the same prompt
+     again once the first finished (cached by the radix prefix cache), for a short and a long prompt.
+  3. roofline: the best jitted float32 `jnp.dot` GFLOP/s over a few square sizes; roofline
+     tokens/s = peak / (2 * num_parameters), compared with decode at the highest concurrency.
+The spec's targets are printed beside the figures for context; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+
+from tools.bench_model import _best_of
+
+DEFAULT_JAX_CACHE = "~/.cache/kvloom/jax"
+PROMPT_ID_LOW, PROMPT_ID_HIGH = 100, 10000
+
+TARGETS = {
+    "single_stream": ">= 1.5x HF single-stream",
+    "concurrent_32": ">= 3x HF at 32 concurrent",
+    "roofline_32": ">= 60% of roofline at 32 concurrent",
+    "cached_ttft_1500": "cached 1500-token TTFT >= 10x faster than cold",
+}
+
+
+# ---- pure helpers -------------------------------------------------------------------------------
+
+def parse_int_list(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of positive integers, got {text!r}")
+    return values
+
+
+def prompt_id_range(vocab_size: int) -> tuple[int, int]:
+    """[low, high) for random prompt ids: [100, 10000) clipped to the vocabulary (tiny test models)."""
+    high = min(PROMPT_ID_HIGH, vocab_size)
+    low = PROMPT_ID_LOW if high > 2 * PROMPT_ID_LOW else min(3, high - 1)
+    return low, high
+
+
+def random_prompts(rng: np.random.Generator, num_prompts: int, num_tokens: int,
+                   id_range: tuple[int, int]) -> list[list[int]]:
+    """num_prompts distinct-by-chance prompts of num_tokens ids each."""
+    return rng.integers(id_range[0], id_range[1], size=(num_prompts, num_tokens)).tolist()
+
+
+def ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+def roofline_tokens_per_s(peak_flops: float, num_parameters: int) -> float:
+    """Decode tokens/s if every token cost 2 FLOPs per parameter at the matmul peak."""
+    return peak_flops / (2 * num_parameters)
+
+
+def throughput_target(concurrency: int) -> str:
+    return {1: TARGETS["single_stream"], 32: TARGETS["concurrent_32"]}.get(concurrency, "")
+
+
+def ttft_target(prompt_tokens: int) -> str:
+    return TARGETS["cached_ttft_1500"] if prompt_tokens == 1500 else ""
+
+
+def format_value(value: Optional[float], spec: str = ".2f", suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+COLUMNS = (("figure", 34, "<"), ("kvloom", 12, ">"), ("transformers", 14, ">"), ("ratio", 10, ">"), ("target", 0, "<"))
+
+
+def format_row(cells: Sequence[str]) -> str:
+    parts = [f"{cell:{align}{width}}" if width else f"  {cell}" for cell, (_, width, align) in zip(cells, COLUMNS)]
+    return "".join(parts).rstrip()
+
+
+def table_rows(report: dict) -> list[tuple[str, str, str, str, str]]:
+    """The printed table: one row per throughput level, two per TTFT prompt length."""
+    rows = [tuple(name for name, _, _ in COLUMNS)]
+    for t in report["throughput"]:
+        rows.append((f"decode tok/s @{t['concurrency']} concurrent", format_value(t["kvloom_tok_s"]),
+                     format_value(t["hf_tok_s"]), format_value(t["ratio"], suffix="x"), t["target"]))
+    for t in report["ttft"]:
+        n = t["prompt_tokens"]
+        rows.append((f"TTFT {n}-tok cold (ms)", format_value(t["cold_s"] * 1e3), "-", "", ""))
+        rows.append((f"TTFT {n}-tok cached (ms, {t['cached_tokens']} cached)", format_value(t["cached_s"] * 1e3),
+                     "-", format_value(t["ratio"], suffix="x"), (t["target"] + " (ratio = cold/cached)").lstrip()))
+    return rows
+
+
+def roofline_lines(report: dict) -> list[str]:
+    m, r = report["matmul"], report["roofline"]
+    sizes = ",".join(str(n) for n in m["sizes"])
+    return [
+        f"float32 matmul peak (jitted jnp.dot, n={sizes}, best of {m['repeats']}): {m['peak_gflops']:.1f} GFLOP/s",
+        f"roofline decode = peak / (2 x {report['num_parameters'] / 1e6:.1f}M params) = {r['tok_s']:.1f} tok/s",
+        f"kvloom decode @{r['concurrency']} concurrent: {r['decode_tok_s']:.1f} tok/s = "
+        f"{100 * r['fraction']:.1f}% of roofline   (target: {r['target']})",
+    ]
+
+
+def print_report(report: dict, file=sys.stdout) -> None:
+    print(f"\nkvloom engine benchmark: {report['model']} ({report['dtype']}, "
+          f"{report['num_parameters'] / 1e6:.1f}M params)", file=file)
+    for row in table_rows(report):
+        print(format_row(row), file=file)
+    print(file=file)
+    for line in roofline_lines(report):
+        print(line, file=file)
+
+
+def _log(message: str) -> None:
+    print(f"bench_engine: {message}", file=sys.stderr, flush=True)
+
+
+# ---- measurements -------------------------------------------------------------------------------
+
+def measure_matmul_peak(sizes: Sequence[int], repeats: int) -> dict:
+    """Best float32 GFLOP/s of a jitted square jnp.dot per size, and the best over all sizes."""
+    import jax
+    import jax.numpy as jnp
+
+    dot = jax.jit(jnp.dot)
+    by_size = {}
+    for i, n in enumerate(sizes):
+        key_a, key_b = jax.random.split(jax.random.PRNGKey(i))
+        a = jax.random.normal(key_a, (n, n), jnp.float32)  # a, b: [n, n]
+        b = jax.random.normal(key_b, (n, n), jnp.float32)
+        dot(a, b).block_until_ready()  # compile
+        seconds = _best_of(lambda: dot(a, b).block_until_ready(), repeats)
+        by_size[n] = 2 * n ** 3 / seconds / 1e9
+    return dict(sizes=list(sizes), repeats=repeats, gflops_by_size={str(n): g for n, g in by_size.items()},
+                peak_gflops=max(by_size.values()))
+
+
+async def run_batch(engine, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Submit every prompt at once, drain every stream; wall time covers prefill and decode."""
+    from engine.request import SamplingParams
+
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+
+    async def drain(stream) -> int:
+        num_tokens = 0
+        async for out in stream:
+            if out.error:
+                raise RuntimeError(f"request {out.request_id} failed: {out.error}")
+            num_tokens += len(out.token_ids)
+        return num_tokens
+
+    t0 = time.perf_counter()
+    streams = [engine.generate(p, params) for p in prompts]  # all queued before the engine loop runs
+    counts = await asyncio.gather(*(drain(s) for s in streams))
+    wall_s = time.perf_counter() - t0
+    if sum(counts) != len(prompts) * new_tokens:
+        raise RuntimeError(f"expected {len(prompts)} x {new_tokens} tokens, got {counts}")
+    return dict(wall_s=wall_s, tok_s=sum(counts) / wall_s)
+
+
+async def time_to_first_token(engine, prompt: list[int]) -> tuple[float, int]:
+    """(seconds from submission to the first output, prompt tokens served by the prefix cache)."""
+    from engine.request import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    t0 = time.perf_counter()
+    first_s = None
+    async for out in engine.generate(prompt, params):
+        if first_s is None:
+            first_s = time.perf_counter() - t0
+        if out.error:
+            raise RuntimeError(f"request {out.request_id} failed: {out.error}")
+        if out.finished:
+            return first_s, out.usage.cached_tokens
+    raise RuntimeError("the stream ended without a finished output")
+
+
+async def measure_ttft(engine, rng, id_range, prompt_tokens: int, repeats: int) -> dict:
+    """`repeats` fresh prompts, each timed cold and then again cached; medians reported."""
+    runs = []
+    for _ in range(repeats):
+        prompt = random_prompts(rng, 1, prompt_tokens, id_range)[0]
+        cold_s, cold_cached = await time_to_first_token(engine, prompt)
+        cached_s, cached = await time_to_first_token(engine, prompt)
+        runs.append(dict(cold_s=cold_s, cold_cached_tokens=cold_cached, cached_s=cached_s, cached_tokens=cached))
+    cold_s = statistics.median(r["cold_s"] for r in runs)
+    cached_s = statistics.median(r["cached_s"] for r in runs)
+    return dict(prompt_tokens=prompt_tokens, cold_s=cold_s, cached_s=cached_s,
+                cold_cached_tokens=min(r["cold_cached_tokens"] for r in runs),
+                cached_tokens=min(r["cached_tokens"] for r in runs),
+                ratio=ratio(cold_s, cached_s), target=ttft_target(prompt_tokens), runs=runs)
+
+
+async def bench_kvloom(config, args) -> dict:
+    """Start one engine; run the throughput levels, then the TTFT probes. Returns the prompts too, for HF."""
+    from engine.engine import Engine
+
+    _log("starting the engine (compiles every step shape; about a minute cold)")
+    t0 = time.perf_counter()
+    async with Engine(config) as engine:
+        if not engine.is_ready:
+            raise RuntimeError(f"the engine is not ready: {engine.state_detail}")
+        start_s = time.perf_counter() - t0
+        rng = np.random.default_rng(args.seed)
+        id_range = prompt_id_range(engine.runner.vocab_size)
+        prompt_sets = {c: random_prompts(rng, c, args.prompt_tokens, id_range) for c in args.concurrency}
+        top = max(args.concurrency)
+        _log(f"warm-up batch of {top} requests")
+        await run_batch(engine, random_prompts(rng, top, args.prompt_tokens, id_range), min(2, args.new_tokens))
+        throughput = {}
+        for c in args.concurrency:
+            throughput[c] = await run_batch(engine, prompt_sets[c], args.new_tokens)
+            _log(f"kvloom @{c}: {throughput[c]['tok_s']:.1f} tok/s")
+        ttft = []
+        for n in (args.prompt_tokens, args.long_prompt_tokens):
+            ttft.append(await measure_ttft(engine, rng, id_range, n, args.ttft_repeats))
+            _log(f"TTFT {n} tokens: cold {ttft[-1]['cold_s'] * 1e3:.1f} ms, cached {ttft[-1]['cached_s'] * 1e3:.1f} ms")
+        return dict(model=engine.model_name, source=engine.runner.source,
+                    num_parameters=engine.runner.model_config.num_parameters,
+                    engine_config=engine.status()["config"], start_s=start_s,
+                    prompt_sets=prompt_sets, throughput=throughput, ttft=ttft)
+
+
+def load_hf(source):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(gguf_file=os.path.basename(source.path)) if source.is_gguf else {}
+    return AutoModelForCausalLM.from_pretrained(source.directory, dtype=torch.float32, **kwargs).eval()
+
+
+def bench_hf(source, prompt_sets: dict[int, list[list[int]]], new_tokens: int) -> dict[int, dict]:
+    """Greedy `generate` of each concurrency's prompts as one batch (equal lengths: no padding)."""
+    import torch
+
+    _log("loading the model in transformers")
+    model = load_hf(source)
+    out = {}
+    with torch.inference_mode():
+        for c, prompts in prompt_sets.items():
+            ids = torch.tensor(prompts, dtype=torch.long)  # ids: [C, prompt_tokens]
+            gen = dict(attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None, pad_token_id=0)
+            model.generate(ids, max_new_tokens=2, min_new_tokens=2, **gen)  # warm-up
+            t0 = time.perf_counter()
+            tokens = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **gen)
+            wall_s = time.perf_counter() - t0
+            if tokens.shape != (c, ids.shape[1] + new_tokens):
+                raise RuntimeError(f"transformers generated shape {tuple(tokens.shape)} for batch {c}")
+            out[c] = dict(wall_s=wall_s, tok_s=c * new_tokens / wall_s)
+            _log(f"transformers @{c}: {out[c]['tok_s']:.1f} tok/s")
+    return out
+
+
+# ---- assembling ---------------------------------------------------------------------------------
+
+def build_report(args, ours: dict, theirs: Optional[dict], matmul: dict) -> dict:
+    throughput = []
+    for c in args.concurrency:
+        hf = theirs.get(c) if theirs else None
+        throughput.append(dict(
+            concurrency=c, num_requests=c, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+            kvloom_tok_s=ours["throughput"][c]["tok_s"], kvloom_wall_s=ours["throughput"][c]["wall_s"],
+            hf_tok_s=hf["tok_s"] if hf else None, hf_wall_s=hf["wall_s"] if hf else None,
+            ratio=ratio(ours["throughput"][c]["tok_s"], hf["tok_s"] if hf else None),
+            target=throughput_target(c)))
+    top = max(args.concurrency)
+    roof_tok_s = roofline_tokens_per_s(matmul["peak_gflops"] * 1e9, ours["num_parameters"])
+    decode_tok_s = ours["throughput"][top]["tok_s"]
+    return dict(
+        model=ours["model"], dtype="float32", num_parameters=ours["num_parameters"],
+        settings=dict(concurrency=args.concurrency, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
+                      long_prompt_tokens=args.long_prompt_tokens, ttft_repeats=args.ttft_repeats,
+                      seed=args.seed, hf=args.hf),
+        engine_config=ours["engine_config"], engine_start_s=ours["start_s"],
+        throughput=throughput, ttft=ours["ttft"], matmul=matmul,
+        roofline=dict(tok_s=roof_tok_s, concurrency=top, decode_tok_s=decode_tok_s,
+                      fraction=decode_tok_s / roof_tok_s, target=TARGETS["roofline_32"]),
+        targets=TARGETS,
+    )
+
+
+def engine_config_from_args(args):
+    from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+
+    def given(**values):
+        return {k: v for k, v in values.items() if v is not None}
+
+    scheduler = given(max_running=args.max_running or max(args.concurrency), chunk_size=args.chunk_size,
+                      max_tokens_per_step=args.max_tokens_per_step, max_prefill_seqs=args.max_prefill_seqs)
+    cache = given(page_size=args.page_size, num_pages=args.num_pages)
+    return EngineConfig(model=args.model, dtype="float32", max_model_len=args.max_model_len,
+                        scheduler=SchedulerConfig(**scheduler), cache=CacheConfig(**cache))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="checkpoint directory or .gguf file (default: SmolLM2-135M)")
+    p.add_argument("--concurrency", type=parse_int_list, default=[1, 8, 32], help="comma-separated, e.g. 1,8,32")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--long-prompt-tokens", type=int, default=1500)
+    p.add_argument("--ttft-repeats", type=int, default=3, help="fresh prompts per TTFT length (median reported)")
+    p.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure HF transformers on the same prompts")
+    p.add_argument("--json", default=None, help="write every figure to this file")
+    p.add_argument("--seed", type=int, default=0, help="numpy seed of the random prompts")
+    p.add_argument("--matmul-sizes", type=parse_int_list, default=[2048, 3072])
+    p.add_argument("--matmul-repeats", type=int, default=5)
+    p.add_argument("--jax-cache-dir", default=DEFAULT_JAX_CACHE, help="JAX persistent compilation cache")
+    engine = p.add_argument_group("engine size (default: the engine's own defaults)")
+    engine.add_argument("--max-running", type=int, default=None, help="default: the highest concurrency")
+    engine.add_argument("--max-model-len", type=int, default=None)
+    engine.add_argument("--page-size", type=int, default=None)
+    engine.add_argument("--num-pages", type=int, default=None)
+    engine.add_argument("--chunk-size", type=int, default=None)
+    engine.add_argument("--max-tokens-per-step", type=int, default=None)
+    engine.add_argument("--max-prefill-seqs", type=int, default=None)
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    for name in ("new_tokens", "prompt_tokens", "long_prompt_tokens", "ttft_repeats", "matmul_repeats"):
+        if getattr(args, name) <= 0:
+            raise SystemExit(f"--{name.replace('_', '-')}: must be positive")
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.jax_cache_dir))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+    ours = asyncio.run(bench_kvloom(engine_config_from_args(args), args))  # the engine is stopped on return
+    _log("measuring the float32 matmul peak")
+    matmul = measure_matmul_peak(args.matmul_sizes, args.matmul_repeats)
+    theirs = bench_hf(ours["source"], ours["prompt_sets"], args.new_tokens) if args.hf else None
+    report = build_report(args, ours, theirs, matmul)
+    print_report(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        _log(f"wrote {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
