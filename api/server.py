@@ -33,6 +33,7 @@ from engine.scheduler import QueueFullError
 log = logging.getLogger(__name__)
 
 ENGINE_KEY = web.AppKey("engine", Engine)
+MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 
 
@@ -53,7 +54,7 @@ async def error_middleware(request: web.Request, handler):
             raise
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status, "http_error")
         message = {404: f"no route for {request.method} {request.path}",
-                   413: f"the request body exceeds {request.app['max_body_bytes']} bytes"}.get(exc.status, exc.reason)
+                   413: f"the request body exceeds {request.app[MAX_BODY_KEY]} bytes"}.get(exc.status, exc.reason)
         engine.metrics.request_errors.labels(code).inc()
         return APIError(exc.status, message, code=code).response()
     except (asyncio.CancelledError, ConnectionResetError):
@@ -378,7 +379,7 @@ async def openapi(request: web.Request) -> web.Response:
 def create_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=max_body_bytes)
     app[ENGINE_KEY] = engine
-    app["max_body_bytes"] = max_body_bytes
+    app[MAX_BODY_KEY] = max_body_bytes
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/score", score)

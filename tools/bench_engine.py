@@ -47,7 +47,7 @@ TARGETS = {
 def parse_int_list(text: str) -> list[int]:
     values = [int(v) for v in text.split(",") if v.strip()]
     if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of positive integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
     return values
 
 
@@ -87,11 +87,14 @@ def format_value(value: Optional[float], spec: str = ".2f", suffix: str = "") ->
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
-COLUMNS = (("figure", 34, "<"), ("kvloom", 12, ">"), ("transformers", 14, ">"), ("ratio", 10, ">"), ("target", 0, "<"))
+# (name, width, alignment); the last column is free text.
+COLUMNS = (("figure", 34, "<"), ("kvloom", 12, ">"), ("transformers", 14, ">"), ("ratio", 10, ">"),
+           ("target", 0, "<"))
 
 
 def format_row(cells: Sequence[str]) -> str:
-    parts = [f"{cell:{align}{width}}" if width else f"  {cell}" for cell, (_, width, align) in zip(cells, COLUMNS)]
+    parts = [f"{cell:{align}{width}}" if width else f"  {cell}"
+             for cell, (_, width, align) in zip(cells, COLUMNS)]
     return "".join(parts).rstrip()
 
 
@@ -104,8 +107,9 @@ def table_rows(report: dict) -> list[tuple[str, str, str, str, str]]:
     for t in report["ttft"]:
         n = t["prompt_tokens"]
         rows.append((f"TTFT {n}-tok cold (ms)", format_value(t["cold_s"] * 1e3), "-", "", ""))
-        rows.append((f"TTFT {n}-tok cached (ms, {t['cached_tokens']} cached)", format_value(t["cached_s"] * 1e3),
-                     "-", format_value(t["ratio"], suffix="x"), (t["target"] + " (ratio = cold/cached)").lstrip()))
+        target = (t["target"] + " (ratio = cold/cached)").lstrip()
+        figure = f"TTFT {n}-tok cached (ms, {t['cached_tokens']} cached)"
+        rows.append((figure, format_value(t["cached_s"] * 1e3), "-", format_value(t["ratio"], suffix="x"), target))
     return rows
 
 
@@ -113,14 +117,17 @@ def roofline_lines(report: dict) -> list[str]:
     m, r = report["matmul"], report["roofline"]
     sizes = ",".join(str(n) for n in m["sizes"])
     return [
-        f"float32 matmul peak (jitted jnp.dot, n={sizes}, best of {m['repeats']}): {m['peak_gflops']:.1f} GFLOP/s",
-        f"roofline decode = peak / (2 x {report['num_parameters'] / 1e6:.1f}M params) = {r['tok_s']:.1f} tok/s",
+        f"float32 matmul peak (jitted jnp.dot, n={sizes}, best of {m['repeats']}): "
+        f"{m['peak_gflops']:.1f} GFLOP/s",
+        f"roofline decode = peak / (2 x {report['num_parameters'] / 1e6:.1f}M params) "
+        f"= {r['tok_s']:.1f} tok/s",
         f"kvloom decode @{r['concurrency']} concurrent: {r['decode_tok_s']:.1f} tok/s = "
         f"{100 * r['fraction']:.1f}% of roofline   (target: {r['target']})",
     ]
 
 
-def print_report(report: dict, file=sys.stdout) -> None:
+def print_report(report: dict, file=None) -> None:
+    file = file or sys.stdout
     print(f"\nkvloom engine benchmark: {report['model']} ({report['dtype']}, "
           f"{report['num_parameters'] / 1e6:.1f}M params)", file=file)
     for row in table_rows(report):
@@ -201,7 +208,8 @@ async def measure_ttft(engine, rng, id_range, prompt_tokens: int, repeats: int) 
         prompt = random_prompts(rng, 1, prompt_tokens, id_range)[0]
         cold_s, cold_cached = await time_to_first_token(engine, prompt)
         cached_s, cached = await time_to_first_token(engine, prompt)
-        runs.append(dict(cold_s=cold_s, cold_cached_tokens=cold_cached, cached_s=cached_s, cached_tokens=cached))
+        runs.append(dict(cold_s=cold_s, cold_cached_tokens=cold_cached,
+                         cached_s=cached_s, cached_tokens=cached))
     cold_s = statistics.median(r["cold_s"] for r in runs)
     cached_s = statistics.median(r["cached_s"] for r in runs)
     return dict(prompt_tokens=prompt_tokens, cold_s=cold_s, cached_s=cached_s,
@@ -225,7 +233,8 @@ async def bench_kvloom(config, args) -> dict:
         prompt_sets = {c: random_prompts(rng, c, args.prompt_tokens, id_range) for c in args.concurrency}
         top = max(args.concurrency)
         _log(f"warm-up batch of {top} requests")
-        await run_batch(engine, random_prompts(rng, top, args.prompt_tokens, id_range), min(2, args.new_tokens))
+        warmup_prompts = random_prompts(rng, top, args.prompt_tokens, id_range)
+        await run_batch(engine, warmup_prompts, min(2, args.new_tokens))
         throughput = {}
         for c in args.concurrency:
             throughput[c] = await run_batch(engine, prompt_sets[c], args.new_tokens)
@@ -233,7 +242,8 @@ async def bench_kvloom(config, args) -> dict:
         ttft = []
         for n in (args.prompt_tokens, args.long_prompt_tokens):
             ttft.append(await measure_ttft(engine, rng, id_range, n, args.ttft_repeats))
-            _log(f"TTFT {n} tokens: cold {ttft[-1]['cold_s'] * 1e3:.1f} ms, cached {ttft[-1]['cached_s'] * 1e3:.1f} ms")
+            cold_ms, cached_ms = ttft[-1]["cold_s"] * 1e3, ttft[-1]["cached_s"] * 1e3
+            _log(f"TTFT {n} tokens: cold {cold_ms:.1f} ms, cached {cached_ms:.1f} ms")
         return dict(model=engine.model_name, source=engine.runner.source,
                     num_parameters=engine.runner.model_config.num_parameters,
                     engine_config=engine.status()["config"], start_s=start_s,
@@ -258,7 +268,8 @@ def bench_hf(source, prompt_sets: dict[int, list[list[int]]], new_tokens: int) -
     with torch.inference_mode():
         for c, prompts in prompt_sets.items():
             ids = torch.tensor(prompts, dtype=torch.long)  # ids: [C, prompt_tokens]
-            gen = dict(attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None, pad_token_id=0)
+            gen = dict(attention_mask=torch.ones_like(ids), do_sample=False,
+                       eos_token_id=None, pad_token_id=0)
             model.generate(ids, max_new_tokens=2, min_new_tokens=2, **gen)  # warm-up
             t0 = time.perf_counter()
             tokens = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **gen)
@@ -287,8 +298,9 @@ def build_report(args, ours: dict, theirs: Optional[dict], matmul: dict) -> dict
     decode_tok_s = ours["throughput"][top]["tok_s"]
     return dict(
         model=ours["model"], dtype="float32", num_parameters=ours["num_parameters"],
-        settings=dict(concurrency=args.concurrency, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
-                      long_prompt_tokens=args.long_prompt_tokens, ttft_repeats=args.ttft_repeats,
+        settings=dict(concurrency=args.concurrency, new_tokens=args.new_tokens,
+                      prompt_tokens=args.prompt_tokens, long_prompt_tokens=args.long_prompt_tokens,
+                      ttft_repeats=args.ttft_repeats,
                       seed=args.seed, hf=args.hf),
         engine_config=ours["engine_config"], engine_start_s=ours["start_s"],
         throughput=throughput, ttft=ours["ttft"], matmul=matmul,
@@ -312,13 +324,15 @@ def engine_config_from_args(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="checkpoint directory or .gguf file (default: SmolLM2-135M)")
-    p.add_argument("--concurrency", type=parse_int_list, default=[1, 8, 32], help="comma-separated, e.g. 1,8,32")
+    p.add_argument("--concurrency", type=parse_int_list, default=[1, 8, 32],
+                   help="comma-separated, e.g. 1,8,32")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--long-prompt-tokens", type=int, default=1500)
-    p.add_argument("--ttft-repeats", type=int, default=3, help="fresh prompts per TTFT length (median reported)")
+    p.add_argument("--ttft-repeats", type=int, default=3,
+                   help="fresh prompts per TTFT length (median reported)")
     p.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
                    help="measure HF transformers on the same prompts")
     p.add_argument("--json", default=None, help="write every figure to this file")
