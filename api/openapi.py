@@ -20,7 +20,7 @@ _SAMPLING = {
     "model": {"type": "string"},
     "max_tokens": {"type": "integer", "minimum": 1},
     "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+    "top_p": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1},
     "n": {"type": "integer", "minimum": 1, "maximum": MAX_N},
     "stream": {"type": "boolean"},
     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}},
@@ -31,9 +31,9 @@ _SAMPLING = {
     "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
     "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
     "user": {"type": "string"},
-    "top_k": {"type": "integer", "minimum": -1},
+    "top_k": {"type": "integer", "minimum": -1, "maximum": 2**31 - 1},
     "min_p": {"type": "number", "minimum": 0, "maximum": 1},
-    "repetition_penalty": {"type": "number", "exclusiveMinimum": 0, "maximum": 100},
+    "repetition_penalty": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 100},
     "ignore_eos": {"type": "boolean"},
     "stop_token_ids": _TOKEN_IDS,
 }
@@ -65,10 +65,13 @@ def openapi_spec(model_name: str) -> dict:
             "top_logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS},
         }),
     }
+    text_or_ids = {"oneOf": [{"type": "string", "minLength": 1}, dict(_TOKEN_IDS, minItems=1)]}
     score = {
-        "type": "object",
-        "properties": {"model": {"type": "string"}, "query": {}, "items": {},
-                       "label_token_ids": _TOKEN_IDS, "apply_softmax": {"type": "boolean"},
+        "type": "object", "additionalProperties": False, "required": ["query", "label_token_ids"],
+        "properties": {"model": {"type": "string"}, "query": text_or_ids,
+                       "items": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
+                                           {"type": "array", "items": _TOKEN_IDS}]},
+                       "label_token_ids": dict(_TOKEN_IDS, minItems=1), "apply_softmax": {"type": "boolean"},
                        "item_first": {"type": "boolean"}},
     }
 

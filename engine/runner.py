@@ -45,6 +45,12 @@ def _forward_logits(params, kv, step, *, cfg, page_size):
     return llama.logits_from_hidden(params, h, cfg=cfg), kv
 
 
+def _label_logprobs(logits, label_ids):
+    # logits: [S, V]; label_ids: [S, K] (padding -1) -> [S, K] log-probabilities under the full vocabulary
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    return jnp.take_along_axis(logprobs, jnp.maximum(label_ids, 0), axis=-1)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, plan: BucketPlan):
         t0 = time.perf_counter()
@@ -61,6 +67,8 @@ class ModelRunner:
         self.kv = llama.init_kv_cache(cfg, self.num_pages, self.page_size, dtype)
         self._forward = jax.jit(partial(_forward_logits, cfg=cfg, page_size=self.page_size), donate_argnums=(1,))
         self._sample = jax.jit(sample)
+        self._labels = jax.jit(_label_logprobs)
+        self.max_label_tokens = config.scoring.max_label_tokens
 
     def _num_pages(self, config: EngineConfig) -> int:
         cache = config.cache
@@ -80,19 +88,20 @@ class ModelRunner:
     @property
     def num_compiled(self) -> int:
         """Compiled executables so far (the forward's buckets plus the sampler's)."""
-        return self._forward._cache_size() + self._sample._cache_size()
+        return self._forward._cache_size() + self._sample._cache_size() + self._labels._cache_size()
 
     # ---- arrays ---------------------------------------------------------------------------------
 
     def _step_input(self, shape: StepShape, batch: Optional[ScheduledBatch]):
+        if shape.is_score:
+            return self._score_input(shape, batch)
         d, r, q = shape.num_decode_rows, shape.num_prefill_rows, shape.prefill_len
-        ps, width = self.page_size, self.pages_per_seq
+        width = self.pages_per_seq
         num_tokens = shape.num_tokens
-        num_logits = self.plan.logits_rows(shape.num_rows)
         ids = np.zeros(num_tokens, np.int32)
         pos = np.zeros(num_tokens, np.int32)
         slots = np.zeros(num_tokens, np.int32)  # padding writes page 0
-        logits_idx = np.zeros(num_logits, np.int32)
+        logits_idx = np.zeros(self.plan.logits_rows(shape), np.int32)
         tables = [np.zeros((d, width), np.int32), np.zeros((r, width), np.int32)]
         past = [np.zeros(d, np.int32), np.zeros(r, np.int32)]
         new = [np.zeros(d, np.int32), np.zeros(r, np.int32)]
@@ -110,6 +119,39 @@ class ModelRunner:
         if r:
             segments.append(llama.Segment(tables[1], past[1], new[1], q))
         return llama.StepInput(ids, pos, slots, logits_idx, tuple(segments))
+
+    def _score_input(self, shape: StepShape, batch: Optional[ScheduledBatch]):
+        """Score rows: items extend the shared query with positions restarting at past_len; their KV is
+        never kept (written to the padding page); segment ids keep packed items apart."""
+        r, q = shape.num_prefill_rows, shape.prefill_len
+        ids = np.zeros(r * q, np.int32)
+        pos = np.zeros(r * q, np.int32)
+        segment_ids = np.full((r, q), -1, np.int32)
+        table = np.zeros((r, self.pages_per_seq), np.int32)
+        past, new = np.zeros(r, np.int32), np.zeros(r, np.int32)
+        logits_idx = np.zeros(self.plan.logits_rows(shape), np.int32)
+        k = 0
+        for j, row in enumerate(batch.score_rows if batch is not None else ()):
+            table[j, :len(row.page_ids)] = row.page_ids
+            past[j] = row.past_len
+            offset = 0
+            for segment, (_, tokens) in enumerate(row.items):
+                n, base = len(tokens), j * q + offset
+                ids[base:base + n] = tokens
+                pos[base:base + n] = row.past_len + np.arange(n)
+                segment_ids[j, offset:offset + n] = segment
+                logits_idx[k] = base + n - 1
+                offset += n
+                k += 1
+            new[j] = offset
+        segment = llama.Segment(table, past, new, q, segment_ids)
+        return llama.StepInput(ids, pos, np.zeros(r * q, np.int32), logits_idx, (segment,))
+
+    def _label_ids(self, num_logits: int, rows: list[tuple[int, tuple[int, ...]]]) -> np.ndarray:
+        label_ids = np.full((num_logits, self.max_label_tokens), -1, np.int32)
+        for i, labels in rows:
+            label_ids[i, :len(labels)] = labels
+        return label_ids
 
     def _fill(self, row: ScheduledRow, index, base, table, past, new, ids, pos, slots):
         n, ps = len(row.token_ids), self.page_size
@@ -131,7 +173,8 @@ class ModelRunner:
         any_penalties = any(row.params.has_penalties for _, row in rows)
         for i, row in rows:
             sp = row.params
-            temperature[i], top_p[i], min_p[i], top_k[i] = sp.temperature, sp.top_p, sp.min_p, sp.top_k
+            temperature[i], top_p[i], min_p[i] = sp.temperature, sp.top_p, sp.min_p
+            top_k[i] = sp.top_k if sp.top_k < self.vocab_size else 0  # k >= vocabulary: no filter
             rep[i], freq[i], pres[i] = sp.repetition_penalty, sp.frequency_penalty, sp.presence_penalty
             seeds[i] = (row.seed ^ (row.seed >> 32)) & 0xFFFFFFFF
             counters[i] = row.num_output_tokens
@@ -156,27 +199,40 @@ class ModelRunner:
     def step(self, batch: ScheduledBatch) -> StepResult:
         shape = batch.shape
         step = self._step_input(shape, batch)
+        num_logits = len(step.logits_indices)
+        if shape.is_score:
+            logits, self.kv = self._forward(self.params, self.kv, step)
+            items = [row.label_ids for row in batch.score_rows for _ in row.items]
+            labels = self._labels(logits, self._label_ids(num_logits, list(enumerate(items))))
+            return StepResult(batch.step_id, np.zeros(0, np.int64), label_logprobs=np.asarray(labels)[:len(items)])
         d = shape.num_decode_rows
         positions = list(range(len(batch.decode_rows))) + [d + j for j in range(len(batch.prefill_rows))]
         sampled = [(i, row) for i, row in zip(positions, batch.rows) if row.sample]
-        sampling = self._sampling_input(len(step.logits_indices), sampled)
+        sampling = self._sampling_input(num_logits, sampled)
         logits, self.kv = self._forward(self.params, self.kv, step)
         out = self._sample(logits, sampling)
         index = np.asarray(positions, np.int64)
+        label_rows = [(i, row.label_ids) for i, row in zip(positions, batch.rows) if row.label_ids]
+        labels = None
+        if label_rows:
+            labels = np.asarray(self._labels(logits, self._label_ids(num_logits, label_rows)))[index]
         tokens = np.asarray(out.token_ids)[index]
         if not bool(sampling.any_logprobs):
-            return StepResult(batch.step_id, tokens)
-        return StepResult(batch.step_id, tokens, np.asarray(out.logprobs)[index],
-                          np.asarray(out.top_ids)[index], np.asarray(out.top_logprobs)[index])
+            return StepResult(batch.step_id, tokens, label_logprobs=labels)
+        return StepResult(batch.step_id, tokens, np.asarray(out.logprobs)[index], np.asarray(out.top_ids)[index],
+                          np.asarray(out.top_logprobs)[index], label_logprobs=labels)
 
     def warmup(self) -> int:
-        """Compile every step shape and sampler bucket; returns the number of compiled executables."""
-        sampler_rows = set()
+        """Compile every step shape, sampler and label bucket; returns the number of compiled executables."""
+        label_rows, sampler_rows = set(), set()
         for shape in self.plan.all_shapes():
             step = self._step_input(shape, None)
             logits, self.kv = self._forward(self.params, self.kv, step)
             num_logits = len(step.logits_indices)
-            if num_logits not in sampler_rows:
+            if num_logits not in label_rows:
+                label_rows.add(num_logits)
+                jax.block_until_ready(self._labels(logits, self._label_ids(num_logits, [])))
+            if not shape.is_score and num_logits not in sampler_rows:
                 sampler_rows.add(num_logits)
                 jax.block_until_ready(self._sample(logits, self._sampling_input(num_logits, [])))
         jax.block_until_ready(self.kv)

@@ -40,6 +40,7 @@ from engine.config import SchedulerConfig
 from engine.pages import PageAllocator
 from engine.radix_cache import PrefixCache
 from engine.request import FinishReason, Request, RequestState, SamplingParams, TokenLogprob
+from engine.scoring import pack_items
 
 LPM_WINDOW = 64  # waiting requests the lpm policy looks at per pick
 
@@ -63,6 +64,19 @@ class ScheduledRow:
     num_output_tokens: int  # the sampling counter: the same seed and count give the same draw
     penalty_prompt_ids: tuple[int, ...] = ()  # filled only when params.has_penalties
     penalty_output_ids: tuple[int, ...] = ()
+    label_ids: tuple[int, ...] = ()  # a scoring prefill ending here: its last logits give label logprobs
+
+
+@dataclass(frozen=True)
+class ScoreRow:
+    """Items of one scoring request extending its computed query (positions restart at past_len)."""
+
+    request_id: str
+    version: int
+    page_ids: tuple[int, ...]
+    past_len: int
+    items: tuple[tuple[int, tuple[int, ...]], ...]  # (item index, token ids)
+    label_ids: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -71,6 +85,7 @@ class ScheduledBatch:
     shape: StepShape
     decode_rows: tuple[ScheduledRow, ...]
     prefill_rows: tuple[ScheduledRow, ...]
+    score_rows: tuple[ScoreRow, ...] = ()
 
     @property
     def rows(self) -> tuple[ScheduledRow, ...]:
@@ -78,7 +93,8 @@ class ScheduledBatch:
 
     @property
     def num_tokens(self) -> int:
-        return sum(len(r.token_ids) for r in self.rows)
+        items = sum(len(t) for r in self.score_rows for _, t in r.items)
+        return sum(len(r.token_ids) for r in self.rows) + items
 
 
 @dataclass(frozen=True)
@@ -90,6 +106,8 @@ class StepResult:
     logprobs: Optional[np.ndarray] = None  # [num_rows] float
     top_ids: Optional[np.ndarray] = None  # [num_rows, k] int
     top_logprobs: Optional[np.ndarray] = None  # [num_rows, k] float
+    # Label logprobs: per row with label_ids (generation steps), or per item in order (score steps).
+    label_logprobs: Optional[np.ndarray] = None  # [n, max labels]
 
 
 class Scheduler:
@@ -103,6 +121,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._step_ids = itertools.count()
         self.num_preemptions = 0
+        self._last_was_score = False
 
     # ---- queues -------------------------------------------------------------------------------
 
@@ -171,6 +190,8 @@ class Scheduler:
         self.running.remove(request)
         self._release(request)
         request.num_computed_tokens = 0
+        if request.score is not None and request.score.items:
+            self._preempt_score_items(request)
         request.version += 1
         request.num_preemptions += 1
         request.state = RequestState.WAITING
@@ -180,10 +201,62 @@ class Scheduler:
     # ---- one step -----------------------------------------------------------------------------
 
     def schedule(self) -> Optional[ScheduledBatch]:
+        """The next step: score steps alternate with generation steps while both kinds have work."""
+        has_scoring = any(r.has_items_to_score for r in self.running)
+        if has_scoring and (not self._last_was_score or not self._has_generation_work()):
+            self._last_was_score = True
+            return self._schedule_score()
+        self._last_was_score = False
+        batch = self._schedule_generation()
+        if batch is None and has_scoring:
+            self._last_was_score = True
+            return self._schedule_score()
+        return batch
+
+    def _has_generation_work(self) -> bool:
+        return bool(self.waiting) or any(not r.has_items_to_score for r in self.running)
+
+    def _schedule_score(self) -> ScheduledBatch:
+        """Items of running scoring requests (oldest first), as many as one score shape holds:
+        packed, several items per row (one row); batched, one item per row."""
+        plan = self.plan
+        packed = plan.score_shapes[-1][0] == 1
+        rows: list[ScoreRow] = []
+        num_items, longest = 0, 0
+        for request in self.running:
+            if not request.has_items_to_score:
+                continue
+            task = request.score
+            chosen = []
+            if packed:
+                chosen = pack_items(task.items, task.next_item, plan.score_shapes[-1][1],
+                                    plan.score_logits_rows - num_items)
+                groups = [chosen] if chosen else []
+            else:
+                for index in range(task.next_item, len(task.items)):
+                    n = max(longest, len(task.items[index]))
+                    if num_items + len(chosen) >= plan.score_logits_rows or \
+                            plan.score_shape(len(rows) + len(chosen) + 1, n) is None:
+                        break
+                    chosen.append(index)
+                    longest = n
+                groups = [[i] for i in chosen]
+            for group in groups:
+                rows.append(ScoreRow(request.request_id, request.version, tuple(request.pages),
+                                     request.num_computed_tokens, tuple((i, task.items[i]) for i in group),
+                                     task.label_ids))
+            task.next_item += len(chosen)
+            num_items += len(chosen)
+            if packed or not chosen or task.next_item < len(task.items):
+                break  # the shape is full
+        row_len = max(sum(len(t) for _, t in row.items) for row in rows)
+        return ScheduledBatch(next(self._step_ids), plan.score_shape(len(rows), row_len), (), (), tuple(rows))
+
+    def _schedule_generation(self) -> Optional[ScheduledBatch]:
         budget = self.config.max_tokens_per_step
         decodes: list[Request] = []
         for request in list(self.running):
-            if request.state is not RequestState.RUNNING or request.is_prefilling:
+            if not request.is_decoding:
                 continue
             while not self._grow(request, request.num_computed_tokens + 1):
                 victim = self.running[-1]
@@ -271,22 +344,33 @@ class Scheduler:
     def _row(self, request: Request, n: int) -> ScheduledRow:
         start = request.num_computed_tokens
         params = request.params
+        ends = start + n == request.num_tokens
+        scores_prompt = request.score is not None and not request.score.items
         return ScheduledRow(
             request_id=request.request_id,
             version=request.version,
             token_ids=request.tokens(start, start + n),
             start_pos=start,
             page_ids=tuple(request.pages[:self._num_pages_for(start + n)]),
-            sample=start + n == request.num_tokens,
+            sample=ends and request.score is None,
             params=params,
             seed=request.seed,
             num_output_tokens=len(request.output_ids),
             penalty_prompt_ids=request.prompt_ids if params.has_penalties else (),
             penalty_output_ids=tuple(request.output_ids) if params.has_penalties else (),
+            label_ids=request.score.label_ids if ends and scores_prompt else (),
         )
 
+    def _live(self, request_id: str, version: int) -> Optional[Request]:
+        request = self.requests.get(request_id)
+        if request is None or request.version != version or request.state is not RequestState.RUNNING:
+            return None
+        return request
+
     def apply(self, batch: ScheduledBatch, result: StepResult) -> list[Request]:
-        """Apply a step's result; returns the requests that got a new token (some now finished)."""
+        """Apply a step's result; returns the requests that got a new token or finished scoring."""
+        if batch.score_rows:
+            return self._apply_score(batch, result)
         updated = []
         now = time.monotonic()
         for i, row in enumerate(batch.rows):
@@ -298,6 +382,10 @@ class Scheduler:
             request.num_computed_tokens += len(row.token_ids)
             if not prompt_was_done and request.num_computed_tokens >= len(request.prompt_ids):
                 self._cache_computed(request)  # later requests with this prompt prefix reuse it now
+            if row.label_ids:
+                request.score.label_logprobs[0] = result.label_logprobs[i, :len(row.label_ids)].tolist()
+                self.finish(request, FinishReason.STOP)
+                updated.append(request)
             if not row.sample:
                 continue
             token = int(result.token_ids[i])
@@ -312,6 +400,24 @@ class Scheduler:
             self._check_finish(request, token)
             updated.append(request)
         return updated
+
+    def _apply_score(self, batch: ScheduledBatch, result: StepResult) -> list[Request]:
+        updated, k = [], 0
+        for row in batch.score_rows:
+            request = self._live(row.request_id, row.version)
+            for index, _ in row.items:
+                if request is not None:
+                    request.score.label_logprobs[index] = result.label_logprobs[k, :len(row.label_ids)].tolist()
+                k += 1
+            if request is not None and request.score.is_done and not request.is_finished:
+                self.finish(request, FinishReason.STOP)
+                updated.append(request)
+        return updated
+
+    def _preempt_score_items(self, request: Request) -> None:
+        """A preempted scoring request recomputes its query; items not yet scored are scheduled again."""
+        task = request.score
+        task.next_item = next((i for i, v in enumerate(task.label_logprobs) if v is None), len(task.items))
 
     def _check_finish(self, request: Request, token: int) -> None:
         params = request.params

@@ -15,8 +15,10 @@ Shapes (one step):
     page_table:       [B, P] int32   page ids of each sequence, in position order
     past_lens:        [B] int32      tokens already in the cache before this step
 
-New token i of a row sees every past token and new tokens 0..i. A padding row
-(new_lens 0) returns zeros. Grouped-query attention: head h reads kv head
+New token i of a row sees every past token and new tokens 0..i. With
+`segment_ids` ([B, Q] int32) a row packs several independent extensions of the
+same past (multi-item scoring): token i then sees new token j only when j <= i
+and both carry the same segment id. A padding row (new_lens 0) returns zeros. Grouped-query attention: head h reads kv head
 h // (H // KVH).
 
 `prefix_extend_attention_reference` is the pure-jnp definition: it gathers the
@@ -44,13 +46,16 @@ def _gather_pages(cache, table, layer):
     return cache[table] if layer is None else cache[layer, table]  # [B, n, ps, KVH, D]
 
 
-def _new_mask(new_lens, qn):
+def _new_mask(new_lens, qn, segment_ids=None):
     i = jnp.arange(qn)
-    return (i[None, :] <= i[:, None])[None] & (i[None, None, :] < new_lens[:, None, None])  # [B, Q, Q]
+    mask = (i[None, :] <= i[:, None])[None] & (i[None, None, :] < new_lens[:, None, None])  # [B, Q, Q]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return mask
 
 
 def prefix_extend_attention_reference(q, k_new, v_new, new_lens, k_cache, v_cache, page_table, past_lens,
-                                      *, scale, layer=None):
+                                      *, scale, layer=None, segment_ids=None):
     """Pure-jnp definition; returns [B, Q, H, D] in q's dtype."""
     b, qn, h, d = q.shape
     page_size, kvh = k_cache.shape[-3], k_cache.shape[-2]
@@ -60,7 +65,7 @@ def prefix_extend_attention_reference(q, k_new, v_new, new_lens, k_cache, v_cach
     k = jnp.concatenate([k_past, k_new], axis=1).astype(jnp.float32)  # [B, S + Q, KVH, D]
     v = jnp.concatenate([v_past, v_new], axis=1).astype(jnp.float32)
     past_mask = jnp.broadcast_to(jnp.arange(num_past)[None, None, :] < past_lens[:, None, None], (b, qn, num_past))
-    mask = jnp.concatenate([past_mask, _new_mask(new_lens, qn)], axis=-1)  # [B, Q, S + Q]
+    mask = jnp.concatenate([past_mask, _new_mask(new_lens, qn, segment_ids)], axis=-1)  # [B, Q, S + Q]
     mask = mask & (jnp.arange(qn)[None, :, None] < new_lens[:, None, None])
     scores = jnp.einsum("bqkgd,bskd->bkgqs", _group(q, kvh).astype(jnp.float32), k) * scale
     scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
@@ -70,7 +75,7 @@ def prefix_extend_attention_reference(q, k_new, v_new, new_lens, k_cache, v_cach
 
 
 def prefix_extend_attention(q, k_new, v_new, new_lens, k_cache, v_cache, page_table, past_lens,
-                            *, scale, layer=None, block_pages=None):
+                            *, scale, layer=None, segment_ids=None, block_pages=None):
     """Blocked variant with an online softmax; same contract as the reference."""
     b, qn, h, d = q.shape
     page_size, kvh = k_cache.shape[-3], k_cache.shape[-2]
@@ -79,7 +84,7 @@ def prefix_extend_attention(q, k_new, v_new, new_lens, k_cache, v_cache, page_ta
 
     # The new tokens first: they seed the running max, sum and accumulator.
     s = jnp.einsum("bqkgd,bskd->bkgqs", qg, k_new.astype(jnp.float32))  # [B, KVH, G, Q, Q]
-    mask = _new_mask(new_lens, qn)[:, None, None]
+    mask = _new_mask(new_lens, qn, segment_ids)[:, None, None]
     s = jnp.where(mask, s, _NEG_INF)
     m = jnp.max(s, axis=-1)  # [B, KVH, G, Q]
     p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)

@@ -51,6 +51,10 @@ class FakeRunner:
         self.batches.append(batch)
         if self.before_step is not None:
             self.before_step(batch)
+        if batch.score_rows:
+            items = [(row.label_ids, t) for row in batch.score_rows for _, t in row.items]
+            return StepResult(batch.step_id, np.zeros(0, np.int64),
+                              label_logprobs=np.array([fake_label_logprobs(labels, toks) for labels, toks in items]))
         tokens = []
         for row in batch.rows:
             if row.params.temperature > 0:
@@ -62,8 +66,19 @@ class FakeRunner:
         n = len(tokens)
         k = 20
         top_ids = np.tile(np.arange(k), (n, 1))
+        labels = np.zeros((n, 32))
+        for i, row in enumerate(batch.rows):
+            if row.label_ids:
+                labels[i, :len(row.label_ids)] = fake_label_logprobs(row.label_ids, row.token_ids)
         return StepResult(batch.step_id, np.asarray(tokens, np.int64), np.full(n, -0.5),
-                          top_ids, np.full((n, k), -1.0))
+                          top_ids, np.full((n, k), -1.0), label_logprobs=labels)
+
+
+def fake_label_logprobs(labels, tokens) -> np.ndarray:
+    """A scoring row's label logprobs: depends on the label and the last token only."""
+    out = np.zeros(32)
+    out[:len(labels)] = [-1.0 - (label % 5) - 0.001 * tokens[-1] for label in labels]
+    return out
 
 
 def fake_greedy(prompt: list[int], max_tokens: int, vocab_size: int) -> list[int]:

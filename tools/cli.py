@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain-timeout", type=float, default=30.0,
                        help="seconds in-flight requests get to finish on SIGINT/SIGTERM")
     serve.set_defaults(func=cmd_serve)
+
+    from tools.bench import add_bench_args
+
+    bench = sub.add_parser("bench", help="load-test an OpenAI-compatible server: latency, throughput, SLOs")
+    add_bench_args(bench)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -107,6 +113,12 @@ def cmd_serve(args) -> int:
 
     uvloop.run(main())
     return 0
+
+
+def cmd_bench(args) -> int:
+    from tools.bench import main_from_args
+
+    return main_from_args(args)
 
 
 def main(argv=None) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -106,6 +107,7 @@ class Segment:
     past_lens: jax.Array  # [B] int32, tokens already in the cache
     new_lens: jax.Array  # [B] int32, real tokens of this step (<= num_query_tokens)
     num_query_tokens: int = field(metadata=dict(static=True))
+    segment_ids: Optional[jax.Array] = None  # [B, Q] int32: packed independent extensions (scoring)
 
 
 @jax.tree_util.register_dataclass
@@ -201,7 +203,8 @@ def forward(params, kv_cache, step: StepInput, *, cfg: ModelConfig, page_size: i
                 q[offset:offset + n].reshape(rows, qn, nh, hd),
                 k[offset:offset + n].reshape(rows, qn, nkv, hd),
                 v[offset:offset + n].reshape(rows, qn, nkv, hd),
-                seg.new_lens, k_pages, v_pages, seg.page_table, seg.past_lens, scale=scale, layer=index)
+                seg.new_lens, k_pages, v_pages, seg.page_table, seg.past_lens, scale=scale, layer=index,
+                segment_ids=seg.segment_ids)
             outs.append(o.reshape(n, nh * hd))
             offset += n
         attn = jnp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]  # [T, H*D]
