@@ -407,7 +407,41 @@ async def openapi(request: web.Request) -> web.Response:
     return _json(openapi_spec(request.app[ENGINE_KEY].model_name))
 
 
-def create_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> web.Application:
+async def admin_restart(request: web.Request) -> web.Response:
+    """Rebuild the engine in place (off unless the app was built with enable_admin)."""
+    engine = request.app[ENGINE_KEY]
+    try:
+        await engine.restart()
+    except RuntimeError as exc:
+        raise APIError(409, str(exc), code="restart_refused") from None
+    return _json(engine.status(), status=200 if engine.is_ready else 503)
+
+
+async def admin_faults(request: web.Request) -> web.Response:
+    """Arm a fault: {"kind": ..., "after_steps": N, "request_id": ...}, or {"kind": "clear"}."""
+    engine = request.app[ENGINE_KEY]
+    if engine.faults is None:
+        raise APIError(404, "fault injection is off (start with --enable-fault-injection)", code="not_found")
+    body = await _read_json(request)
+    if not isinstance(body, dict) or not isinstance(body.get("kind"), str):
+        raise errors.invalid("kind", "required: a fault kind or \"clear\"", "missing_field")
+    if body["kind"] == "clear":
+        engine.faults.clear()
+    else:
+        after = body.get("after_steps", 0)
+        if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+            raise errors.invalid("after_steps", "must be a non-negative integer", "invalid_type")
+        try:
+            engine.faults.arm(body["kind"], after, body.get("request_id"))
+        except ValueError as exc:
+            raise errors.from_value_error(exc) from None
+    return _json({"armed": body["kind"], "fired": engine.faults.num_fired})
+
+
+def create_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               enable_admin: bool = False) -> web.Application:
+    """The app for `engine`. enable_admin adds POST /admin/restart and, when the engine has a fault
+    injector, POST /admin/faults."""
     app = web.Application(middlewares=[error_middleware], client_max_size=max_body_bytes)
     app[ENGINE_KEY] = engine
     app[MAX_BODY_KEY] = max_body_bytes
@@ -421,6 +455,9 @@ def create_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) 
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
+    if enable_admin:
+        app.router.add_post("/admin/restart", admin_restart)
+        app.router.add_post("/admin/faults", admin_faults)
     return app
 
 
@@ -435,9 +472,10 @@ async def start_server(app: web.Application, host: str = "127.0.0.1", port: int 
     return runner, f"http://{host}:{bound}"
 
 
-async def serve(engine: Engine, host: str, port: int, drain_timeout: float = 30.0) -> None:
+async def serve(engine: Engine, host: str, port: int, drain_timeout: float = 30.0,
+                enable_admin: bool = False) -> None:
     """Serve until SIGINT/SIGTERM, then drain in-flight requests (bounded) and stop."""
-    app = create_app(engine)
+    app = create_app(engine, enable_admin=enable_admin)
     runner, url = await start_server(app, host, port)
     log.info("kvloom listening on %s (model %s)", url, engine.config.model or "default")
     print(f"kvloom: listening on {url}", flush=True)

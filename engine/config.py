@@ -223,6 +223,9 @@ class EngineConfig:
     max_model_len: Optional[int] = None  # None: min(model's max positions, 4096)
     seed: int = 0
     warmup: bool = True
+    step_timeout_s: float = 120.0  # the watchdog: a step running longer fails the engine
+    max_restarts: int = 0  # automatic restarts after a failure (0: stay FAILED until restart())
+    restart_backoff_s: float = 1.0  # first automatic restart after this long, doubling each time
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
@@ -230,6 +233,10 @@ class EngineConfig:
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not self.step_timeout_s > 0:
+            raise ConfigError(f"step_timeout_s: must be positive, got {self.step_timeout_s}")
+        if self.max_restarts < 0 or self.restart_backoff_s < 0:
+            raise ConfigError("max_restarts, restart_backoff_s: must not be negative")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ConfigError(f"max_model_len: must be positive, got {self.max_model_len}")
 

@@ -32,6 +32,7 @@ from typing import AsyncIterator, Callable, Optional, Sequence, Union
 from engine.buckets import BucketPlan
 from engine.config import EngineConfig
 from engine.executor import ComputeThread
+from engine.faults import FaultInjector, FaultyRunner, RowError
 from engine.metrics import EngineMetrics
 from engine.pages import PageAllocator
 from engine.radix_cache import make_prefix_cache
@@ -72,8 +73,12 @@ def _default_runner(config: EngineConfig, plan: BucketPlan):
 
 class Engine:
     def __init__(self, config: Optional[EngineConfig] = None, *,
-                 runner_factory: Callable = _default_runner, warmup_gate: Optional[asyncio.Event] = None):
+                 runner_factory: Callable = _default_runner, warmup_gate: Optional[asyncio.Event] = None,
+                 faults: Optional[FaultInjector] = None):
         self.config = config or EngineConfig()
+        self.faults = faults  # fault injection: None (the default) leaves the runner unwrapped
+        self.num_restarts = 0
+        self._restart_task: Optional[asyncio.Task] = None
         self.plan = BucketPlan.from_config(self.config.scheduler, self.config.scoring)
         self._runner_factory = runner_factory
         self._warmup_gate = warmup_gate  # tests hold warm-up open with it
@@ -126,7 +131,7 @@ class Engine:
         self._set_state(EngineState.STARTING, "loading the model")
         self._compute = ComputeThread(name=f"kvloom-compute-{id(self):x}")
         try:
-            self.runner = await self._compute.run(self._runner_factory, self.config, self.plan)
+            self.runner = await self._compute.run(self._make_runner)
             self.tokenizer = await self._compute.run(
                 Tokenizer.load, self.runner.source, self.runner.model_config.eos_token_ids)
         except BaseException:
@@ -136,6 +141,60 @@ class Engine:
         self._build_state()
         self._loop_task = asyncio.get_running_loop().create_task(self._run_loop(), name="kvloom-engine-loop")
         await self._warm_up()
+
+    def _make_runner(self, previous=None):
+        """On the compute thread: a new runner, or a fresh one sharing `previous`'s weights."""
+        runner = previous.fresh() if previous is not None else self._runner_factory(self.config, self.plan)
+        return FaultyRunner(runner, self.faults) if self.faults is not None else runner
+
+    async def restart(self) -> None:
+        """Rebuild in place after a failure (or at any time): every unfinished request ends with an
+        explicit error; a new compute thread, runner and KV cache (the weights are kept); warm-up; READY."""
+        if self.state in (EngineState.STOPPED, EngineState.STOPPING, EngineState.STARTING,
+                          EngineState.WARMING) or self.runner is None:
+            raise RuntimeError(f"restart: the engine is {self.state.value}")
+        self._set_state(EngineState.STARTING, "restarting")
+        self._fail_all("the engine is restarting")
+        await self._cancel_loop()
+        previous = getattr(self.runner, "_runner", self.runner)  # past the fault wrapper
+        self._compute.close()  # a hung step keeps the old thread; it exits when the step returns
+        self._compute = ComputeThread(name=f"kvloom-compute-{id(self):x}")
+        try:
+            self.runner = await self._compute.run(self._make_runner, previous)
+        except Exception as exc:  # noqa: BLE001
+            self._set_state(EngineState.FAILED, f"restart failed: {type(exc).__name__}: {exc}")
+            raise
+        self.num_restarts += 1
+        self._build_state()
+        self._loop_task = asyncio.get_running_loop().create_task(self._run_loop(), name="kvloom-engine-loop")
+        await self._warm_up()
+
+    async def _cancel_loop(self) -> None:
+        if self._loop_task is not None and self._loop_task is not asyncio.current_task():
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        self._loop_task = None
+
+    def _fail(self, detail: str) -> None:
+        """The engine cannot go on: FAILED, every request told, and maybe an automatic restart."""
+        log.error("engine failed: %s", detail)
+        self._set_state(EngineState.FAILED, detail)
+        self._fail_all(f"the engine failed: {detail}")
+        attempt = self.num_restarts
+        if attempt < self.config.max_restarts:
+            delay = self.config.restart_backoff_s * (2 ** attempt)
+            self._restart_task = asyncio.get_running_loop().create_task(self._restart_later(delay))
+
+    async def _restart_later(self, delay: float) -> None:
+        await asyncio.sleep(delay)  # backoff before an automatic restart
+        if self.state is EngineState.FAILED:
+            try:
+                await self.restart()
+            except Exception:  # noqa: BLE001 - stays FAILED; the state says why
+                log.exception("automatic restart failed")
 
     def _build_state(self) -> None:
         runner = self.runner
@@ -153,9 +212,10 @@ class Engine:
                 await self._compute.run(self.runner.warmup)
             self.state_detail = "round-tripping one request"
             prompt = [t for t in range(min(8, self.runner.vocab_size))]
-            async for _ in self._generate(prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
-                                          None, "warmup"):
-                pass
+            async for out in self._generate(prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
+                                            None, "warmup"):
+                if out.error:
+                    raise EngineUnavailableError(out.error)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - reported in state_detail
@@ -189,13 +249,10 @@ class Engine:
         self._stopping = True
         self._set_state(EngineState.STOPPING, "stopping")
         self._fail_all("the engine is stopping")
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            try:
-                await self._loop_task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
-            self._loop_task = None
+        if self._restart_task is not None:
+            self._restart_task.cancel()
+            self._restart_task = None
+        await self._cancel_loop()
         if self._compute is not None and not await self._compute.aclose(timeout):
             log.warning("the compute thread is still busy after %.1fs; leaving it behind", timeout)
         self.runner = None
@@ -349,13 +406,20 @@ class Engine:
                 await self._wakeup.wait()
                 continue
             try:
-                result = await self._compute.run(self.runner.step, batch)
+                result = await self._compute.run(self.runner.step, batch, timeout=self.config.step_timeout_s)
             except asyncio.CancelledError:
                 raise
+            except RowError as exc:  # some rows were refused: those requests fail alone
+                self.scheduler.discard(batch)
+                failed = [self.scheduler.abort(rid, FinishReason.ERROR, error=str(exc)) for rid in exc.request_ids]
+                self._emit([r for r in failed if r is not None])
+                continue
+            except asyncio.TimeoutError:
+                self._fail(f"a step ran past the watchdog timeout of {self.config.step_timeout_s:g}s")
+                return
             except Exception as exc:  # noqa: BLE001 - the engine fails loudly, every request is told
                 log.exception("engine step failed")
-                self._set_state(EngineState.FAILED, f"step failed: {type(exc).__name__}: {exc}")
-                self._fail_all(f"the engine failed: {type(exc).__name__}: {exc}")
+                self._fail(f"step failed: {type(exc).__name__}: {exc}")
                 return
             self.metrics.steps.inc()
             self._emit(self.scheduler.apply(batch, result))
@@ -465,4 +529,5 @@ class Engine:
             "kv_cache_usage": live["kv_cache_usage_ratio"],
             "prefix_cache_hit_rate": cache.hit_rate if cache else 0.0,
             "num_preemptions": live["num_preemptions"],
+            "num_restarts": self.num_restarts,
         }

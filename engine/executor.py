@@ -17,6 +17,10 @@ class ComputeThreadDead(RuntimeError):
     """The compute thread is gone; nothing submitted to it will run."""
 
 
+class KillComputeThread(BaseException):
+    """Raised inside a job, ends the compute thread (fault injection: a thread that dies)."""
+
+
 def _resolve(future: asyncio.Future, ok: bool, value: Any) -> None:
     if future.done():  # cancelled by the awaiting side
         return
@@ -61,8 +65,11 @@ class ComputeThread:
             if fn is None:
                 loop.call_soon_threadsafe(_resolve, future, True, None)
                 return
+            dying = False
             try:
                 value, ok = fn(*args), True
+            except KillComputeThread as exc:
+                value, ok, dying = ComputeThreadDead(f"the compute thread died: {exc}"), False, True
             except BaseException as exc:  # noqa: BLE001 - every failure goes back to the awaiting side
                 value, ok = exc, False
             try:
@@ -70,6 +77,8 @@ class ComputeThread:
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 pass
             del job, fn, args, future, value
+            if dying:
+                return
 
     def close(self) -> None:
         """Ask the thread to exit after the job in hand; does not wait."""

@@ -52,9 +52,10 @@ def _label_logprobs(logits, label_ids):
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, plan: BucketPlan):
+    def __init__(self, config: EngineConfig, plan: BucketPlan, *, loaded=None):
         t0 = time.perf_counter()
-        self.source, self.model_config, self.params = load_model(config.model, config.dtype)
+        self.config = config
+        self.source, self.model_config, self.params = loaded or load_model(config.model, config.dtype)
         self.load_seconds = time.perf_counter() - t0
         cfg = self.model_config
         self.plan = plan
@@ -69,6 +70,10 @@ class ModelRunner:
         self._sample = jax.jit(sample)
         self._labels = jax.jit(_label_logprobs)
         self.max_label_tokens = config.scoring.max_label_tokens
+
+    def fresh(self) -> "ModelRunner":
+        """A new runner with the same weights: a new KV cache and new compiled functions (restart)."""
+        return type(self)(self.config, self.plan, loaded=(self.source, self.model_config, self.params))
 
     def _num_pages(self, config: EngineConfig) -> int:
         cache = config.cache
@@ -217,10 +222,11 @@ class ModelRunner:
         if label_rows:
             labels = np.asarray(self._labels(logits, self._label_ids(num_logits, label_rows)))[index]
         tokens = np.asarray(out.token_ids)[index]
+        finite = np.asarray(out.finite)[index]
         if not bool(sampling.any_logprobs):
-            return StepResult(batch.step_id, tokens, label_logprobs=labels)
+            return StepResult(batch.step_id, tokens, label_logprobs=labels, row_finite=finite)
         return StepResult(batch.step_id, tokens, np.asarray(out.logprobs)[index], np.asarray(out.top_ids)[index],
-                          np.asarray(out.top_logprobs)[index], label_logprobs=labels)
+                          np.asarray(out.top_logprobs)[index], label_logprobs=labels, row_finite=finite)
 
     def warmup(self) -> int:
         """Compile every step shape, sampler and label bucket; returns the number of compiled executables."""

@@ -55,6 +55,7 @@ class SamplingOutput:
     logprobs: jax.Array  # [S] float32, of the sampled token under the raw model distribution
     top_ids: jax.Array  # [S, MAX_TOP_LOGPROBS] int32
     top_logprobs: jax.Array  # [S, MAX_TOP_LOGPROBS]
+    finite: jax.Array  # [S] bool: the row's logits are all finite
 
 
 def _counts(ids, vocab_size):
@@ -151,4 +152,4 @@ def sample(logits, inp: SamplingInput) -> SamplingOutput:
         lambda: (jnp.zeros((s,), jnp.float32), jnp.zeros((s, MAX_TOP_LOGPROBS), jnp.int32),
                  jnp.zeros((s, MAX_TOP_LOGPROBS), jnp.float32)),
     )
-    return SamplingOutput(tokens, chosen, top_ids, top_lp)
+    return SamplingOutput(tokens, chosen, top_ids, top_lp, jnp.all(jnp.isfinite(logits), axis=-1))

@@ -108,6 +108,7 @@ class StepResult:
     top_logprobs: Optional[np.ndarray] = None  # [num_rows, k] float
     # Label logprobs: per row with label_ids (generation steps), or per item in order (score steps).
     label_logprobs: Optional[np.ndarray] = None  # [n, max labels]
+    row_finite: Optional[np.ndarray] = None  # [num_rows] bool: False fails that row's request alone
 
 
 class Scheduler:
@@ -378,6 +379,11 @@ class Scheduler:
             if (request is None or request.version != row.version or request.state is not RequestState.RUNNING
                     or request.num_computed_tokens != row.start_pos):
                 continue  # stale: finished, aborted, preempted or advanced since the batch was built
+            if result.row_finite is not None and not result.row_finite[i]:
+                self.finish(request, FinishReason.ERROR, error="the model produced non-finite logits for this "
+                                                               "request")
+                updated.append(request)
+                continue
             prompt_was_done = request.num_computed_tokens >= len(request.prompt_ids)
             request.num_computed_tokens += len(row.token_ids)
             if not prompt_was_done and request.num_computed_tokens >= len(request.prompt_ids):
@@ -400,6 +406,14 @@ class Scheduler:
             self._check_finish(request, token)
             updated.append(request)
         return updated
+
+    def discard(self, batch: ScheduledBatch) -> None:
+        """A batch that was never computed: its score items go back to be scheduled again
+        (token rows need nothing: requests only advance in apply)."""
+        for row in batch.score_rows:
+            request = self._live(row.request_id, row.version)
+            if request is not None:
+                self._preempt_score_items(request)
 
     def _apply_score(self, batch: ScheduledBatch, result: StepResult) -> list[Request]:
         updated, k = [], 0

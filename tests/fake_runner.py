@@ -28,6 +28,7 @@ def fake_next_token(last: int, position: int, vocab_size: int) -> int:
 class FakeRunner:
     def __init__(self, config, plan, *, num_pages: Optional[int] = None,
                  before_step: Optional[Callable] = None):
+        self.config = config
         self.source = resolve_source(config.model)
         with open(os.path.join(self.source.path, "config.json")) as f:
             self.model_config = ModelConfig.from_hf(json.load(f))
@@ -44,6 +45,9 @@ class FakeRunner:
 
     def warmup(self) -> int:
         return 0
+
+    def fresh(self) -> "FakeRunner":
+        return FakeRunner(self.config, self.plan, num_pages=self.num_pages, before_step=self.before_step)
 
     def step(self, batch) -> StepResult:
         self.step_thread = threading.current_thread()

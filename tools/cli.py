@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--drain-timeout", type=float, default=30.0,
                        help="seconds in-flight requests get to finish on SIGINT/SIGTERM")
+    serve.add_argument("--enable-admin", action="store_true", help="POST /admin/restart (and /admin/faults)")
+    serve.add_argument("--enable-fault-injection", action="store_true",
+                       help="arm faults through POST /admin/faults (tests and the fault tool)")
     serve.set_defaults(func=cmd_serve)
 
     from tools.bench import add_bench_args
@@ -72,6 +75,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-pages", type=int, default=None, help="KV pages (default: sized from free memory)")
     p.add_argument("--no-prefix-cache", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step-timeout", type=float, default=120.0, help="watchdog: seconds a step may take")
+    p.add_argument("--max-restarts", type=int, default=0, help="automatic restarts after a failure")
+    p.add_argument("--restart-backoff", type=float, default=1.0)
     p.add_argument("--compile-cache", default=os.path.expanduser("~/.cache/kvloom/jax"),
                    help="JAX persistent compilation cache directory ('' to disable)")
 
@@ -81,6 +87,7 @@ def engine_config_from_args(args):
 
     return EngineConfig(
         model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
+        step_timeout_s=args.step_timeout, max_restarts=args.max_restarts, restart_backoff_s=args.restart_backoff,
         scheduler=SchedulerConfig(max_running=args.max_running, max_tokens_per_step=args.max_tokens_per_step,
                                   chunk_size=args.chunk_size, max_prefill_seqs=args.max_prefill_seqs,
                                   policy=args.policy, max_waiting=args.max_waiting),
@@ -103,13 +110,16 @@ def cmd_serve(args) -> int:
 
     from api.server import serve
     from engine.engine import Engine
+    from engine.faults import FaultInjector
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     use_compile_cache(args.compile_cache)
     config = engine_config_from_args(args)
 
     async def main():
-        await serve(Engine(config), args.host, args.port, drain_timeout=args.drain_timeout)
+        faults = FaultInjector() if args.enable_fault_injection else None
+        await serve(Engine(config, faults=faults), args.host, args.port, drain_timeout=args.drain_timeout,
+                    enable_admin=args.enable_admin or args.enable_fault_injection)
 
     uvloop.run(main())
     return 0

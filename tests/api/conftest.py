@@ -20,11 +20,11 @@ class Served:
         return self.url + "/v1"
 
 
-async def serve_engine(engine: Engine, start: bool = True):
+async def serve_engine(engine: Engine, start: bool = True, **app_options):
     """Start the engine (unless told not to) and bind an app for it; returns (Served, cleanup)."""
     if start:
         await engine.start()
-    runner, url = await start_server(create_app(engine))
+    runner, url = await start_server(create_app(engine, **app_options))
 
     async def cleanup():
         await runner.cleanup()

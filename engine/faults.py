@@ -1,0 +1,132 @@
+"""Fault injection for tests and the fault tool: off unless an engine is built with a `FaultInjector`.
+
+An engine given an injector wraps its runner in `FaultyRunner`; an engine
+without one runs the runner as is, so the injection costs nothing when off.
+Faults are armed from the event loop and fire on the compute thread:
+
+    raise       a step raises (the engine fails: every request gets an explicit error)
+    kill        the compute thread dies
+    hang        a step blocks until released (the watchdog fails the engine)
+    fail_warmup warm-up raises (the engine stays DEGRADED)
+    fail_request a step refuses one request's row (that request alone fails)
+    nan_request  one request's row comes back non-finite (that request alone fails)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from engine.executor import KillComputeThread
+
+KINDS = ("raise", "kill", "hang", "fail_warmup", "fail_request", "nan_request")
+
+
+class InjectedFault(RuntimeError):
+    """A fault raised on purpose by a FaultInjector."""
+
+
+class RowError(Exception):
+    """A step could not take some rows; the engine fails those requests alone and carries on."""
+
+    def __init__(self, request_ids: list[str], message: str):
+        super().__init__(message)
+        self.request_ids = request_ids
+
+
+@dataclass
+class _Armed:
+    kind: str
+    after_steps: int  # fire on the step after this many more steps
+    request_id: Optional[str] = None
+
+
+class FaultInjector:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._armed: list[_Armed] = []
+        self._release = threading.Event()
+        self.num_fired = 0
+
+    def arm(self, kind: str, after_steps: int = 0, request_id: Optional[str] = None) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"kind: must be one of {', '.join(KINDS)}, got {kind!r}")
+        if kind in ("fail_request", "nan_request") and not request_id:
+            raise ValueError(f"request_id: required for {kind}")
+        with self._lock:
+            self._armed.append(_Armed(kind, after_steps, request_id))
+            self._release.clear()
+
+    def clear(self) -> None:
+        """Disarm everything and release a hung step."""
+        with self._lock:
+            self._armed.clear()
+        self._release.set()
+
+    def release(self) -> None:
+        self._release.set()
+
+    def _take(self, kinds, request_ids=()) -> Optional[_Armed]:
+        with self._lock:
+            for fault in self._armed:
+                if fault.kind in kinds and (fault.request_id is None or fault.request_id in request_ids):
+                    if fault.after_steps > 0:
+                        fault.after_steps -= 1
+                        continue
+                    self._armed.remove(fault)
+                    self.num_fired += 1
+                    return fault
+        return None
+
+    # ---- called on the compute thread ---------------------------------------------------------
+
+    def before_warmup(self) -> None:
+        if self._take(("fail_warmup",)):
+            raise InjectedFault("injected warm-up failure")
+
+    def before_step(self, request_ids: list[str]) -> None:
+        fault = self._take(("raise", "kill", "hang"))
+        if fault is None:
+            fault = self._take(("fail_request",), request_ids)
+        if fault is None:
+            return
+        if fault.kind == "raise":
+            raise InjectedFault("injected step failure")
+        if fault.kind == "kill":
+            raise KillComputeThread("injected compute thread death")
+        if fault.kind == "hang":
+            self._release.wait()
+            return
+        raise RowError([fault.request_id], "injected failure of this request's row")
+
+    def after_step(self, request_ids: list[str], result) -> None:
+        fault = self._take(("nan_request",), request_ids)
+        if fault is not None and result.row_finite is not None:
+            result.row_finite[request_ids.index(fault.request_id)] = False
+
+
+class FaultyRunner:
+    """Wraps a runner; delegates everything, with faults around warm-up and steps."""
+
+    def __init__(self, runner, injector: FaultInjector):
+        self._runner, self._faults = runner, injector
+
+    def __getattr__(self, name):
+        return getattr(self._runner, name)
+
+    def warmup(self):
+        self._faults.before_warmup()
+        return self._runner.warmup()
+
+    def step(self, batch):
+        ids = [row.request_id for row in batch.rows] + [row.request_id for row in batch.score_rows]
+        self._faults.before_step(ids)
+        result = self._runner.step(batch)
+        if result.row_finite is None and batch.rows:
+            result = dataclasses.replace(result, row_finite=np.ones(len(batch.rows), bool))
+        self._faults.after_step(ids, result)
+        return result
