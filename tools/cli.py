@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="load-test an OpenAI-compatible server: latency, throughput, SLOs")
     add_bench_args(bench)
     bench.set_defaults(func=cmd_bench)
+
+    from tools.compare import add_compare_args
+
+    compare = sub.add_parser("compare", help="kvloom beside transformers, llama.cpp and the machine's roofline")
+    add_compare_args(compare)
+    compare.set_defaults(func=cmd_compare)
     return parser
 
 
@@ -127,6 +133,12 @@ def cmd_serve(args) -> int:
 
 def cmd_bench(args) -> int:
     from tools.bench import main_from_args
+
+    return main_from_args(args)
+
+
+def cmd_compare(args) -> int:
+    from tools.compare import main_from_args
 
     return main_from_args(args)
 
