@@ -31,9 +31,10 @@ class StaticBatch:
         self.lengths = np.zeros(num_seqs, np.int32)
         self._step = jax.jit(partial(_step, cfg=cfg, page_size=page_size), donate_argnums=(1,))
 
-    def extend(self, token_lists: list[list[int]]) -> np.ndarray:
+    def extend(self, token_lists: list[list[int]], last_only: bool = False) -> np.ndarray:
         """Append tokens to every sequence (ragged); returns float32 logits of all new tokens, [N, V]
-        in sequence order. One segment, padded to the longest list."""
+        in sequence order (last_only: of each sequence's last new token, [B, V]). One segment, padded
+        to the longest list."""
         rows = len(token_lists)
         qn = max(len(t) for t in token_lists)
         ids = np.zeros((rows, qn), np.int32)
@@ -46,7 +47,7 @@ class StaticBatch:
             p = start + np.arange(n)
             ids[r, :n], pos[r, :n] = toks, p
             slots[r, :n] = self.page_table[r, p // self.page_size] * self.page_size + p % self.page_size
-            logits_idx.extend(r * qn + np.arange(n))
+            logits_idx.extend([r * qn + n - 1] if last_only else r * qn + np.arange(n))
             self.lengths[r] += n
         step = llama.StepInput(
             token_ids=jnp.asarray(ids.reshape(-1)),

@@ -60,9 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     from tools.compare import add_compare_args
 
-    compare = sub.add_parser("compare", help="kvloom beside transformers, llama.cpp and the machine's roofline")
+    compare = sub.add_parser("compare", help="kvloom beside transformers, llama.cpp and the roofline")
     add_compare_args(compare)
     compare.set_defaults(func=cmd_compare)
+
+    from tools.soak import add_soak_args
+
+    soak = sub.add_parser("soak", help="a long mixed chat and score workload: errors and latency over time")
+    add_soak_args(soak)
+    soak.set_defaults(func=cmd_soak)
+
+    from tools.fault_gate import add_fault_args
+
+    faults = sub.add_parser("faults",
+                            help="fault-handling release gate against a --enable-fault-injection server")
+    add_fault_args(faults)
+    faults.set_defaults(func=cmd_faults)
     return parser
 
 
@@ -139,6 +152,18 @@ def cmd_bench(args) -> int:
 
 def cmd_compare(args) -> int:
     from tools.compare import main_from_args
+
+    return main_from_args(args)
+
+
+def cmd_soak(args) -> int:
+    from tools.soak import main_from_args
+
+    return main_from_args(args)
+
+
+def cmd_faults(args) -> int:
+    from tools.fault_gate import main_from_args
 
     return main_from_args(args)
 

@@ -405,11 +405,11 @@ async def bench_http(name: str, url: str, texts: PromptSet, sizes: Sizes, worklo
 def bench_hf(source, prompts: PromptSet, sizes: Sizes, workloads: Sequence[str]) -> dict:
     """transformers in float32: greedy `generate` of each prompt group as one batch (equal lengths, no
     padding); scoring as one batched forward over the query++item rows."""
-    try:
-        import torch
-        import transformers  # noqa: F401 - load_hf needs it
-    except ImportError as exc:
-        raise PeerSkipped(f"transformers/torch are not installed ({exc.name}): pip install torch") from None
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise PeerSkipped(f"{' and '.join(missing)} not installed: pip install torch transformers")
+    import torch
+
     from tools.bench_engine import load_hf
 
     _log("loading the model in transformers")
@@ -780,8 +780,8 @@ def peer_label(peer: str, gguf_tag: str = "") -> str:
 
 
 def build_rows(figs: Sequence[Figure], measurements: dict, peers: Sequence[str]) -> list[dict]:
-    """One row per figure and mode that has any value: kvloom's, each peer's in the same mode, the
-    ratios kvloom/peer and kvloom/roofline."""
+    """One row per figure and mode that has any value: kvloom's, each peer's in the same mode (None for
+    the other mode and for a peer that did not run), the ratios kvloom/peer and kvloom/roofline."""
     rows = []
     for fig in figs:
         for mode, kvloom_system in ((IN_PROCESS, "kvloom"), (HTTP, "kvloom-http")):
@@ -968,14 +968,13 @@ async def run_compare(args) -> dict:
 
     roof = Roofline(matmul["peak_gflops"] * 1e9, bandwidth["bytes_per_s"], kvloom["num_parameters"])
     figs = figures(sizes, workloads, roof)
-    ok_peers = [p for p in peers if statuses[p]["status"] == "ok"]
     return dict(
         model=kvloom["model"], source=kvloom["source"].path, num_parameters=kvloom["num_parameters"],
         dtype="float32", cpu_count=os.cpu_count(), workloads=list(workloads), peers=statuses,
         settings=dict(dataclasses.asdict(sizes), quick=args.quick, seed=args.seed, http=args.http,
                       llamacpp_gguf=args.llamacpp_gguf, llamacpp_threads=args.llamacpp_threads),
         engine_config=kvloom["engine_config"], machine=dict(matmul=matmul, bandwidth=bandwidth),
-        roofline=roof.to_json(), rows=build_rows(figs, measurements, ok_peers), measurements=measurements)
+        roofline=roof.to_json(), rows=build_rows(figs, measurements, peers), measurements=measurements)
 
 
 def main_from_args(args) -> int:
