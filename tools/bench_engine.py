@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from tools.cli import use_compile_cache
 from tools.bench_model import _best_of
 
 DEFAULT_JAX_CACHE = "~/.cache/kvloom/jax"
@@ -357,10 +358,7 @@ def main(argv=None) -> dict:
     for name in ("new_tokens", "prompt_tokens", "long_prompt_tokens", "ttft_repeats", "matmul_repeats"):
         if getattr(args, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')}: must be positive")
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.jax_cache_dir))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    use_compile_cache(os.path.expanduser(args.jax_cache_dir))
 
     ours = asyncio.run(bench_kvloom(engine_config_from_args(args), args))  # the engine is stopped on return
     _log("measuring the float32 matmul peak")

@@ -38,6 +38,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from tools.cli import use_compile_cache
 from tools.bench_engine import (DEFAULT_JAX_CACHE, engine_config_from_args, format_row, format_value, load_hf,
                                 measure_matmul_peak, parse_int_list, prompt_id_range, random_prompts, ratio)
 
@@ -360,10 +361,7 @@ def main(argv=None) -> dict:
             raise SystemExit(f"--{name.replace('_', '-')}: must be positive")
     args.warmup_items = min(args.warmup_items, args.num_items)
     args.hf_sample = min(args.hf_sample, args.num_items)
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.jax_cache_dir))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    use_compile_cache(os.path.expanduser(args.jax_cache_dir))
 
     runs, workload = {}, None
     for i, mode in enumerate(args.modes):  # one engine at a time, each stopped on return

@@ -52,6 +52,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from tools.cli import use_compile_cache
 from tools.bench import WORDS
 from tools.bench_engine import format_value, ratio, roofline_tokens_per_s
 
@@ -934,13 +935,9 @@ async def run_peer(peer: str, args, sizes: Sizes, workloads: Sequence[str], kvlo
 
 
 async def run_compare(args) -> dict:
-    import jax
-
     sizes = sizes_from_args(args)
     workloads, peers = args.workloads, args.peers
-    if args.jax_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.jax_cache_dir))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    use_compile_cache(os.path.expanduser(args.jax_cache_dir) if args.jax_cache_dir else "")
 
     from tools.bench_engine import measure_matmul_peak
 
