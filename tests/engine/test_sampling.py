@@ -93,3 +93,14 @@ def test_penalties(rep, freq, pres):
         want[t] = want[t] / rep if want[t] > 0 else want[t] * rep
     want[0] -= freq * 2 + pres  # frequency and presence: output tokens only
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_gumbel_noise_is_finite_gumbel_and_row_local():
+    from engine.sampling import gumbel_noise
+
+    seeds = np.arange(2000, dtype=np.uint32)
+    noise = np.asarray(jax.jit(lambda s, c: gumbel_noise(s, c, 600))(seeds, np.zeros(2000, np.int32)))
+    assert np.isfinite(noise).all()
+    assert abs(noise.mean() - 0.5772) < 0.01 and abs(noise.std() - np.pi / np.sqrt(6)) < 0.01
+    alone = np.asarray(gumbel_noise(seeds[7:8], np.zeros(1, np.int32), 600))
+    np.testing.assert_array_equal(alone[0], noise[7])  # a row's noise depends on its own seed only
