@@ -393,6 +393,16 @@ class Engine:
     # ---- the loop -------------------------------------------------------------------------------
 
     async def _run_loop(self) -> None:
+        """The engine loop; a bug in it fails the engine loudly instead of leaving requests hanging."""
+        try:
+            await self._steps()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            log.exception("the engine loop failed")
+            self._fail(f"internal error in the engine loop: {type(exc).__name__}: {exc}")
+
+    async def _steps(self) -> None:
         while True:
             if not self.scheduler.has_work:
                 self._idle.set()

@@ -30,6 +30,11 @@ def _resolve(future: asyncio.Future, ok: bool, value: Any) -> None:
         future.set_exception(value)
 
 
+def _expire(future: asyncio.Future, timeout: float) -> None:
+    if not future.done():
+        future.set_exception(asyncio.TimeoutError(f"the job ran past {timeout:g}s"))
+
+
 class ComputeThread:
     def __init__(self, name: str = "kvloom-compute"):
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -54,7 +59,13 @@ class ComputeThread:
         self._jobs.put((fn, args, future, loop))
         if timeout is None:
             return await future
-        return await asyncio.wait_for(future, timeout)
+        # A timer, not asyncio.wait_for: on Python 3.11 wait_for can swallow a cancellation that arrives
+        # as the job completes, which would leave the cancelled engine loop waiting forever.
+        timer = loop.call_later(timeout, _expire, future, timeout)
+        try:
+            return await future
+        finally:
+            timer.cancel()
 
     def _main(self) -> None:
         while True:
