@@ -62,7 +62,7 @@ class BucketPlan:
     def from_config(cls, cfg: SchedulerConfig, scoring: ScoringConfig = ScoringConfig()) -> "BucketPlan":
         per_step = scoring.tokens_per_step
         if scoring.mode == "packed":  # one row of packed items
-            score_shapes = tuple((1, q) for q in _powers(per_step, base=8, start=min(64, per_step)))
+            score_shapes = tuple((1, q) for q in _powers(per_step, base=2, start=min(64, per_step)))
         else:  # one item per row
             score_shapes = tuple((min(scoring.max_items_per_step, per_step // q), q)
                                  for q in _powers(per_step, base=4, start=min(32, per_step)))
