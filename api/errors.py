@@ -46,6 +46,15 @@ def unavailable(detail: str) -> APIError:
                     code="engine_unavailable", headers={"Retry-After": "5"})
 
 
+def request_failed(detail: str) -> APIError:
+    """This request alone failed inside the engine (the engine carries on)."""
+    return APIError(500, f"the request failed: {detail}", type="server_error", code="request_failed")
+
+
+def generation_error(detail: str, code: Optional[str]) -> APIError:
+    return request_failed(detail) if code == "request_failed" else unavailable(detail)
+
+
 def queue_full(detail: str) -> APIError:
     return APIError(429, detail, type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
 

@@ -11,6 +11,7 @@ _ERROR = {"$ref": "#/components/schemas/Error"}
 
 def _error_responses(*codes):
     names = {400: "Invalid request", 404: "Unknown model", 413: "Body too large", 429: "Queue full",
+             500: "This request failed inside the engine (code request_failed); the engine carries on",
              501: "Not implemented", 503: "Engine not ready or unavailable"}
     return {str(c): {"description": names[c], "content": {"application/json": {"schema": _ERROR}}} for c in codes}
 
@@ -95,8 +96,8 @@ def openapi_spec(model_name: str) -> dict:
         "openapi": "3.0.3",
         "info": {"title": "kvloom", "version": "0.1.0", "description": f"Serving {model_name}"},
         "paths": {
-            "/v1/completions": post(completion, "Text completion", (400, 404, 413, 429, 503)),
-            "/v1/chat/completions": post(chat, "Chat completion", (400, 404, 413, 429, 503)),
+            "/v1/completions": post(completion, "Text completion", (400, 404, 413, 429, 500, 503)),
+            "/v1/chat/completions": post(chat, "Chat completion", (400, 404, 413, 429, 500, 503)),
             "/v1/score": post(score, "Multi-item scoring", (400, 404, 413, 429, 501, 503)),
             "/v1/models": get("Served models"),
             "/v1/models/{model}": {"get": dict(get("One model", (404,))["get"], parameters=[

@@ -100,6 +100,7 @@ class _Choice:
         self.finish_reason: Optional[str] = None
         self.usage: Optional[Usage] = None
         self.error: Optional[str] = None
+        self.error_code: Optional[str] = None
 
 
 def _finish_reason(out: RequestOutput) -> Optional[str]:
@@ -232,10 +233,11 @@ class Generation:
             else:
                 c.logprobs.append(self.logprobs_completion(out, len(c.text) - len(out.text)))
             if out.finished:
-                c.finish_reason, c.usage, c.error = _finish_reason(out), out.usage, out.error
-        failed = [c.error for c in choices.values() if c.error]
+                c.finish_reason, c.usage, c.error, c.error_code = (_finish_reason(out), out.usage, out.error,
+                                                                   out.error_code)
+        failed = [c for c in choices.values() if c.error]
         if failed:
-            raise errors.unavailable(failed[0])
+            raise errors.generation_error(failed[0].error, failed[0].error_code)
         ordered = [choices[i] for i in sorted(choices)]
         base = {"id": self.id, "created": self.created, "model": self.engine.model_name}
         if self.req.kind == "chat":
@@ -272,7 +274,7 @@ class Generation:
         async for index, out in self.merged():
             c = choices[index]
             if out.error:
-                error = out.error
+                error = errors.generation_error(out.error, out.error_code)
                 break
             if out.text or out.logprobs:
                 if chat:
@@ -289,8 +291,7 @@ class Generation:
                         else {"index": index, "text": "", "logprobs": None, "finish_reason": c.finish_reason})
                 await send([item])
         if error is not None:
-            body = errors.unavailable(error).body()
-            await response.write(b"data: " + orjson.dumps(body) + b"\n\n")
+            await response.write(b"data: " + orjson.dumps(error.body()) + b"\n\n")
         elif self.req.include_usage:
             await send([], usage=self.usage([choices[i] for i in sorted(choices)]))
         await response.write(b"data: [DONE]\n\n")

@@ -421,7 +421,8 @@ class Engine:
                 raise
             except RowError as exc:  # some rows were refused: those requests fail alone
                 self.scheduler.discard(batch)
-                failed = [self.scheduler.abort(rid, FinishReason.ERROR, error=str(exc)) for rid in exc.request_ids]
+                failed = [self.scheduler.abort(rid, FinishReason.ERROR, error=str(exc), error_code="request_failed")
+                          for rid in exc.request_ids]
                 self._emit([r for r in failed if r is not None])
                 continue
             except asyncio.TimeoutError:
@@ -473,7 +474,7 @@ class Engine:
                 request_id=request.request_id, text=text, token_ids=tuple(new_ids), logprobs=tuple(new_logprobs),
                 finished=request.is_finished, finish_reason=request.finish_reason,
                 stop_reason=request.stop_reason, usage=request.usage() if request.is_finished else None,
-                error=request.error,
+                error=request.error, error_code=request.error_code,
             )
             queue = self._queues.get(request.request_id)
             if queue is not None:

@@ -128,6 +128,7 @@ class RequestOutput:
     stop_reason: Optional[object] = None  # the stop string or token id that ended it
     usage: Optional[Usage] = None
     error: Optional[str] = None
+    error_code: Optional[str] = None  # "engine_unavailable" (the engine failed) or "request_failed" (this one only)
 
 
 @dataclass(eq=False)
@@ -168,6 +169,7 @@ class Request:
     finish_reason: Optional[FinishReason] = None
     stop_reason: Optional[object] = None
     error: Optional[str] = None
+    error_code: Optional[str] = None
     first_token_time: Optional[float] = None
     last_token_time: Optional[float] = None
     last_emit_time: Optional[float] = None

@@ -139,13 +139,14 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT,
-              error: Optional[str] = None) -> Optional[Request]:
+              error: Optional[str] = None, error_code: Optional[str] = None) -> Optional[Request]:
         request = self.requests.get(request_id)
         if request is not None:
-            self.finish(request, reason, error=error)
+            self.finish(request, reason, error=error, error_code=error_code)
         return request
 
-    def finish(self, request: Request, reason: FinishReason, stop_reason=None, error: Optional[str] = None) -> None:
+    def finish(self, request: Request, reason: FinishReason, stop_reason=None, error: Optional[str] = None,
+               error_code: Optional[str] = None) -> None:
         if request.is_finished:
             return
         if request.state is RequestState.RUNNING:
@@ -155,6 +156,8 @@ class Scheduler:
             self.waiting.remove(request)
         request.state = RequestState.FINISHED
         request.finish_reason, request.stop_reason, request.error = reason, stop_reason, error
+        if reason is FinishReason.ERROR:
+            request.error_code = error_code or "engine_unavailable"
         self.requests.pop(request.request_id, None)
 
     # ---- pages --------------------------------------------------------------------------------
@@ -381,7 +384,7 @@ class Scheduler:
                 continue  # stale: finished, aborted, preempted or advanced since the batch was built
             if result.row_finite is not None and not result.row_finite[i]:
                 self.finish(request, FinishReason.ERROR, error="the model produced non-finite logits for this "
-                                                               "request")
+                                                               "request", error_code="request_failed")
                 updated.append(request)
                 continue
             prompt_was_done = request.num_computed_tokens >= len(request.prompt_ids)

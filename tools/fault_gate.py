@@ -18,7 +18,7 @@ What each scenario must show to pass:
                       the restart answers 200; N of N complete after it. The hang is ended by the server's
                       watchdog: start it with a short --step-timeout, well under --timeout.
   fail_request,       one streamed request of the load is failed (its row refused, or its logits made
-  nan_request         non-finite): it alone ends with engine_unavailable, the rest complete, the engine
+  nan_request         non-finite): it alone ends with request_failed, the rest complete, the engine
                       carries on (N of N complete, /health and /ready 200); no restart is needed.
   fail_warmup         a restart whose warm-up fails answers 503 (degraded); N of N requests are refused
                       with 503 engine_not_ready at once; /health 200, /ready 503; a second restart
@@ -60,6 +60,7 @@ WARMUP_FAULTS = ("fail_warmup",)
 SCENARIOS = ENGINE_FAULTS + ROW_FAULTS + WARMUP_FAULTS
 DEFAULT_SCENARIOS = "raise,kill,hang,fail_request"
 UNAVAILABLE = "engine_unavailable"
+REQUEST_FAILED = "request_failed"
 NOT_READY = "engine_not_ready"
 
 
@@ -335,8 +336,8 @@ async def row_fault(client: Client, kind: str, target_tokens: int) -> ScenarioRe
     r.expect(armed, f"arming {kind} on the streamed request's id failed")
     r.record_during([target, *others])
     r.expect(r.during_hung == 0, f"{r.during_hung} requests hung past --timeout {client.plan.timeout_s:g} s")
-    r.expect(target.code == UNAVAILABLE, f"the targeted request ended with {target.error or 'ok'}, "
-                                         f"expected {UNAVAILABLE}")
+    r.expect(target.code == REQUEST_FAILED, f"the targeted request ended with {target.error or 'ok'}, "
+                                            f"expected {REQUEST_FAILED}")
     bad = sum(not o.is_ok for o in others)
     r.expect(bad == 0, f"{bad} requests other than the targeted one failed")
     await _no_restart(client, r, None)

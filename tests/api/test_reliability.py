@@ -127,6 +127,7 @@ async def test_one_bad_request_among_fifty_fails_alone(tiny_llama):
         failed = {i for i, out in enumerate(finals) if out.finish_reason is FinishReason.ERROR}
         assert failed == {17, 33}
         assert "row" in finals[17].error and "non-finite" in finals[33].error
+        assert finals[17].error_code == finals[33].error_code == "request_failed"
         assert all(out.usage.completion_tokens == 8 for i, out in enumerate(finals) if i not in failed)
         assert engine.state is EngineState.READY
         assert faults.num_fired == 2
