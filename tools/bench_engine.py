@@ -325,6 +325,16 @@ def engine_config_from_args(args):
                         scheduler=SchedulerConfig(**scheduler), cache=CacheConfig(**cache))
 
 
+def add_engine_size_args(parser, max_running_help: str = None):
+    """The engine-size flags every benchmark takes (None: the engine's own default)."""
+    engine = parser.add_argument_group("engine size (default: the engine's own defaults)")
+    engine.add_argument("--max-running", type=int, default=None, help=max_running_help)
+    for flag in ("--max-model-len", "--page-size", "--num-pages", "--chunk-size", "--max-tokens-per-step",
+                 "--max-prefill-seqs"):
+        engine.add_argument(flag, type=int, default=None)
+    return engine
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="checkpoint directory or .gguf file (default: SmolLM2-135M)")
@@ -342,14 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matmul-sizes", type=parse_int_list, default=[2048, 3072])
     p.add_argument("--matmul-repeats", type=int, default=5)
     p.add_argument("--jax-cache-dir", default=DEFAULT_JAX_CACHE, help="JAX persistent compilation cache")
-    engine = p.add_argument_group("engine size (default: the engine's own defaults)")
-    engine.add_argument("--max-running", type=int, default=None, help="default: the highest concurrency")
-    engine.add_argument("--max-model-len", type=int, default=None)
-    engine.add_argument("--page-size", type=int, default=None)
-    engine.add_argument("--num-pages", type=int, default=None)
-    engine.add_argument("--chunk-size", type=int, default=None)
-    engine.add_argument("--max-tokens-per-step", type=int, default=None)
-    engine.add_argument("--max-prefill-seqs", type=int, default=None)
+    add_engine_size_args(p, "default: the highest concurrency")
     return p
 
 

@@ -39,7 +39,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from tools.cli import use_compile_cache
-from tools.bench_engine import (DEFAULT_JAX_CACHE, engine_config_from_args, format_row, format_value, load_hf,
+from tools.bench_engine import (add_engine_size_args, DEFAULT_JAX_CACHE, engine_config_from_args, format_row, format_value, load_hf,
                                 measure_matmul_peak, parse_int_list, prompt_id_range, random_prompts, ratio)
 
 NUM_LABELS = 2
@@ -337,14 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matmul-sizes", type=parse_int_list, default=[2048, 3072])
     p.add_argument("--matmul-repeats", type=int, default=5)
     p.add_argument("--jax-cache-dir", default=DEFAULT_JAX_CACHE, help="JAX persistent compilation cache")
-    engine = p.add_argument_group("engine size (default: the engine's own defaults)")
-    engine.add_argument("--max-running", type=int, default=None)
-    engine.add_argument("--max-model-len", type=int, default=None)
-    engine.add_argument("--page-size", type=int, default=None)
-    engine.add_argument("--num-pages", type=int, default=None)
-    engine.add_argument("--chunk-size", type=int, default=None)
-    engine.add_argument("--max-tokens-per-step", type=int, default=None)
-    engine.add_argument("--max-prefill-seqs", type=int, default=None)
+    add_engine_size_args(p)
     scoring = p.add_argument_group("scoring (default: the engine's own defaults)")
     scoring.add_argument("--tokens-per-step", type=int, default=None, help="item tokens in one score step")
     scoring.add_argument("--max-items-per-step", type=int, default=None)

@@ -1042,15 +1042,9 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     llama.add_argument("--request-timeout", type=float, default=3600.0,
                        help="per HTTP request: llama.cpp's server answers concurrent requests in turn")
 
-    engine = p.add_argument_group("kvloom engine size (default: the engine's own defaults)")
-    engine.add_argument("--max-running", type=int, default=None,
-                        help="default: the highest concurrency or shared-prefix request count")
-    engine.add_argument("--max-model-len", type=int, default=None)
-    engine.add_argument("--page-size", type=int, default=None)
-    engine.add_argument("--num-pages", type=int, default=None)
-    engine.add_argument("--chunk-size", type=int, default=None)
-    engine.add_argument("--max-tokens-per-step", type=int, default=None)
-    engine.add_argument("--max-prefill-seqs", type=int, default=None)
+    from tools.bench_engine import add_engine_size_args
+
+    engine = add_engine_size_args(p, "default: the highest concurrency or shared-prefix request count")
     engine.add_argument("--jax-cache-dir", default=DEFAULT_JAX_CACHE,
                         help="JAX persistent compilation cache ('' to disable)")
 
