@@ -356,6 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def publish(report: dict, print_report, json_path) -> dict:
+    """Print a benchmark's report and, when asked, write it as JSON."""
+    print_report(report)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=2)
+        _log(f"wrote {json_path}")
+    return report
+
+
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     for name in ("new_tokens", "prompt_tokens", "long_prompt_tokens", "ttft_repeats", "matmul_repeats"):
@@ -368,12 +378,7 @@ def main(argv=None) -> dict:
     matmul = measure_matmul_peak(args.matmul_sizes, args.matmul_repeats)
     theirs = bench_hf(ours["source"], ours["prompt_sets"], args.new_tokens) if args.hf else None
     report = build_report(args, ours, theirs, matmul)
-    print_report(report)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-        _log(f"wrote {args.json}")
-    return report
+    return publish(report, print_report, args.json)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import time
@@ -39,7 +38,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from tools.cli import use_compile_cache
-from tools.bench_engine import (add_engine_size_args, DEFAULT_JAX_CACHE, engine_config_from_args, format_row, format_value, load_hf,
+from tools.bench_engine import (add_engine_size_args, publish, DEFAULT_JAX_CACHE, engine_config_from_args, format_row, format_value, load_hf,
                                 measure_matmul_peak, parse_int_list, prompt_id_range, random_prompts, ratio)
 
 NUM_LABELS = 2
@@ -364,12 +363,7 @@ def main(argv=None) -> dict:
     matmul = measure_matmul_peak(args.matmul_sizes, args.matmul_repeats)
     theirs = bench_hf(runs[args.modes[0]]["source"], workload, args.hf_sample) if args.hf else None
     report = build_report(args, runs, theirs, matmul)
-    print_report(report)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-        _log(f"wrote {args.json}")
-    return report
+    return publish(report, print_report, args.json)
 
 
 if __name__ == "__main__":
