@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from api.protocol import MAX_N, MAX_STOP
-from engine.request import MAX_TOP_LOGPROBS
+from kvloom.api.protocol import MAX_N, MAX_STOP
+from kvloom.engine.request import MAX_TOP_LOGPROBS
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 

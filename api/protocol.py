@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from api.errors import from_value_error, invalid
-from engine.request import MAX_TOP_LOGPROBS, SamplingParams
+from kvloom.api.errors import from_value_error, invalid
+from kvloom.engine.request import MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_N = 16
 MAX_STOP = 8

@@ -22,13 +22,13 @@ from typing import Optional
 import orjson
 from aiohttp import web
 
-from api import errors
-from api.errors import APIError
-from api.openapi import openapi_spec
-from api.protocol import GenerationRequest, parse_chat, parse_completion
-from engine.engine import Engine, EngineNotReadyError, EngineState, EngineUnavailableError
-from engine.request import FinishReason, RequestOutput, Usage
-from engine.scheduler import QueueFullError
+from kvloom.api import errors
+from kvloom.api.errors import APIError
+from kvloom.api.openapi import openapi_spec
+from kvloom.api.protocol import GenerationRequest, parse_chat, parse_completion
+from kvloom.engine.engine import Engine, EngineNotReadyError, EngineState, EngineUnavailableError
+from kvloom.engine.request import FinishReason, RequestOutput, Usage
+from kvloom.engine.scheduler import QueueFullError
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from engine.config import ScoringConfig, SchedulerConfig
+from kvloom.engine.config import ScoringConfig, SchedulerConfig
 
 
 def _powers(limit: int, base: int = 2, start: int = 1) -> tuple[int, ...]:

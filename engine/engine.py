@@ -29,18 +29,18 @@ import random
 import time
 from typing import AsyncIterator, Callable, Optional, Sequence, Union
 
-from engine.buckets import BucketPlan
-from engine.config import EngineConfig
-from engine.executor import ComputeThread
-from engine.faults import FaultInjector, FaultyRunner, RowError
-from engine.metrics import EngineMetrics
-from engine.pages import PageAllocator
-from engine.radix_cache import make_prefix_cache
-from engine import scoring
-from engine.request import (FinishReason, Request, RequestOutput, SamplingParams, ScoreTask, validate_prompt_ids)
-from engine.scoring import ScoreOutput
-from engine.scheduler import QueueFullError, Scheduler, check_fits
-from engine.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+from kvloom.engine.buckets import BucketPlan
+from kvloom.engine.config import EngineConfig
+from kvloom.engine.executor import ComputeThread
+from kvloom.engine.faults import FaultInjector, FaultyRunner, RowError
+from kvloom.engine.metrics import EngineMetrics
+from kvloom.engine.pages import PageAllocator
+from kvloom.engine.radix_cache import make_prefix_cache
+from kvloom.engine import scoring
+from kvloom.engine.request import (FinishReason, Request, RequestOutput, SamplingParams, ScoreTask, validate_prompt_ids)
+from kvloom.engine.scoring import ScoreOutput
+from kvloom.engine.scheduler import QueueFullError, Scheduler, check_fits
+from kvloom.engine.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class EngineUnavailableError(RuntimeError):
 
 
 def _default_runner(config: EngineConfig, plan: BucketPlan):
-    from engine.runner import ModelRunner  # imports JAX; the engine module itself does not
+    from kvloom.engine.runner import ModelRunner  # imports JAX; the engine module itself does not
 
     return ModelRunner(config, plan)
 

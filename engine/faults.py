@@ -21,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-from engine.executor import KillComputeThread
+from kvloom.engine.executor import KillComputeThread
 
 KINDS = ("raise", "kill", "hang", "fail_warmup", "fail_request", "nan_request")
 

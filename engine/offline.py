@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engine.config import ModelConfig
-from engine.models import llama
+from kvloom.engine.config import ModelConfig
+from kvloom.engine.models import llama
 
 
 class StaticBatch:

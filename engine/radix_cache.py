@@ -38,7 +38,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
 
-from engine.pages import PageAllocator
+from kvloom.engine.pages import PageAllocator
 
 
 @dataclass

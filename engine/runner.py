@@ -19,12 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engine.buckets import BucketPlan, StepShape
-from engine.config import EngineConfig
-from engine.models import llama
-from engine.models.loader import load_model
-from engine.sampling import SamplingInput, sample
-from engine.scheduler import ScheduledBatch, ScheduledRow, StepResult
+from kvloom.engine.buckets import BucketPlan, StepShape
+from kvloom.engine.config import EngineConfig
+from kvloom.engine.models import llama
+from kvloom.engine.models.loader import load_model
+from kvloom.engine.sampling import SamplingInput, sample
+from kvloom.engine.scheduler import ScheduledBatch, ScheduledRow, StepResult
 
 log = logging.getLogger(__name__)
 

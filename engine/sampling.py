@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from engine.request import MAX_TOP_LOGPROBS
+from kvloom.engine.request import MAX_TOP_LOGPROBS
 
 NUM_CANDIDATES = 256
 _NEG_INF = -1e30

@@ -35,12 +35,12 @@ from typing import Optional
 
 import numpy as np
 
-from engine.buckets import BucketPlan, StepShape
-from engine.config import SchedulerConfig
-from engine.pages import PageAllocator
-from engine.radix_cache import PrefixCache
-from engine.request import FinishReason, Request, RequestState, SamplingParams, TokenLogprob
-from engine.scoring import pack_items
+from kvloom.engine.buckets import BucketPlan, StepShape
+from kvloom.engine.config import SchedulerConfig
+from kvloom.engine.pages import PageAllocator
+from kvloom.engine.radix_cache import PrefixCache
+from kvloom.engine.request import FinishReason, Request, RequestState, SamplingParams, TokenLogprob
+from kvloom.engine.scoring import pack_items
 
 LPM_WINDOW = 64  # waiting requests the lpm policy looks at per pick
 

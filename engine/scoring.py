@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
-from engine.config import ScoringConfig
+from kvloom.engine.config import ScoringConfig
 
 MODES = ("single", "batched", "packed")
 

@@ -28,7 +28,7 @@ import tempfile
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 if TYPE_CHECKING:  # the loader imports JAX; this module must not
-    from engine.models.loader import ModelSource
+    from kvloom.engine.models.loader import ModelSource
 
 log = logging.getLogger(__name__)
 

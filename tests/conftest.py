@@ -8,7 +8,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-_JAX_CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_JAX_CACHE = os.path.join(_ROOT, ".pytest_cache", "jax")
+# Subprocesses (`kvloom serve`, `python -m kvloom ...`) import this checkout, whatever is installed.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
 
 
 def pytest_configure(config):
@@ -42,7 +45,7 @@ def tiny_llama(tiny_checkpoints):
 
 def tiny_engine_config(model: str, **overrides):
     """A small engine: 4 running requests, 64-token steps, 32-token chunks, pages of 4."""
-    from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from kvloom.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 
     scheduler = dict(max_running=4, max_tokens_per_step=64, chunk_size=32, max_prefill_seqs=2)
     scheduler.update(overrides.pop("scheduler", {}))

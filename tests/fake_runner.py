@@ -16,9 +16,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from engine.config import ModelConfig
-from engine.models.loader import resolve_source
-from engine.scheduler import StepResult
+from kvloom.engine.config import ModelConfig
+from kvloom.engine.models.loader import resolve_source
+from kvloom.engine.scheduler import StepResult
 
 
 def fake_next_token(last: int, position: int, vocab_size: int) -> int:

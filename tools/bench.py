@@ -38,7 +38,7 @@ import aiohttp
 import numpy as np
 import orjson
 
-from tools.slo import SLO, RequestRecord, build_summary, parse_slos
+from kvloom.tools.slo import SLO, RequestRecord, build_summary, parse_slos
 
 PROMPT_ID_LOW, PROMPT_ID_HIGH = 100, 1000
 DEFAULT_TIME_LIMIT_S = 600.0
@@ -733,7 +733,7 @@ async def run_bench(args) -> int:
         with open(plan.json_path, "w") as f:
             json.dump(report, f, indent=2)
     if plan.plot_path:
-        from tools.plot import plot_sweep
+        from kvloom.tools.plot import plot_sweep
 
         plot_sweep(plan.plot_path, runs, [s["label"] for s in runs], workload=workload.kind, slos=plan.slos)
         print(f"kvloom bench: plot written to {plan.plot_path}")

@@ -2,7 +2,7 @@
 aggregate decode throughput at several concurrencies, time to first token cold and from the
 prefix cache, and decode throughput as a fraction of the machine's float32 compute roofline.
 
-    .venv/bin/python -m tools.bench_engine [--model PATH] [--concurrency 1,8,32] [--new-tokens 128]
+    .venv/bin/python -m kvloom.tools.bench_engine [--model PATH] [--concurrency 1,8,32] [--new-tokens 128]
         [--prompt-tokens 32] [--long-prompt-tokens 1500] [--hf/--no-hf] [--json OUT.json]
 
 Phases, each with a fixed number of requests:
@@ -29,8 +29,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from tools.cli import use_compile_cache
-from tools.bench_model import _best_of
+from kvloom.tools.cli import use_compile_cache
+from kvloom.tools.bench_model import _best_of
 
 DEFAULT_JAX_CACHE = "~/.cache/kvloom/jax"
 PROMPT_ID_LOW, PROMPT_ID_HIGH = 100, 10000
@@ -165,7 +165,7 @@ def measure_matmul_peak(sizes: Sequence[int], repeats: int) -> dict:
 
 async def run_batch(engine, prompts: list[list[int]], new_tokens: int) -> dict:
     """Submit every prompt at once, drain every stream; wall time covers prefill and decode."""
-    from engine.request import SamplingParams
+    from kvloom.engine.request import SamplingParams
 
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
 
@@ -188,7 +188,7 @@ async def run_batch(engine, prompts: list[list[int]], new_tokens: int) -> dict:
 
 async def time_to_first_token(engine, prompt: list[int]) -> tuple[float, int]:
     """(seconds from submission to the first output, prompt tokens served by the prefix cache)."""
-    from engine.request import SamplingParams
+    from kvloom.engine.request import SamplingParams
 
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     t0 = time.perf_counter()
@@ -222,7 +222,7 @@ async def measure_ttft(engine, rng, id_range, prompt_tokens: int, repeats: int) 
 
 async def bench_kvloom(config, args) -> dict:
     """Start one engine; run the throughput levels, then the TTFT probes. Returns the prompts too, for HF."""
-    from engine.engine import Engine
+    from kvloom.engine.engine import Engine
 
     _log("starting the engine (compiles every step shape; about a minute cold)")
     t0 = time.perf_counter()
@@ -313,7 +313,7 @@ def build_report(args, ours: dict, theirs: Optional[dict], matmul: dict) -> dict
 
 
 def engine_config_from_args(args):
-    from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from kvloom.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 
     def given(**values):
         return {k: v for k, v in values.items() if v is not None}

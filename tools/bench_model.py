@@ -1,7 +1,7 @@
 """Model-level figures for one model, kvloom beside HF transformers in the same run:
 load time, prefill tokens/s for one prompt, single-stream greedy decode tokens/s.
 
-    .venv/bin/python -m tools.bench_model [--model PATH] [--prompt-tokens 512] [--decode-tokens 128]
+    .venv/bin/python -m kvloom.tools.bench_model [--model PATH] [--prompt-tokens 512] [--decode-tokens 128]
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ def _best_of(fn, repeats):
 
 
 def bench_kvloom(model, prompt, num_decode, repeats):
-    from engine.models.loader import load_model
-    from engine.offline import StaticBatch
+    from kvloom.engine.models.loader import load_model
+    from kvloom.engine.offline import StaticBatch
 
     t0 = time.perf_counter()
     _, cfg, params = load_model(model)
@@ -51,7 +51,7 @@ def bench_hf(model, prompt, num_decode, repeats):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from engine.models.loader import resolve_source
+    from kvloom.engine.models.loader import resolve_source
 
     source = resolve_source(model)
     t0 = time.perf_counter()

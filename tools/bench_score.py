@@ -2,7 +2,7 @@
 items/s per scoring mode, items/s as a fraction of the float32 compute roofline, and request latency
 at a few item counts with concurrent clients.
 
-    .venv/bin/python -m tools.bench_score [--model PATH] [--query-tokens 2000] [--num-items 500]
+    .venv/bin/python -m kvloom.tools.bench_score [--model PATH] [--query-tokens 2000] [--num-items 500]
         [--item-tokens 20] [--modes packed,batched] [--hf-sample 16] [--latency-items 10,100,500]
         [--clients 2] [--requests-per-point 4] [--hf/--no-hf] [--json OUT.json]
 
@@ -37,8 +37,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from tools.cli import use_compile_cache
-from tools.bench_engine import (add_engine_size_args, publish, DEFAULT_JAX_CACHE, engine_config_from_args, format_row, format_value, load_hf,
+from kvloom.tools.cli import use_compile_cache
+from kvloom.tools.bench_engine import (add_engine_size_args, publish, DEFAULT_JAX_CACHE, engine_config_from_args, format_row, format_value, load_hf,
                                 measure_matmul_peak, parse_int_list, prompt_id_range, random_prompts, ratio)
 
 NUM_LABELS = 2
@@ -54,7 +54,7 @@ HEADER = ("figure", "kvloom", "HF", "ratio", "target")
 # ---- pure helpers -------------------------------------------------------------------------------
 
 def parse_modes(text: str) -> list[str]:
-    from engine.scoring import MODES
+    from kvloom.engine.scoring import MODES
 
     modes = [m.strip() for m in text.split(",") if m.strip()]
     if not modes or any(m not in MODES for m in modes) or len(set(modes)) != len(modes):
@@ -208,7 +208,7 @@ async def measure_latency(engine, workload: dict, rng: np.random.Generator, mode
 
 def engine_config_for(args, mode: str):
     """bench_engine's engine-size flags, plus a scoring config whose limits admit the workload."""
-    from engine.config import SchedulerConfig, ScoringConfig
+    from kvloom.engine.config import SchedulerConfig, ScoringConfig
 
     # engine_config_from_args sizes max_running from the highest concurrency when --max-running is not given;
     # keep the engine's default unless the clients need more (single mode turns each item into a request)
@@ -230,7 +230,7 @@ async def bench_mode(config, mode: str, args, workload: Optional[dict], measure_
     """Start an engine for `mode`; warm-up request, the timed request, and the latency phase if asked."""
     import dataclasses
 
-    from engine.engine import Engine
+    from kvloom.engine.engine import Engine
 
     _log(f"{mode}: starting the engine (compiles every step shape)")
     t0 = time.perf_counter()

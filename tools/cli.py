@@ -16,9 +16,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_chat(args) -> int:
-    from engine.models.loader import load_model
-    from engine.offline import greedy_generate
-    from engine.tokenizer import Tokenizer
+    from kvloom.engine.models.loader import load_model
+    from kvloom.engine.offline import greedy_generate
+    from kvloom.engine.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
     source, cfg, params = load_model(args.model, args.dtype)
@@ -52,25 +52,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="arm faults through POST /admin/faults (tests and the fault tool)")
     serve.set_defaults(func=cmd_serve)
 
-    from tools.bench import add_bench_args
+    from kvloom.tools.bench import add_bench_args
 
     bench = sub.add_parser("bench", help="load-test an OpenAI-compatible server: latency, throughput, SLOs")
     add_bench_args(bench)
     bench.set_defaults(func=cmd_bench)
 
-    from tools.compare import add_compare_args
+    from kvloom.tools.compare import add_compare_args
 
     compare = sub.add_parser("compare", help="kvloom beside transformers, llama.cpp and the roofline")
     add_compare_args(compare)
     compare.set_defaults(func=cmd_compare)
 
-    from tools.soak import add_soak_args
+    from kvloom.tools.soak import add_soak_args
 
     soak = sub.add_parser("soak", help="a long mixed chat and score workload: errors and latency over time")
     add_soak_args(soak)
     soak.set_defaults(func=cmd_soak)
 
-    from tools.fault_gate import add_fault_args
+    from kvloom.tools.fault_gate import add_fault_args
 
     faults = sub.add_parser("faults",
                             help="fault-handling release gate against a --enable-fault-injection server")
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    from engine.config import CacheConfig, SchedulerConfig
+    from kvloom.engine.config import CacheConfig, SchedulerConfig
 
     s, c = SchedulerConfig(), CacheConfig()
     p.add_argument("--max-model-len", type=int, default=None)
@@ -102,7 +102,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config_from_args(args):
-    from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from kvloom.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 
     return EngineConfig(
         model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
@@ -127,9 +127,9 @@ def use_compile_cache(directory: str) -> None:
 def cmd_serve(args) -> int:
     import uvloop
 
-    from api.server import serve
-    from engine.engine import Engine
-    from engine.faults import FaultInjector
+    from kvloom.api.server import serve
+    from kvloom.engine.engine import Engine
+    from kvloom.engine.faults import FaultInjector
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     use_compile_cache(args.compile_cache)
@@ -145,25 +145,25 @@ def cmd_serve(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from tools.bench import main_from_args
+    from kvloom.tools.bench import main_from_args
 
     return main_from_args(args)
 
 
 def cmd_compare(args) -> int:
-    from tools.compare import main_from_args
+    from kvloom.tools.compare import main_from_args
 
     return main_from_args(args)
 
 
 def cmd_soak(args) -> int:
-    from tools.soak import main_from_args
+    from kvloom.tools.soak import main_from_args
 
     return main_from_args(args)
 
 
 def cmd_faults(args) -> int:
-    from tools.fault_gate import main_from_args
+    from kvloom.tools.fault_gate import main_from_args
 
     return main_from_args(args)
 

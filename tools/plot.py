@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from tools.slo import SLO
+from kvloom.tools.slo import SLO
 
 _COLORS = {"p50": "tab:blue", "p99": "tab:orange"}
 _TITLES = {"ttft": "time to first token", "e2e": "end-to-end latency", "itl": "inter-token latency",

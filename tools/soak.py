@@ -33,9 +33,9 @@ import aiohttp
 import numpy as np
 import orjson
 
-from tools import bench
-from tools.bench import LoadPoint, RequestSpec, SharedPrefix, UsageError, Workload
-from tools.slo import RequestRecord, build_summary
+from kvloom.tools import bench
+from kvloom.tools.bench import LoadPoint, RequestSpec, SharedPrefix, UsageError, Workload
+from kvloom.tools.slo import RequestRecord, build_summary
 
 KINDS = ("chat_stream", "chat", "score")
 

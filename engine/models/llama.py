@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engine.config import ModelConfig
-from kernels.attention import prefix_extend_attention
+from kvloom.engine.config import ModelConfig
+from kvloom.kernels.attention import prefix_extend_attention
 
 # HF parameter names -> (params key, transpose to [in, out]); per layer and global.
 LAYER_WEIGHTS = {

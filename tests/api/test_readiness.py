@@ -5,7 +5,7 @@ import asyncio
 import aiohttp
 import pytest
 
-from engine.engine import Engine, EngineState
+from kvloom.engine.engine import Engine, EngineState
 from tests import fake_runner
 from tests.api.conftest import serve_engine
 from tests.conftest import tiny_engine_config

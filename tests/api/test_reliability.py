@@ -7,9 +7,9 @@ import aiohttp
 import orjson
 import pytest
 
-from engine.engine import Engine, EngineState
-from engine.faults import FaultInjector
-from engine.request import FinishReason, SamplingParams
+from kvloom.engine.engine import Engine, EngineState
+from kvloom.engine.faults import FaultInjector
+from kvloom.engine.request import FinishReason, SamplingParams
 from tests.api.conftest import serve_engine
 from tests.conftest import tiny_engine_config
 

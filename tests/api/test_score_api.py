@@ -8,7 +8,7 @@ import numpy as np
 import openai
 import pytest
 
-from engine.engine import Engine
+from kvloom.engine.engine import Engine
 from tests.api.conftest import serve_engine
 from tests.conftest import tiny_engine_config
 

@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from engine.models.loader import load_model, resolve_source
-from engine.offline import greedy_generate
+from kvloom.engine.models.loader import load_model, resolve_source
+from kvloom.engine.offline import greedy_generate
 
 PROMPTS = [
     "What is the capital of France?",

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from engine.engine import Engine, EngineNotReadyError, EngineState, EngineUnavailableError, QueueFullError
-from engine.request import FinishReason, SamplingParams
+from kvloom.engine.engine import Engine, EngineNotReadyError, EngineState, EngineUnavailableError, QueueFullError
+from kvloom.engine.request import FinishReason, SamplingParams
 from tests import fake_runner
 from tests.conftest import tiny_engine_config
 

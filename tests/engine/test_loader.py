@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from engine.config import ModelConfig
-from engine.models.loader import ModelLoadError, default_model_path, load_model, resolve_source
+from kvloom.engine.config import ModelConfig
+from kvloom.engine.models.loader import ModelLoadError, default_model_path, load_model, resolve_source
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.models.loader import load_model
-from engine.offline import StaticBatch
+from kvloom.engine.models.loader import load_model
+from kvloom.engine.offline import StaticBatch
 from tests import tiny_models
 
 PROMPT_LENGTHS = (5, 11, 17)

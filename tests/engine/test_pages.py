@@ -1,6 +1,6 @@
 import pytest
 
-from engine.pages import OutOfPagesError, PageAllocator
+from kvloom.engine.pages import OutOfPagesError, PageAllocator
 
 
 def test_needs_at_least_two_pages():

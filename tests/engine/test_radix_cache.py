@@ -2,8 +2,8 @@ import random
 
 import pytest
 
-from engine.pages import PageAllocator
-from engine.radix_cache import NoPrefixCache, PrefixMatch, RadixCache, make_prefix_cache
+from kvloom.engine.pages import PageAllocator
+from kvloom.engine.radix_cache import NoPrefixCache, PrefixMatch, RadixCache, make_prefix_cache
 
 
 @pytest.fixture(params=[1, 4, 16])

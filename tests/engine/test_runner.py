@@ -9,9 +9,9 @@ import pytest
 import pytest_asyncio
 import torch
 
-from engine.engine import Engine
-from engine.request import SamplingParams
-from engine.runner import ModelRunner
+from kvloom.engine.engine import Engine
+from kvloom.engine.request import SamplingParams
+from kvloom.engine.runner import ModelRunner
 from tests import tiny_models
 from tests.conftest import tiny_engine_config
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine.sampling import SamplingInput, apply_penalties, sample
+from kvloom.engine.sampling import SamplingInput, apply_penalties, sample
 
 V = 600  # more than the 256 candidates, so the wide-nucleus path is reachable
 _sample = jax.jit(sample)
@@ -96,7 +96,7 @@ def test_penalties(rep, freq, pres):
 
 
 def test_gumbel_noise_is_finite_gumbel_and_row_local():
-    from engine.sampling import gumbel_noise
+    from kvloom.engine.sampling import gumbel_noise
 
     seeds = np.arange(2000, dtype=np.uint32)
     noise = np.asarray(jax.jit(lambda s, c: gumbel_noise(s, c, 600))(seeds, np.zeros(2000, np.int32)))

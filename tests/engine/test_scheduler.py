@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from engine.buckets import BucketPlan
-from engine.config import SchedulerConfig
-from engine.pages import PageAllocator
-from engine.radix_cache import make_prefix_cache
-from engine.request import FinishReason, Request, RequestState, SamplingParams
-from engine.scheduler import QueueFullError, Scheduler, StepResult, check_fits
+from kvloom.engine.buckets import BucketPlan
+from kvloom.engine.config import SchedulerConfig
+from kvloom.engine.pages import PageAllocator
+from kvloom.engine.radix_cache import make_prefix_cache
+from kvloom.engine.request import FinishReason, Request, RequestState, SamplingParams
+from kvloom.engine.scheduler import QueueFullError, Scheduler, StepResult, check_fits
 
 VOCAB = 97
 

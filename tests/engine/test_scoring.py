@@ -8,8 +8,8 @@ import pytest
 import pytest_asyncio
 import torch
 
-from engine.config import ScoringConfig
-from engine.engine import Engine
+from kvloom.engine.config import ScoringConfig
+from kvloom.engine.engine import Engine
 from tests import tiny_models
 from tests.conftest import tiny_engine_config
 
@@ -134,7 +134,7 @@ async def test_invalid_inputs_name_the_field(engines):
 
 @pytest.mark.parametrize("mode", ["packed", "batched"])
 async def test_scoring_and_generation_together(engines, mode):
-    from engine.request import SamplingParams
+    from kvloom.engine.request import SamplingParams
 
     engine = await engines("llama", mode)
     alone = [t async for out in engine.generate(QUERY[:9], SamplingParams(max_tokens=12, temperature=0,

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from engine.models.loader import ModelSource, resolve_source
-from engine.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+from kvloom.engine.models.loader import ModelSource, resolve_source
+from kvloom.engine.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 from tests import tiny_models
 
 TEXTS = [
@@ -140,7 +140,7 @@ def test_template_exception_is_a_value_error(tiny_tokenizer_dir):
 
 
 def test_cache_write_tolerates_a_concurrent_writer(tok, tmp_path):
-    from engine.tokenizer import _save_atomically
+    from kvloom.engine.tokenizer import _save_atomically
 
     target = tmp_path / "tokenizers" / "key"
     _save_atomically(tok._tok, str(target))

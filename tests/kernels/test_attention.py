@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.attention import prefix_extend_attention, prefix_extend_attention_reference
+from kvloom.kernels.attention import prefix_extend_attention, prefix_extend_attention_reference
 
 
 def _case(rng, *, rows, qn, heads, kv_heads, dim, page_size, num_table_pages, dtype, layers=2):

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from api.server import start_server
+from kvloom.api.server import start_server
 from tests.api.conftest import fake_server  # noqa: F401 - the fixture, reused
-from tools import bench
-from tools.cli import build_parser
+from kvloom.tools import bench
+from kvloom.tools.cli import build_parser
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from tools import bench_engine
+from kvloom.tools import bench_engine
 
 
 def test_roofline_and_ratios():

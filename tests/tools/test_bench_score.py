@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from tools import bench_score
+from kvloom.tools import bench_score
 
 
 def test_roofline_items_per_s():

@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from engine.models.loader import _unpermute_rope, load_model, resolve_source
-from tools import compare
-from tools.cli import build_parser
+from kvloom.engine.models.loader import _unpermute_rope, load_model, resolve_source
+from kvloom.tools import compare
+from kvloom.tools.cli import build_parser
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -211,7 +211,7 @@ def _quantize_q4_1(src: str, out: str) -> None:
 
 
 def test_float_gguf_from_a_checkpoint_and_from_a_quantized_gguf(tiny_llama, tmp_path, monkeypatch):
-    from engine.tokenizer import CACHE_DIR_ENV, Tokenizer
+    from kvloom.engine.tokenizer import CACHE_DIR_ENV, Tokenizer
 
     monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "kvloom-cache"))  # the GGUF tokenizer's cache
     source = resolve_source(tiny_llama)

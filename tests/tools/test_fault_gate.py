@@ -5,15 +5,15 @@ import json
 
 import pytest
 
-from engine.engine import Engine
-from engine.faults import FaultInjector
+from kvloom.engine.engine import Engine
+from kvloom.engine.faults import FaultInjector
 from tests.api.conftest import serve_engine
 from tests.conftest import tiny_engine_config
-from tools import fault_gate
-from tools.cli import build_parser
+from kvloom.tools import fault_gate
+from kvloom.tools.cli import build_parser
 
 pytestmark = pytest.mark.timeout(180)
-from tools.fault_gate import Outcome, ScenarioResult
+from kvloom.tools.fault_gate import Outcome, ScenarioResult
 
 
 def gate_args(url: str, *options: str):

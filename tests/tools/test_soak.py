@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from engine.engine import Engine
+from kvloom.engine.engine import Engine
 from tests.api.conftest import serve_engine
 from tests.conftest import tiny_engine_config
-from tools import soak
-from tools.cli import build_parser
+from kvloom.tools import soak
+from kvloom.tools.cli import build_parser
 
 pytestmark = pytest.mark.timeout(180)
 
