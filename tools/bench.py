@@ -22,7 +22,6 @@ fails, 2 for usage errors.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import importlib.util
@@ -38,11 +37,11 @@ import aiohttp
 import numpy as np
 import orjson
 
+from kvloom.tools.command_args import DEFAULT_NUM_REQUESTS
 from kvloom.tools.slo import SLO, RequestRecord, build_summary, parse_slos
 
 PROMPT_ID_LOW, PROMPT_ID_HIGH = 100, 1000
 DEFAULT_TIME_LIMIT_S = 600.0
-DEFAULT_NUM_REQUESTS = 100
 
 # Common short English words: about one token each for the usual BPE vocabularies.
 WORDS = tuple("""
@@ -744,71 +743,3 @@ async def run_bench(args) -> int:
 
 def main_from_args(args) -> int:
     return asyncio.run(run_bench(args))
-
-
-# ---- options (the `kvloom bench` subparser is built in tools/cli.py) ---------------------------
-
-def add_bench_args(p: argparse.ArgumentParser) -> None:
-    target = p.add_argument_group("target")
-    target.add_argument("--url", default="http://127.0.0.1:8000",
-                        help="base URL of any OpenAI-compatible server (a trailing /v1 is fine)")
-    target.add_argument("--model", default=None,
-                        help="model name for the body (default: the first of /v1/models)")
-
-    work = p.add_argument_group("workload")
-    work.add_argument("--workload", choices=["generate", "score"], default="generate")
-    work.add_argument("--api", choices=["completions", "chat"], default="completions")
-    work.add_argument("--prompt-format", choices=["ids", "text"], default=None,
-                      help="synthetic prompts as token ids (exact lengths; default for completions) or text "
-                           "of about one token per word (default for chat)")
-    work.add_argument("--input-len", type=int, default=128, help="prompt tokens (default 128)")
-    work.add_argument("--input-len-dist", default="fixed", metavar="DIST",
-                      help="fixed | uniform[:LO:HI] | normal[:STD] | normal:MEAN:STD (default fixed)")
-    work.add_argument("--output-len", type=int, default=128, help="max_tokens per request (default 128)")
-    work.add_argument("--output-len-dist", default="fixed", metavar="DIST", help="as --input-len-dist")
-    work.add_argument("--shared-prefix-ratio", type=float, default=0.0,
-                      help="fraction of each synthetic prompt that is a prefix common to all (default 0)")
-    work.add_argument("--vocab-size", type=int, default=None,
-                      help="bound synthetic token ids (default: ids in [100, 1000))")
-    work.add_argument("--prompts-file", default=None, metavar="F.jsonl",
-                      help='real prompts, one {"prompt": ...} or {"messages": [...]} per line, cycled')
-    work.add_argument("--extra-body", default=None, metavar="JSON",
-                      help="a JSON object merged into every request body, e.g. '{\"temperature\": 0}'")
-    work.add_argument("--ignore-eos", action="store_true",
-                      help='add "ignore_eos": true (a vLLM/kvloom extension): requests run to max_tokens')
-    work.add_argument("--query-tokens", type=int, default=32, help="score: query tokens (default 32)")
-    work.add_argument("--num-items", type=int, default=8, help="score: items per request (default 8)")
-    work.add_argument("--item-tokens", type=int, default=16, help="score: tokens per item (default 16)")
-    work.add_argument("--label-token-ids", default=None, metavar="IDS", help="score: e.g. 1,2 (required)")
-
-    load = p.add_argument_group("load")
-    load.add_argument("--concurrency", type=int, default=None,
-                      help="closed loop with C in flight (default 1); with --request-rate, a cap on those")
-    load.add_argument("--request-rate", type=float, default=None, help="open loop at R requests/s")
-    load.add_argument("--arrival", choices=["poisson", "constant"], default="poisson",
-                      help="inter-arrival times at --request-rate (default poisson)")
-    load.add_argument("--num-requests", type=int, default=None,
-                      help=f"measured requests per load point (default {DEFAULT_NUM_REQUESTS} "
-                           "without --duration)")
-    load.add_argument("--duration", type=float, default=None, help="stop sending after S seconds")
-    load.add_argument("--warmup-requests", type=int, default=0,
-                      help="requests sent first and left out of figures")
-    load.add_argument("--timeout", type=float, default=60.0,
-                      help="per-request timeout in seconds (default 60)")
-    load.add_argument("--time-limit", type=float, default=None,
-                      help="hard wall-clock cap per phase in seconds; requests in flight then count as "
-                           "time_limit errors (default: duration + timeout, or at least 600)")
-    load.add_argument("--sweep-concurrency", default=None, metavar="C1,C2,...",
-                      help="run at each concurrency")
-    load.add_argument("--sweep-rate", default=None, metavar="R1,R2,...", help="run at each request rate")
-    load.add_argument("--seed", type=int, default=0)
-
-    out = p.add_argument_group("output")
-    out.add_argument("--slo", default=None, metavar="SPEC",
-                     help="gates, e.g. ttft_p99=500ms,e2e_p99=6.5s,itl_p50=50ms,error_rate=1%%; metrics "
-                          "ttft|itl|tpot|e2e _mean|_pNN (units us/ms/s) and error_rate (%%); "
-                          "exit 1 if any fails")
-    out.add_argument("--json", default=None, metavar="OUT.json", help="write the summary as JSON")
-    out.add_argument("--plot", default=None, metavar="OUT.png",
-                     help="latency against throughput, one point per sweep value (matplotlib)")
-    out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

@@ -36,7 +36,6 @@ Exit code: 0 when every scenario passes, 1 when any fails, 2 for usage errors or
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import math
@@ -51,14 +50,14 @@ import orjson
 
 from kvloom.tools import bench
 from kvloom.tools.bench import RequestSpec, UsageError
+from kvloom.tools.command_args import FAULT_SCENARIOS
 from kvloom.tools.slo import RequestRecord
 from kvloom.tools.soak import post_json, send_any
 
 ENGINE_FAULTS = ("raise", "kill", "hang")
 ROW_FAULTS = ("fail_request", "nan_request")
 WARMUP_FAULTS = ("fail_warmup",)
-SCENARIOS = ENGINE_FAULTS + ROW_FAULTS + WARMUP_FAULTS
-DEFAULT_SCENARIOS = "raise,kill,hang,fail_request"
+SCENARIOS = FAULT_SCENARIOS  # the three groups above, as --scenarios names them
 UNAVAILABLE = "engine_unavailable"
 REQUEST_FAILED = "request_failed"
 NOT_READY = "engine_not_ready"
@@ -468,33 +467,3 @@ async def run_gate(args) -> int:
 
 def main_from_args(args) -> int:
     return asyncio.run(run_gate(args))
-
-
-# ---- options (the `kvloom faults` subparser is built in tools/cli.py) --------------------------
-
-def add_fault_args(p: argparse.ArgumentParser) -> None:
-    p.description = ("Fault-handling release gate. Start the server with --enable-fault-injection and, for "
-                     "the hang scenario, a short watchdog (e.g. kvloom serve --enable-fault-injection "
-                     "--step-timeout 5): a hung step must be failed by the watchdog well within --timeout.")
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="base URL of the kvloom server")
-    p.add_argument("--scenarios", default=DEFAULT_SCENARIOS,
-                   help=f"comma-separated, from {','.join(SCENARIOS)} (default {DEFAULT_SCENARIOS})")
-    p.add_argument("--requests", type=int, default=10,
-                   help="requests before the fault, without a restart, and after it (default 10)")
-    p.add_argument("--load-requests", type=int, default=12,
-                   help="concurrent requests under raise/kill/hang (default 12)")
-    p.add_argument("--row-requests", type=int, default=50,
-                   help="concurrent requests under fail_request/nan_request, one of them failed (default 50)")
-    p.add_argument("--max-tokens", type=int, default=24,
-                   help="max_tokens per request, ignore_eos (default 24)")
-    p.add_argument("--after-steps", type=int, default=None,
-                   help="engine steps before raise/kill/hang fires (default: about half the load's steps, "
-                        "from max_running in /status)")
-    p.add_argument("--timeout", type=float, default=30.0,
-                   help="per-request timeout in seconds: a request unanswered by then counts as hung; keep "
-                        "it well above the server's --step-timeout (default 30)")
-    p.add_argument("--restart-timeout", type=float, default=300.0,
-                   help="seconds POST /admin/restart may take (warm-up included; default 300)")
-    p.add_argument("--at-once", type=float, default=2.0,
-                   help="seconds within which a failed server must refuse each request (default 2)")
-    p.add_argument("--json", default=None, metavar="OUT.json", help="write the per-scenario results as JSON")

@@ -19,7 +19,6 @@ Kinds: "chat_stream", "chat" (non-streaming) and "score". Exit code: 0 when the 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import itertools
@@ -290,47 +289,3 @@ async def run_soak(args) -> int:
 
 def main_from_args(args) -> int:
     return asyncio.run(run_soak(args))
-
-
-# ---- options (the `kvloom soak` subparser is built in tools/cli.py) ----------------------------
-
-def add_soak_args(p: argparse.ArgumentParser) -> None:
-    target = p.add_argument_group("target")
-    target.add_argument("--url", default="http://127.0.0.1:8000",
-                        help="base URL of a kvloom (or any OpenAI-compatible, with /v1/score) server")
-    target.add_argument("--model", default=None,
-                        help="model name for the body (default: the first of /v1/models)")
-
-    work = p.add_argument_group("workload")
-    work.add_argument("--score-fraction", type=float, default=0.3,
-                      help="fraction of requests that are /v1/score, spread evenly; the rest are chat "
-                           "completions alternating streaming and non-streaming (default 0.3)")
-    work.add_argument("--input-len", type=int, default=64, help="chat: words per user message (default 64)")
-    work.add_argument("--max-tokens", type=int, default=32, help="chat: max_tokens (default 32)")
-    work.add_argument("--query-tokens", type=int, default=256, help="score: query tokens (default 256)")
-    work.add_argument("--num-items", type=int, default=20, help="score: items per request (default 20)")
-    work.add_argument("--item-tokens", type=int, default=8, help="score: tokens per item (default 8)")
-    work.add_argument("--label-token-ids", default="1,2", metavar="IDS",
-                      help="score: label ids (default 1,2)")
-    work.add_argument("--vocab-size", type=int, default=None,
-                      help="bound synthetic score token ids (default: ids in [100, 1000))")
-    work.add_argument("--seed", type=int, default=0)
-
-    load = p.add_argument_group("load")
-    load.add_argument("--concurrency", type=int, default=2,
-                      help="requests in flight, closed loop (default 2)")
-    load.add_argument("--duration", type=float, default=1800.0,
-                      help="stop sending after S seconds (default 1800)")
-    load.add_argument("--max-requests", type=int, default=None, help="stop sending after N requests")
-    load.add_argument("--timeout", type=float, default=60.0,
-                      help="per-request timeout in seconds (default 60)")
-    load.add_argument("--time-limit", type=float, default=None,
-                      help="hard wall-clock cap in seconds; requests in flight then count as time_limit "
-                           "errors (default: duration + timeout)")
-
-    out = p.add_argument_group("output")
-    out.add_argument("--progress-interval", type=float, default=10.0,
-                     help="seconds between progress lines on stderr (default 10)")
-    out.add_argument("--max-error-rate", type=float, default=0.0,
-                     help="exit 1 when the error rate is above this fraction (default 0)")
-    out.add_argument("--json", default=None, metavar="OUT.json", help="write the summary as JSON")
