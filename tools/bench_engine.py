@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -31,9 +30,10 @@ import numpy as np
 
 from kvloom.tools.bench_model import _best_of
 from kvloom.tools.command_args import parse_int_list
+from kvloom.tools.report import format_value, publish, ratio
+from kvloom.tools.workload import prompt_id_range, random_prompts
 from kvloom.tools.engine_args import (add_compile_cache_arg, add_engine_args, add_model_args,
                                       engine_config_from_args, use_compile_cache)
-PROMPT_ID_LOW, PROMPT_ID_HIGH = 100, 10000
 
 TARGETS = {
     "single_stream": ">= 1.5x HF single-stream",
@@ -44,25 +44,6 @@ TARGETS = {
 
 
 # ---- pure helpers -------------------------------------------------------------------------------
-
-def prompt_id_range(vocab_size: int) -> tuple[int, int]:
-    """[low, high) for random prompt ids: [100, 10000) clipped to the vocabulary (tiny test models)."""
-    high = min(PROMPT_ID_HIGH, vocab_size)
-    low = PROMPT_ID_LOW if high > 2 * PROMPT_ID_LOW else min(3, high - 1)
-    return low, high
-
-
-def random_prompts(rng: np.random.Generator, num_prompts: int, num_tokens: int,
-                   id_range: tuple[int, int]) -> list[list[int]]:
-    """num_prompts distinct-by-chance prompts of num_tokens ids each."""
-    return rng.integers(id_range[0], id_range[1], size=(num_prompts, num_tokens)).tolist()
-
-
-def ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:
-    if numerator is None or not denominator:
-        return None
-    return numerator / denominator
-
 
 def roofline_tokens_per_s(peak_flops: float, num_parameters: int) -> float:
     """Decode tokens/s if every token cost 2 FLOPs per parameter at the matmul peak."""
@@ -75,10 +56,6 @@ def throughput_target(concurrency: int) -> str:
 
 def ttft_target(prompt_tokens: int) -> str:
     return TARGETS["cached_ttft_1500"] if prompt_tokens == 1500 else ""
-
-
-def format_value(value: Optional[float], spec: str = ".2f", suffix: str = "") -> str:
-    return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
 # (name, width, alignment); the last column is free text.
@@ -326,16 +303,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def publish(report: dict, print_report, json_path) -> dict:
-    """Print a benchmark's report and, when asked, write it as JSON."""
-    print_report(report)
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(report, f, indent=2)
-        _log(f"wrote {json_path}")
-    return report
-
-
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     for name in ("new_tokens", "prompt_tokens", "long_prompt_tokens", "ttft_repeats", "matmul_repeats"):
@@ -349,7 +316,7 @@ def main(argv=None) -> dict:
     matmul = measure_matmul_peak(args.matmul_sizes, args.matmul_repeats)
     theirs = bench_hf(ours["source"], ours["prompt_sets"], args.new_tokens) if args.hf else None
     report = build_report(args, ours, theirs, matmul)
-    return publish(report, print_report, args.json)
+    return publish(report, print_report, args.json, "bench_engine")
 
 
 if __name__ == "__main__":

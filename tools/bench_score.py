@@ -36,9 +36,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from kvloom.tools.bench_engine import (format_row, format_value, load_hf, measure_matmul_peak, prompt_id_range,
-                                       publish, random_prompts, ratio)
+from kvloom.tools.bench_engine import format_row, load_hf, measure_matmul_peak
 from kvloom.tools.command_args import parse_int_list
+from kvloom.tools.report import format_value, publish, ratio
+from kvloom.tools.workload import prompt_id_range, random_prompts
 from kvloom.tools.engine_args import (add_compile_cache_arg, add_engine_args, add_model_args,
                                       engine_config_from_args, use_compile_cache)
 
@@ -364,7 +365,7 @@ def main(argv=None) -> dict:
     matmul = measure_matmul_peak(args.matmul_sizes, args.matmul_repeats)
     theirs = bench_hf(runs[args.modes[0]]["source"], workload, args.hf_sample) if args.hf else None
     report = build_report(args, runs, theirs, matmul)
-    return publish(report, print_report, args.json)
+    return publish(report, print_report, args.json, "bench_score")
 
 
 if __name__ == "__main__":

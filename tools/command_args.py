@@ -2,7 +2,7 @@
 declared apart from the code that runs them: `kvloom` builds its whole parser from this module and
 tools.engine_args without importing any benchmark module, so `kvloom serve` never loads one.
 
-Also the small option parsers they share (comma-separated integers, comma-separated names).
+Also the small option checks they share: comma-separated numbers and names, label ids, UsageError.
 """
 
 from __future__ import annotations
@@ -19,6 +19,39 @@ PEERS = ("hf", "llamacpp", "llamacpp-server")  # kvloom compare
 COMPARE_WORKLOADS = ("decode", "prefill", "shared-prefix", "score")
 FAULT_SCENARIOS = ("raise", "kill", "hang", "fail_request", "nan_request", "fail_warmup")  # kvloom faults
 DEFAULT_FAULT_SCENARIOS = "raise,kill,hang,fail_request"
+
+
+class UsageError(ValueError):
+    """A bad combination of options: the command reports it on stderr and exits 2."""
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise UsageError(message)
+
+
+def number_list(text: str, kind, option: str) -> list:
+    """"1,2,4" -> positive numbers of `kind`; UsageError names the option."""
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    require(bool(values) and all(v > 0 for v in values),
+            f"{option}: expected comma-separated positive numbers, got {text!r}")
+    return values
+
+
+def parse_label_ids(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--label-token-ids: expected comma-separated integers, got {text!r}") from None
+
+
+def options_json(args: argparse.Namespace) -> dict:
+    """The options as given, for a JSON report."""
+    return {k: v for k, v in vars(args).items()
+            if k not in ("func", "command") and isinstance(v, (str, int, float, bool, type(None)))}
 
 
 def parse_int_list(text: str) -> list[int]:

@@ -53,9 +53,10 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from kvloom.tools import command_args
-from kvloom.tools.bench import WORDS
+from kvloom.tools.workload import WORDS
 from kvloom.tools.engine_args import engine_config_from_args, use_compile_cache
-from kvloom.tools.bench_engine import format_value, ratio, roofline_tokens_per_s
+from kvloom.tools.bench_engine import roofline_tokens_per_s
+from kvloom.tools.report import format_value, ratio
 
 IN_PROCESS, HTTP = "in process", "HTTP"
 PEER_MODES = {"hf": IN_PROCESS, "llamacpp": IN_PROCESS, "llamacpp-server": HTTP}
