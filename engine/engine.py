@@ -287,7 +287,7 @@ class Engine:
             return self.tokenizer.encode(prompt)
         if prompt is None:
             raise ValueError("prompt: required")
-        return list(validate_prompt_ids(prompt, self.runner.vocab_size))
+        return validate_prompt_ids(prompt, self.runner.vocab_size)  # marked checked: never checked twice
 
     def generate(self, prompt: Union[str, Sequence[int], None] = None, params: Optional[SamplingParams] = None,
                  *, messages: Optional[list] = None, request_id: Optional[str] = None
@@ -303,13 +303,15 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise TypeError("params: must be a SamplingParams")
         ids = self.encode_prompt(prompt, messages)
+        params.check_token_ids(self.runner.vocab_size)
         check_fits(len(ids), params.max_tokens, self.runner.max_model_len,
                    field="messages" if messages is not None else "prompt")
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         request = Request(request_id or f"req-{next(self._ids)}", tuple(ids), params,
                           eos_token_ids=self.tokenizer.eos_token_ids, seed=seed)
-        request.detokenizer = IncrementalDetokenizer(self.tokenizer, ids)
-        request.stop_matcher = StopStringMatcher(params.stop) if params.stop else None
+        request.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+        request.stop_matcher = (StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop
+                                else None)
         return request
 
     def _generate(self, prompt, params, messages, request_id) -> AsyncIterator[RequestOutput]:
