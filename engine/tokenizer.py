@@ -135,6 +135,10 @@ class Tokenizer:
             raise ValueError(f"messages: the chat template rejected the messages: {exc}") from exc
         return self.encode(text, add_special_tokens=add_special_tokens)
 
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """The vocabulary entries of `ids`, as the tokenizer spells them (e.g. "Ġhello" in byte-level BPE)."""
+        return [self._token(int(i)) for i in ids]
+
     def token_text(self, token_id: int) -> str:
         """The text of one token, as shown in logprobs (a partial UTF-8 character shows as U+FFFD)."""
         token = self._token(token_id)
