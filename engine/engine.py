@@ -283,17 +283,19 @@ class Engine:
             raise EngineUnavailableError(f"the engine is {self.state.value}: {self.state_detail}")
 
     def encode_prompt(self, prompt: Union[str, Sequence[int], None] = None,
-                      messages: Optional[list] = None) -> list[int]:
-        """Prompt text, token ids or chat messages to token ids; ValueError names the bad field."""
+                      messages: Optional[list] = None) -> Sequence[int]:
+        """Prompt text, token ids or chat messages to token ids, checked once (ids marked as checked pass
+        through); ValueError names the bad field."""
+        vocab_size = self.runner.vocab_size
         if messages is not None:
-            return self.tokenizer.apply_chat_template(messages)
+            return validate_prompt_ids(self.tokenizer.apply_chat_template(messages), vocab_size, "messages")
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt: must not be empty")
-            return self.tokenizer.encode(prompt)
+            return validate_prompt_ids(self.tokenizer.encode(prompt), vocab_size)
         if prompt is None:
             raise ValueError("prompt: required")
-        return list(validate_prompt_ids(prompt, self.runner.vocab_size))
+        return validate_prompt_ids(prompt, vocab_size)
 
     def generate(self, prompt: Union[str, Sequence[int], None] = None, params: Optional[SamplingParams] = None,
                  *, messages: Optional[list] = None, request_id: Optional[str] = None
@@ -309,13 +311,15 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise TypeError("params: must be a SamplingParams")
         ids = self.encode_prompt(prompt, messages)
+        params.check_token_ids(self.runner.vocab_size)
         check_fits(len(ids), params.max_tokens, self.runner.max_model_len,
                    field="messages" if messages is not None else "prompt")
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         request = Request(request_id or f"req-{next(self._ids)}", tuple(ids), params,
                           eos_token_ids=self.tokenizer.eos_token_ids, seed=seed)
-        request.detokenizer = IncrementalDetokenizer(self.tokenizer, ids)
-        request.stop_matcher = StopStringMatcher(params.stop) if params.stop else None
+        request.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+        include_stop = params.include_stop_str_in_output
+        request.stop_matcher = StopStringMatcher(params.stop, include_stop) if params.stop else None
         return request
 
     def _generate(self, prompt, params, messages, request_id) -> AsyncIterator[RequestOutput]:
