@@ -179,8 +179,12 @@ class _Generation(_Strict):
 
 class CompletionRequest(_Generation):
     prompt: Prompt
+    max_tokens: Optional[Annotated[int, Field(ge=0)]] = Field(
+        None, description="0 only with echo: the prompt alone, scored (with logprobs), nothing generated.")
     logprobs: Optional[Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]] = None
-    echo: _supported_only(Literal[False], lambda v: v is False) = None
+    echo: Optional[bool] = Field(
+        None, description="The prompt before the completion, in the text and, with logprobs, in the logprobs: "
+                          "each prompt token's logprob given the tokens before it (null for the first).")
     best_of: Optional[Annotated[int, Field(ge=1)]] = Field(None, description="Only equal to n.")
     suffix: _supported_only(Literal[""], lambda v: v == "") = None
 
@@ -188,6 +192,13 @@ class CompletionRequest(_Generation):
     def _best_of_is_n(self):
         if self.best_of is not None and self.best_of != (self.n or 1):
             raise _refuse("unsupported", "is only supported equal to n", "best_of")
+        return self
+
+    @model_validator(mode="after")
+    def _no_tokens_only_with_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise _refuse("invalid_value", "must be >= 1 unless echo is true (0 with echo returns the prompt "
+                                           "alone)", "max_tokens")
         return self
 
 
@@ -238,6 +249,7 @@ class GenerationRequest:
     include_usage: bool = False
     continuous_usage: bool = False  # usage in every chunk
     logprobs: Optional[int] = None  # top alternatives wanted; None: no logprobs
+    echo: bool = False  # completions: the prompt before the completion (and its logprobs)
 
     def params_for_prompt(self, num_prompt_tokens: int, max_model_len: int) -> SamplingParams:
         """A chat request without max_tokens may run to the end of the context."""
@@ -251,7 +263,8 @@ _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalt
                     "include_stop_str_in_output")
 
 
-def _sampling(body: _Generation, max_tokens: Optional[int], logprobs: Optional[int], kind: str) -> SamplingParams:
+def _sampling(body: _Generation, max_tokens: Optional[int], logprobs: Optional[int], kind: str,
+              prompt_logprobs: Optional[int]) -> SamplingParams:
     given = {name: value for name in _SAMPLING_FIELDS if (value := getattr(body, name)) is not None}
     if given.get("top_k") == -1:
         given["top_k"] = 0  # -1 and 0 both mean no top-k
@@ -260,7 +273,7 @@ def _sampling(body: _Generation, max_tokens: Optional[int], logprobs: Optional[i
     stop = body.stop
     try:
         return SamplingParams(
-            max_tokens=max_tokens, logprobs=logprobs,
+            max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
             stop_token_ids=tuple(body.stop_token_ids or ()),
             logit_bias={int(token): bias for token, bias in (body.logit_bias or {}).items()},
@@ -275,7 +288,11 @@ def _generation(body: _Generation, req: GenerationRequest, max_tokens: Optional[
     req.include_usage = bool(options and options.include_usage)
     req.continuous_usage = req.include_usage and bool(options.continuous_usage_stats)
     req.max_tokens_given = max_tokens is not None
-    req.params = _sampling(body, max_tokens, req.logprobs, req.kind)
+    # echo with logprobs scores the prompt; echo with max_tokens 0 computes it even without (nothing else runs)
+    prompt_logprobs = None
+    if req.echo:
+        prompt_logprobs = req.logprobs if req.logprobs is not None else 0 if max_tokens == 0 else None
+    req.params = _sampling(body, max_tokens, req.logprobs, req.kind, prompt_logprobs)
     return req
 
 
@@ -283,7 +300,8 @@ def parse_completion(raw: bytes) -> GenerationRequest:
     body = _validate(CompletionRequest, raw)
     prompt = body.prompt
     prompts = [prompt] if isinstance(prompt, str) or _is_int(prompt[0]) else list(prompt)
-    req = GenerationRequest(kind="completion", model=None, prompts=prompts, logprobs=body.logprobs)
+    req = GenerationRequest(kind="completion", model=None, prompts=prompts, logprobs=body.logprobs,
+                            echo=bool(body.echo))
     return _generation(body, req, body.max_tokens)
 
 

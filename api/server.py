@@ -104,6 +104,7 @@ class _Choice:
         self.text = ""
         self.logprobs: list = []
         self.num_tokens = 0
+        self.echoed = False  # echo: the prompt went out, before the first generated text
         self.finish_reason: Optional[str] = None
         self.usage: Optional[Usage] = None
         self.error: Optional[str] = None
@@ -125,6 +126,7 @@ class Generation:
         self.created = int(time.time())
         self.streams = []
         self.prompt_tokens = 0
+        self.prompts: list[tuple[object, list[int]]] = []  # per prompt: (as given, token ids), for echo
 
     def submit(self) -> None:
         """Encode every prompt once (the engine checks the ids there, and not again when they are queued)
@@ -138,6 +140,8 @@ class Generation:
             for p_index, ids in enumerate(prompt_ids):
                 params = req.params_for_prompt(len(ids), engine.max_model_len)
                 self.prompt_tokens += len(ids)
+                if req.echo:
+                    self.prompts.append((req.prompts[p_index], list(ids)))
                 for j in range(req.n):
                     p = params
                     if p.seed is not None and j:
@@ -206,19 +210,38 @@ class Generation:
             })
         return {"content": content}
 
-    def logprobs_completion(self, out: RequestOutput, offset: int) -> Optional[dict]:
-        if self.req.logprobs is None:
-            return None
+    def logprobs_completion(self, entries, offset: int) -> dict:
+        """Completions' logprobs of (token id, TokenLogprob or None) pairs; None (a prompt's first token) gives
+        null logprobs; text offsets count from `offset`."""
         tok = self.engine.tokenizer
         tokens, values, tops, offsets = [], [], [], []
-        for lp in out.logprobs:
-            text = tok.token_text(lp.token_id)
+        for token_id, lp in entries:
+            text = tok.token_text(token_id)
             tokens.append(text)
-            values.append(lp.logprob)
-            tops.append({tok.token_text(t): v for t, v in lp.top})
+            values.append(None if lp is None else lp.logprob)
+            tops.append(None if lp is None else {tok.token_text(t): v for t, v in lp.top})
             offsets.append(offset)
             offset += len(text)
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+    def completion_piece(self, index: int, choice: _Choice, out: RequestOutput) -> tuple[str, Optional[dict]]:
+        """The text and logprobs an output adds to a completion choice. With echo, the choice's first output
+        brings the prompt first: its text (as given; token ids decoded) and, with logprobs, every prompt
+        token's (the first one's null)."""
+        text, offset, parts = out.text, len(choice.text), []
+        if self.req.echo and not choice.echoed:
+            choice.echoed = True
+            given, ids = self.prompts[index // self.req.n]
+            prompt_text = given if isinstance(given, str) else self.engine.tokenizer.decode(
+                ids, skip_special_tokens=False)
+            text = prompt_text + text
+            if out.prompt_logprobs is not None and self.req.logprobs is not None:
+                parts.append(self.logprobs_completion(zip(ids, out.prompt_logprobs), offset))
+            offset += len(prompt_text)
+        if self.req.logprobs is None:
+            return text, None
+        parts.append(self.logprobs_completion(((lp.token_id, lp) for lp in out.logprobs), offset))
+        return text, _merge_completion_logprobs(parts)
 
     def running_usage(self, choices) -> dict:
         """The usage so far, while choices are still generating (stream_options.continuous_usage_stats)."""
@@ -239,11 +262,13 @@ class Generation:
         choices = {i: _Choice(i) for i, _ in self.streams}
         async for index, out in self.merged():
             c = choices[index]
-            c.text += out.text
             if self.req.kind == "chat":
+                c.text += out.text
                 c.logprobs.extend((self.logprobs_chat(out) or {"content": []})["content"])
             else:
-                c.logprobs.append(self.logprobs_completion(out, len(c.text) - len(out.text)))
+                text, logprobs = self.completion_piece(index, c, out)
+                c.text += text
+                c.logprobs.append(logprobs)
             if out.finished:
                 c.finish_reason, c.usage, c.error, c.error_code = (_finish_reason(out), out.usage, out.error,
                                                                    out.error_code)
@@ -291,15 +316,14 @@ class Generation:
                 error = errors.generation_error(out.error, out.error_code)
                 break
             c.num_tokens += len(out.token_ids)
-            if out.text or out.logprobs:
-                if chat:
-                    item = {"index": index, "delta": {"content": out.text}, "logprobs": self.logprobs_chat(out),
-                            "finish_reason": None}
-                else:
-                    item = {"index": index, "text": out.text, "finish_reason": None,
-                            "logprobs": self.logprobs_completion(out, len(c.text))}
+            if chat and (out.text or out.logprobs):
+                await send([{"index": index, "delta": {"content": out.text}, "logprobs": self.logprobs_chat(out),
+                             "finish_reason": None}])
                 c.text += out.text
-                await send([item])
+            elif not chat and (out.text or out.logprobs or (self.req.echo and not c.echoed)):
+                text, logprobs = self.completion_piece(index, c, out)
+                await send([{"index": index, "text": text, "finish_reason": None, "logprobs": logprobs}])
+                c.text += text
             if out.finished:
                 c.finish_reason, c.usage = _finish_reason(out), out.usage
                 item = ({"index": index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason} if chat

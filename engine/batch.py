@@ -42,6 +42,9 @@ class ScheduledRow:
     penalty_prompt_ids: tuple[int, ...] = ()  # filled only when params.has_penalties
     penalty_output_ids: tuple[int, ...] = ()
     label_ids: tuple[int, ...] = ()  # a scoring prefill ending here: its last logits give label logprobs
+    # Prompt logprobs wanted: prompt_targets[i] is the prompt token after token_ids[i] (a prefix of the row:
+    # the prompt's last token has none); its logprob and params.prompt_logprobs alternatives come back.
+    prompt_targets: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,10 @@ class StepResult:
     # Label logprobs: per row with label_ids (generation steps), or per item in order (score steps).
     label_logprobs: Optional[np.ndarray] = None  # [n, max labels]
     row_finite: Optional[np.ndarray] = None  # [num_rows] bool: False fails that row's request alone
+    # Prompt logprobs: one entry per prompt target, rows in batch order (decode rows first), each row's in order.
+    prompt_logprobs: Optional[np.ndarray] = None  # [num targets] float: the target's logprob
+    prompt_top_ids: Optional[np.ndarray] = None  # [num targets, k] int
+    prompt_top_logprobs: Optional[np.ndarray] = None  # [num targets, k] float
 
 
 class RowError(Exception):

@@ -59,7 +59,7 @@ class StaticBatch:
             segments=(llama.Segment(jnp.asarray(self.page_table[:rows]), jnp.asarray(past),
                                     jnp.asarray(self.lengths[:rows] - past), qn),),
         )
-        logits, self.kv = self._step(self.params, self.kv, step)
+        logits, _, self.kv = self._step(self.params, self.kv, step)
         return np.asarray(logits)
 
 

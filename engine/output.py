@@ -7,10 +7,13 @@ still become a stop string, and decides whether the request is done:
     stop token   an eos id (unless ignore_eos) or one of stop_token_ids -> STOP, stop_reason = the id
     stop string  one of params.stop appears in the text              -> STOP, stop_reason = the string
     length       max_tokens produced, or the context is full         -> LENGTH
+                 (max_tokens 0: as soon as the prompt is computed)
 
 An abort or an error is decided by its cause (the caller, the engine, a failed row)
 through `Scheduler.finish`; this module then only builds the final output. A
 scoring request has a single output, when it finishes, with its label logprobs.
+A request that wants prompt logprobs gets them once, whole, in its first output
+after its prompt is computed (the one with its first token, if any).
 """
 
 from __future__ import annotations
@@ -42,6 +45,13 @@ def next_output(request: Request, *, max_model_len: int, finish: Callable) -> Re
     new_logprobs = request.output_logprobs[request.num_emitted_tokens:]
     request.num_emitted_tokens = len(request.output_ids)
     decision = token_finish(request, max_model_len) if new_ids and not request.is_finished else None
+    prompt_done = request.num_computed_tokens >= len(request.prompt_ids)
+    if request.params.max_tokens == 0 and prompt_done and not request.is_finished:
+        decision = FinishReason.LENGTH, None
+    prompt_logprobs = None
+    if request.wants_prompt_logprobs and not request.prompt_logprobs_emitted and request.has_all_prompt_logprobs:
+        prompt_logprobs = (None, *request.prompt_logprobs)
+        request.prompt_logprobs_emitted = True
     text = ""
     for i, token in enumerate(new_ids):
         is_stop_token = i == len(new_ids) - 1 and decision is not None and decision[1] is not None
@@ -58,14 +68,15 @@ def next_output(request: Request, *, max_model_len: int, finish: Callable) -> Re
             text += request.stop_matcher.flush()
     if decision is not None and not request.is_finished:
         finish(request, *decision)
-    return _output(request, text, tuple(new_ids), tuple(new_logprobs))
+    return _output(request, text, tuple(new_ids), tuple(new_logprobs), prompt_logprobs=prompt_logprobs)
 
 
-def _output(request: Request, text: str, token_ids: tuple, logprobs: tuple, label_logprobs=None) -> RequestOutput:
+def _output(request: Request, text: str, token_ids: tuple, logprobs: tuple, label_logprobs=None,
+            prompt_logprobs=None) -> RequestOutput:
     done = request.is_finished
     return RequestOutput(
         request_id=request.request_id, text=text, token_ids=token_ids, logprobs=logprobs, finished=done,
         finish_reason=request.finish_reason, stop_reason=request.stop_reason,
         usage=request.usage() if done else None, error=request.error, error_code=request.error_code,
-        label_logprobs=label_logprobs,
+        label_logprobs=label_logprobs, prompt_logprobs=prompt_logprobs,
     )

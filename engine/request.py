@@ -52,7 +52,9 @@ class SamplingParams:
 
     logit_bias {token id: bias} is added to the logits before sampling (+100 all but forces a token,
     -100 all but bans it); min_tokens bans the end-of-sequence and stop token ids until that many
-    tokens are out. skip_special_tokens and include_stop_str_in_output shape the text only."""
+    tokens are out. skip_special_tokens and include_stop_str_in_output shape the text only.
+    prompt_logprobs scores the prompt itself (what evaluation harnesses ask for); with it, max_tokens
+    may be 0: the prompt is computed and scored, and nothing is generated."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -67,13 +69,19 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: Optional[int] = None  # None: no logprobs; k: the sampled token's and the top-k alternatives
+    # None: none; k: each prompt token's logprob given the tokens before it, and the top-k alternatives
+    prompt_logprobs: Optional[int] = None
     min_tokens: int = 0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), sorted; a dict is accepted too
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
     def __post_init__(self):
-        _check_number("max_tokens", self.max_tokens, low=1, integer=True)
+        _check_number("max_tokens", self.max_tokens, low=0, integer=True)
+        if self.prompt_logprobs is not None:
+            _check_number("prompt_logprobs", self.prompt_logprobs, low=0, high=MAX_TOP_LOGPROBS, integer=True)
+        elif self.max_tokens == 0:
+            raise ValueError("max_tokens: must be >= 1 (0, scoring the prompt only, needs prompt_logprobs)")
         _check_number("min_tokens", self.min_tokens, low=0, integer=True)
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens: must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
@@ -170,6 +178,9 @@ class RequestOutput:
     error: Optional[str] = None
     error_code: Optional[str] = None  # "engine_unavailable" (the engine failed) or "request_failed" (this one only)
     label_logprobs: Optional[tuple] = None  # a finished scoring request: per item, the labels' logprobs
+    # Once, in the first output after the whole prompt is computed (params.prompt_logprobs set): one entry
+    # per prompt token, None for the first (nothing precedes it).
+    prompt_logprobs: Optional[tuple[Optional[TokenLogprob], ...]] = None
 
 
 @dataclass(eq=False)
@@ -203,6 +214,10 @@ class Request:
     state: RequestState = RequestState.WAITING
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # params.prompt_logprobs set: the logprobs of prompt tokens 1, 2, ... as their chunks are computed; kept
+    # across preemption (a recomputed chunk adds nothing), emitted once when complete
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs_emitted: bool = False
     num_computed_tokens: int = 0  # tokens of all_ids whose KV is in `pages`
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first admission
     pages: list[int] = field(default_factory=list)
@@ -235,6 +250,14 @@ class Request:
     @property
     def all_ids(self) -> tuple[int, ...]:
         return self.prompt_ids + tuple(self.output_ids)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.params.prompt_logprobs is not None
+
+    @property
+    def has_all_prompt_logprobs(self) -> bool:
+        return len(self.prompt_logprobs) == len(self.prompt_ids) - 1
 
     @property
     def is_finished(self) -> bool:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvloom.engine import prompt_logprobs
 from kvloom.engine.buckets import BucketPlan, StepShape
 from kvloom.engine.config import EngineConfig
 from kvloom.engine.models import llama
@@ -41,10 +42,11 @@ def available_memory_bytes() -> int:
 
 
 def forward_logits(params, kv, step, *, cfg, page_size):
-    """The model step: logits of the step's `logits_indices` and the updated KV cache. The serving step
-    (jitted with the cache donated) and the static-batch forward of `engine.offline` both run this."""
+    """The model step: logits of the step's `logits_indices`, the final hidden states of every token
+    ([T, D], left on the device for prompt logprobs) and the updated KV cache. The serving step (jitted
+    with the cache donated) and the static-batch forward of `engine.offline` both run this."""
     h, kv = llama.forward(params, kv, step, cfg=cfg, page_size=page_size)
-    return llama.logits_from_hidden(params, h, cfg=cfg), kv
+    return llama.logits_from_hidden(params, h[step.logits_indices], cfg=cfg), h, kv
 
 
 def _label_logprobs(logits, label_ids):
@@ -71,6 +73,7 @@ class ModelRunner:
         self._forward = jax.jit(partial(forward_logits, cfg=cfg, page_size=self.page_size), donate_argnums=(1,))
         self._sample = jax.jit(sample)
         self._labels = jax.jit(_label_logprobs)
+        self._prompt_logprobs = jax.jit(partial(prompt_logprobs.prompt_logprobs, cfg=cfg))
         self.max_label_tokens = config.scoring.max_label_tokens
         # min_tokens bans these until enough tokens are out (with the request's stop_token_ids)
         self.eos_token_ids = tuple(cfg.eos_token_ids)
@@ -97,8 +100,9 @@ class ModelRunner:
 
     @property
     def num_compiled(self) -> int:
-        """Compiled executables so far (the forward's buckets plus the sampler's)."""
-        return self._forward._cache_size() + self._sample._cache_size() + self._labels._cache_size()
+        """Compiled executables so far (the forward's buckets plus the sampler's, labels' and prompt logprobs')."""
+        return (self._forward._cache_size() + self._sample._cache_size() + self._labels._cache_size()
+                + self._prompt_logprobs._cache_size())
 
     # ---- arrays ---------------------------------------------------------------------------------
 
@@ -228,7 +232,7 @@ class ModelRunner:
         step = self._step_input(shape, batch)
         num_logits = len(step.logits_indices)
         if shape.is_score:
-            logits, self.kv = self._forward(self.params, self.kv, step)
+            logits, _, self.kv = self._forward(self.params, self.kv, step)
             items = [row.label_ids for row in batch.score_rows for _ in row.items]
             labels = self._labels(logits, self._label_ids(num_logits, list(enumerate(items))))
             return StepResult(batch.step_id, np.zeros(0, np.int64), label_logprobs=np.asarray(labels)[:len(items)])
@@ -236,8 +240,9 @@ class ModelRunner:
         positions = list(range(len(batch.decode_rows))) + [d + j for j in range(len(batch.prefill_rows))]
         sampled = [(i, row) for i, row in zip(positions, batch.rows) if row.sample]
         sampling = self._sampling_input(num_logits, sampled)
-        logits, self.kv = self._forward(self.params, self.kv, step)
+        logits, hidden, self.kv = self._forward(self.params, self.kv, step)
         out = self._sample(logits, sampling)
+        prompt = self._prompt_result(batch, hidden)
         index = np.asarray(positions, np.int64)
         label_rows = [(i, row.label_ids) for i, row in zip(positions, batch.rows) if row.label_ids]
         labels = None
@@ -246,16 +251,32 @@ class ModelRunner:
         tokens = np.asarray(out.token_ids)[index]
         finite = np.asarray(out.finite)[index]
         if not bool(sampling.any_logprobs):
-            return StepResult(batch.step_id, tokens, label_logprobs=labels, row_finite=finite)
+            return StepResult(batch.step_id, tokens, label_logprobs=labels, row_finite=finite, **prompt)
         return StepResult(batch.step_id, tokens, np.asarray(out.logprobs)[index], np.asarray(out.top_ids)[index],
-                          np.asarray(out.top_logprobs)[index], label_logprobs=labels, row_finite=finite)
+                          np.asarray(out.top_logprobs)[index], label_logprobs=labels, row_finite=finite, **prompt)
+
+    def _prompt_result(self, batch: ScheduledBatch, hidden) -> dict:
+        """The StepResult fields of the batch's prompt logprobs (none when no row has prompt targets)."""
+        d, q = batch.shape.num_decode_rows, batch.shape.prefill_len
+        bases = list(range(len(batch.decode_rows))) + [d + j * q for j in range(len(batch.prefill_rows))]
+        rows = [(base, row.prompt_targets) for base, row in zip(bases, batch.rows) if row.prompt_targets]
+        if not rows:
+            return {}
+        outputs = self._prompt_logprobs(self.params, hidden, prompt_logprobs.targets(hidden.shape[0], rows))
+        chosen, top_ids, top_logprobs = prompt_logprobs.gather(outputs, rows)
+        return dict(prompt_logprobs=chosen, prompt_top_ids=top_ids, prompt_top_logprobs=top_logprobs)
 
     def warmup(self) -> int:
-        """Compile every step shape, sampler and label bucket; returns the number of compiled executables."""
-        label_rows, sampler_rows = set(), set()
+        """Compile every step shape, sampler, label and prompt logprobs bucket; returns the number of compiled
+        executables."""
+        label_rows, sampler_rows, prompt_lens = set(), set(), set()
         for shape in self.plan.all_shapes():
             step = self._step_input(shape, None)
-            logits, self.kv = self._forward(self.params, self.kv, step)
+            logits, hidden, self.kv = self._forward(self.params, self.kv, step)
+            if shape.num_prefill_rows and not shape.is_score and shape.num_tokens not in prompt_lens:
+                prompt_lens.add(shape.num_tokens)  # prompt targets come in prefill rows only
+                jax.block_until_ready(self._prompt_logprobs(
+                    self.params, hidden, prompt_logprobs.targets(shape.num_tokens, [])))
             num_logits = len(step.logits_indices)
             if num_logits not in label_rows:
                 label_rows.add(num_logits)

@@ -24,6 +24,13 @@ operation, mixed in one step under a token budget:
     3. waiting requests, by policy (fcfs, or lpm: longest cached prefix first),
        while running slots, budget, pages and a prefill bucket allow.
 
+Prompt logprobs (`SamplingParams.prompt_logprobs`): each prefill row of such a
+request names the prompt token after each of its tokens (`prompt_targets`); the
+runner brings back their logprobs and `apply()` records them on the request, once:
+the prefix cache serves such a request only the tokens whose logprobs it already
+has, and a recomputed chunk after a preemption adds nothing new. With max_tokens 0
+the request computes its prompt, samples nothing and ends (`engine.output`).
+
 Stale results: each row carries the request's `version` and start position; a
 result whose request was preempted, aborted or advanced since is dropped, so a
 stale snapshot can never overwrite or duplicate tokens.
@@ -251,14 +258,25 @@ class Scheduler:
             return self.waiting[0]
         best, best_len = self.waiting[0], -1
         for request in itertools.islice(self.waiting, LPM_WINDOW):
-            hit = self.prefix_cache.match_prefix(request.all_ids, request.num_tokens - 1, count_stats=False)
+            hit = self.prefix_cache.match_prefix(request.all_ids, self._reusable(request), count_stats=False)
             if hit.num_tokens > best_len:
                 best, best_len = request, hit.num_tokens
         return best
 
+    @staticmethod
+    def _reusable(request: Request) -> int:
+        """How many leading tokens the prefix cache may serve: all but the last (its logits give the next
+        token); a request that wants prompt logprobs takes cached pages only for the tokens whose logprobs
+        it already has (none at first: it computes its whole prompt, once; after a preemption, it recomputes
+        from where its recorded logprobs end at the latest)."""
+        limit = request.num_tokens - 1
+        if request.wants_prompt_logprobs:
+            limit = min(limit, len(request.prompt_logprobs))
+        return limit
+
     def _admit(self, request: Request, budget: int, prefills: list[tuple[Request, int]]) -> int:
         """Move `request` to running with its first chunk scheduled; returns the chunk, or 0 if it must wait."""
-        match = self.prefix_cache.match_prefix(request.all_ids, request.num_tokens - 1, count_stats=False)
+        match = self.prefix_cache.match_prefix(request.all_ids, self._reusable(request), count_stats=False)
         chunk = self._fit_chunk(request.num_tokens - match.num_tokens, budget, prefills)
         if not chunk:
             return 0
@@ -287,19 +305,23 @@ class Scheduler:
         params = request.params
         ends = start + n == request.num_tokens
         scores_prompt = request.score is not None and not request.score.items
+        # the row's tokens are followed by prompt tokens whose logprobs are not recorded yet
+        wants_targets = (request.wants_prompt_logprobs and not request.has_all_prompt_logprobs
+                         and start + n > len(request.prompt_logprobs))
         return ScheduledRow(
             request_id=request.request_id,
             version=request.version,
             token_ids=request.tokens(start, start + n),
             start_pos=start,
             page_ids=tuple(request.pages[:self._num_pages_for(start + n)]),
-            sample=ends and request.score is None,
+            sample=ends and request.score is None and params.max_tokens > 0,
             params=params,
             seed=request.seed,
             num_output_tokens=len(request.output_ids),
             penalty_prompt_ids=request.prompt_ids if params.has_penalties else (),
             penalty_output_ids=tuple(request.output_ids) if params.has_penalties else (),
             label_ids=request.score.label_ids if ends and scores_prompt else (),
+            prompt_targets=request.prompt_ids[start + 1:start + n + 1] if wants_targets else (),
         )
 
     def _live(self, request_id: str, version: int) -> Optional[Request]:
@@ -316,7 +338,9 @@ class Scheduler:
             return self._apply_score(batch, result)
         updated = []
         now = time.monotonic()
+        num_targets = 0  # prompt targets of the rows before this one (their results are laid end to end)
         for i, row in enumerate(batch.rows):
+            targets_at, num_targets = num_targets, num_targets + len(row.prompt_targets)
             request = self.requests.get(row.request_id)
             if (request is None or request.version != row.version or request.state is not RequestState.RUNNING
                     or request.num_computed_tokens != row.start_pos):
@@ -328,8 +352,12 @@ class Scheduler:
                 continue
             prompt_was_done = request.num_computed_tokens >= len(request.prompt_ids)
             request.num_computed_tokens += len(row.token_ids)
+            if row.prompt_targets:
+                self._record_prompt_logprobs(request, row, result, targets_at)
             if not prompt_was_done and request.num_computed_tokens >= len(request.prompt_ids):
                 self._cache_computed(request)  # later requests with this prompt prefix reuse it now
+                if request.wants_prompt_logprobs and not request.prompt_logprobs_emitted and not row.sample:
+                    updated.append(request)  # news: its prompt logprobs (max_tokens 0: its end)
             if row.label_ids:
                 request.score.label_logprobs[0] = result.label_logprobs[i, :len(row.label_ids)].tolist()
                 request.score.num_scored = 1
@@ -348,6 +376,19 @@ class Scheduler:
             request.last_token_time = now
             updated.append(request)
         return updated
+
+    @staticmethod
+    def _record_prompt_logprobs(request: Request, row: ScheduledRow, result: StepResult, at: int) -> None:
+        """Record the row's prompt logprobs (result entries [at, at + len(row.prompt_targets))) that the request
+        does not have yet: the target of token i is prompt token start_pos + 1 + i, and the prefix cache never
+        serves past the recorded ones (`_reusable`), so they extend the record without a gap."""
+        k = row.params.prompt_logprobs
+        for i, target in enumerate(row.prompt_targets):
+            if row.start_pos + 1 + i != len(request.prompt_logprobs) + 1:
+                continue  # recorded before a preemption
+            j = at + i
+            top = tuple(zip(result.prompt_top_ids[j, :k].tolist(), result.prompt_top_logprobs[j, :k].tolist()))
+            request.prompt_logprobs.append(TokenLogprob(target, float(result.prompt_logprobs[j]), top))
 
     def _apply_score(self, batch: ScheduledBatch, result: StepResult) -> list[Request]:
         updated, k = [], 0

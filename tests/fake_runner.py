@@ -4,6 +4,7 @@ The next token of a row depends only on the row's last token and its position:
     greedy:   3 + (last * 7 + position) % (vocab - 3)
     sampled:  3 + hash(seed, num_output_tokens) % (vocab - 3)
 so ids 0..2 (the tiny tokenizer's special tokens, eos among them) never appear.
+A prompt token's logprob depends only on the token and its position (`fake_prompt_logprob`).
 Tests pass hooks to pause a step or make one fail.
 """
 
@@ -80,8 +81,19 @@ def fake_result(batch, vocab_size: int) -> StepResult:
     for i, row in enumerate(batch.rows):
         if row.label_ids:
             labels[i] = fake_label_logprobs(row.label_ids, row.token_ids)
+    targets = [(row.start_pos + 1 + i, t) for row in batch.rows for i, t in enumerate(row.prompt_targets)]
+    prompt = {}
+    if targets:
+        prompt = dict(prompt_logprobs=np.array([fake_prompt_logprob(t, p) for p, t in targets]),
+                      prompt_top_ids=np.tile(np.arange(k), (len(targets), 1)),
+                      prompt_top_logprobs=np.full((len(targets), k), -0.125))
     return StepResult(batch.step_id, np.asarray(tokens, np.int64), np.full(n, -0.5),
-                      top_ids, np.full((n, k), -1.0), label_logprobs=labels)
+                      top_ids, np.full((n, k), -1.0), label_logprobs=labels, **prompt)
+
+
+def fake_prompt_logprob(token: int, position: int) -> float:
+    """The logprob the fake model gives prompt token `token` at `position` (>= 1)."""
+    return -0.25 - 0.001 * token - 0.0001 * position
 
 
 def fake_label_logprobs(labels, tokens) -> np.ndarray:

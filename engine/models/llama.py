@@ -164,7 +164,8 @@ def kv_cache_bytes_per_token(cfg: ModelConfig, dtype) -> int:
 
 
 def forward(params, kv_cache, step: StepInput, *, cfg: ModelConfig, page_size: int):
-    """Run the model over one step; returns (hidden states at logits_indices [S, D], new kv_cache)."""
+    """Run the model over one step; returns (final-normed hidden states of every token [T, D], new kv_cache).
+    The caller projects the rows it needs (`step.logits_indices`; every prompt token for prompt logprobs)."""
     h = params["embed"][step.token_ids]  # [T, D]
     num_tokens = h.shape[0]
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
@@ -219,9 +220,7 @@ def forward(params, kv_cache, step: StepInput, *, cfg: ModelConfig, page_size: i
     # One write of every layer's new keys and values, after the loop, into the donated cache.
     k_all = k_all.at[:, step.slot_mapping].set(k_new)
     v_all = v_all.at[:, step.slot_mapping].set(v_new)
-    h = h[step.logits_indices]  # [S, D]
-    h = rms_norm(h, params["final_norm"], eps)
-    return h, (k_all, v_all)
+    return rms_norm(h, params["final_norm"], eps), (k_all, v_all)  # [T, D]
 
 
 def logits_from_hidden(params, h, *, cfg: ModelConfig):
