@@ -183,8 +183,9 @@ class CompletionRequest(_Generation):
         None, description="0 only with echo: the prompt alone, scored (with logprobs), nothing generated.")
     logprobs: Optional[Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]] = None
     echo: Optional[bool] = Field(
-        None, description="The prompt before the completion, in the text and, with logprobs, in the logprobs: "
-                          "each prompt token's logprob given the tokens before it (null for the first).")
+        None, description="The prompt before the completion, in the text and, with logprobs, in the "
+                          "logprobs: each prompt token's logprob given the tokens before it (null for the "
+                          "first).")
     best_of: Optional[Annotated[int, Field(ge=1)]] = Field(None, description="Only equal to n.")
     suffix: _supported_only(Literal[""], lambda v: v == "") = None
 
@@ -288,7 +289,8 @@ def _generation(body: _Generation, req: GenerationRequest, max_tokens: Optional[
     req.include_usage = bool(options and options.include_usage)
     req.continuous_usage = req.include_usage and bool(options.continuous_usage_stats)
     req.max_tokens_given = max_tokens is not None
-    # echo with logprobs scores the prompt; echo with max_tokens 0 computes it even without (nothing else runs)
+    # echo with logprobs scores the prompt; echo with max_tokens 0 computes it even without (nothing else
+    # runs then)
     prompt_logprobs = None
     if req.echo:
         prompt_logprobs = req.logprobs if req.logprobs is not None else 0 if max_tokens == 0 else None

@@ -211,8 +211,8 @@ class Generation:
         return {"content": content}
 
     def logprobs_completion(self, entries, offset: int) -> dict:
-        """Completions' logprobs of (token id, TokenLogprob or None) pairs; None (a prompt's first token) gives
-        null logprobs; text offsets count from `offset`."""
+        """Completions' logprobs of (token id, TokenLogprob or None) pairs; None (a prompt's first token)
+        gives null logprobs; text offsets count from `offset`."""
         tok = self.engine.tokenizer
         tokens, values, tops, offsets = [], [], [], []
         for token_id, lp in entries:
@@ -317,8 +317,8 @@ class Generation:
                 break
             c.num_tokens += len(out.token_ids)
             if chat and (out.text or out.logprobs):
-                await send([{"index": index, "delta": {"content": out.text}, "logprobs": self.logprobs_chat(out),
-                             "finish_reason": None}])
+                await send([{"index": index, "delta": {"content": out.text},
+                             "logprobs": self.logprobs_chat(out), "finish_reason": None}])
                 c.text += out.text
             elif not chat and (out.text or out.logprobs or (self.req.echo and not c.echoed)):
                 text, logprobs = self.completion_piece(index, c, out)

@@ -94,7 +94,8 @@ class StepResult:
     # Label logprobs: per row with label_ids (generation steps), or per item in order (score steps).
     label_logprobs: Optional[np.ndarray] = None  # [n, max labels]
     row_finite: Optional[np.ndarray] = None  # [num_rows] bool: False fails that row's request alone
-    # Prompt logprobs: one entry per prompt target, rows in batch order (decode rows first), each row's in order.
+    # Prompt logprobs: one entry per prompt target, rows in batch order (decode rows first), each row's in
+    # order.
     prompt_logprobs: Optional[np.ndarray] = None  # [num targets] float: the target's logprob
     prompt_top_ids: Optional[np.ndarray] = None  # [num targets, k] int
     prompt_top_logprobs: Optional[np.ndarray] = None  # [num targets, k] float

@@ -49,7 +49,8 @@ def next_output(request: Request, *, max_model_len: int, finish: Callable) -> Re
     if request.params.max_tokens == 0 and prompt_done and not request.is_finished:
         decision = FinishReason.LENGTH, None
     prompt_logprobs = None
-    if request.wants_prompt_logprobs and not request.prompt_logprobs_emitted and request.has_all_prompt_logprobs:
+    wants_prompt_logprobs = request.wants_prompt_logprobs and not request.prompt_logprobs_emitted
+    if wants_prompt_logprobs and request.has_all_prompt_logprobs:
         prompt_logprobs = (None, *request.prompt_logprobs)
         request.prompt_logprobs_emitted = True
     text = ""

@@ -2,7 +2,7 @@
 and the most likely alternatives, from the final hidden states the forward already computed.
 
     forward (runner)  -> hidden [T, D] of every token of the step, left on the device
-    targets(...)      -> [T] int32: the next prompt token of each token of a row with `prompt_targets`, else -1
+    targets(...)      -> [T] int32: the next prompt token of each token of a row's `prompt_targets`, or -1
     prompt_logprobs   -> ([T] logprob of the target, [T, K] top ids, [T, K] top logprobs), jitted
     gather(...)       -> the entries of the rows' targets, in batch order (`StepResult.prompt_*`)
 
@@ -25,8 +25,8 @@ BLOCK_TOKENS = 64  # tokens projected onto the vocabulary at once
 
 
 def prompt_logprobs(params, hidden, targets, *, cfg):
-    """hidden: [T, D] final hidden states; targets: [T] int32 (-1: none) ->
-    (logprobs [T] float32 of each target (0 where none), top ids [T, K] int32, top logprobs [T, K] float32)."""
+    """hidden: [T, D] final hidden states; targets: [T] int32 (-1: none) -> (logprobs [T] float32 of each
+    target (0 where none), top ids [T, K] int32, top logprobs [T, K] float32)."""
 
     def one(x):
         h, target = x  # h: [D]

@@ -100,7 +100,7 @@ class ModelRunner:
 
     @property
     def num_compiled(self) -> int:
-        """Compiled executables so far (the forward's buckets plus the sampler's, labels' and prompt logprobs')."""
+        """Compiled executables so far: the forward's buckets, the sampler's, labels' and prompt logprobs'."""
         return (self._forward._cache_size() + self._sample._cache_size() + self._labels._cache_size()
                 + self._prompt_logprobs._cache_size())
 
@@ -253,7 +253,8 @@ class ModelRunner:
         if not bool(sampling.any_logprobs):
             return StepResult(batch.step_id, tokens, label_logprobs=labels, row_finite=finite, **prompt)
         return StepResult(batch.step_id, tokens, np.asarray(out.logprobs)[index], np.asarray(out.top_ids)[index],
-                          np.asarray(out.top_logprobs)[index], label_logprobs=labels, row_finite=finite, **prompt)
+                          np.asarray(out.top_logprobs)[index], label_logprobs=labels, row_finite=finite,
+                          **prompt)
 
     def _prompt_result(self, batch: ScheduledBatch, hidden) -> dict:
         """The StepResult fields of the batch's prompt logprobs (none when no row has prompt targets)."""

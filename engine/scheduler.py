@@ -379,16 +379,16 @@ class Scheduler:
 
     @staticmethod
     def _record_prompt_logprobs(request: Request, row: ScheduledRow, result: StepResult, at: int) -> None:
-        """Record the row's prompt logprobs (result entries [at, at + len(row.prompt_targets))) that the request
-        does not have yet: the target of token i is prompt token start_pos + 1 + i, and the prefix cache never
-        serves past the recorded ones (`_reusable`), so they extend the record without a gap."""
+        """Record the row's prompt logprobs (result entries [at, at + len(row.prompt_targets))) that the
+        request does not have yet: the target of token i is prompt token start_pos + 1 + i, and the prefix
+        cache never serves past the recorded ones (`_reusable`), so they extend the record without a gap."""
         k = row.params.prompt_logprobs
         for i, target in enumerate(row.prompt_targets):
             if row.start_pos + 1 + i != len(request.prompt_logprobs) + 1:
                 continue  # recorded before a preemption
             j = at + i
-            top = tuple(zip(result.prompt_top_ids[j, :k].tolist(), result.prompt_top_logprobs[j, :k].tolist()))
-            request.prompt_logprobs.append(TokenLogprob(target, float(result.prompt_logprobs[j]), top))
+            top = zip(result.prompt_top_ids[j, :k].tolist(), result.prompt_top_logprobs[j, :k].tolist())
+            request.prompt_logprobs.append(TokenLogprob(target, float(result.prompt_logprobs[j]), tuple(top)))
 
     def _apply_score(self, batch: ScheduledBatch, result: StepResult) -> list[Request]:
         updated, k = [], 0

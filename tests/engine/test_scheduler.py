@@ -43,16 +43,25 @@ def make_request(rid, prompt, max_tokens=8, **params):
                    eos_token_ids=(2,))
 
 
+def prompt_logprob(position: int, token: int) -> float:
+    """The 'model's logprob of prompt token `token` at `position`."""
+    return -position - token / 1000
+
+
 def compute(s: Scheduler, batch) -> StepResult:
     """The 'compute thread': reads only the snapshot, checks it against the request it came from."""
-    tokens = []
+    tokens, prompt = [], []
     for row in batch.rows:
         request = s.requests[row.request_id]
         end = row.start_pos + len(row.token_ids)
         assert row.token_ids == request.tokens(row.start_pos, end)
         assert len(row.page_ids) * s.page_size >= end
         tokens.append(model_token(request.tokens(0, end)))
-    return StepResult(batch.step_id, np.asarray(tokens))
+        assert row.prompt_targets == request.prompt_ids[row.start_pos + 1:][:len(row.prompt_targets)]
+        prompt += [prompt_logprob(row.start_pos + 1 + i, t) for i, t in enumerate(row.prompt_targets)]
+    top = np.tile([[5, 6]], (len(prompt), 1))
+    return StepResult(batch.step_id, np.asarray(tokens), prompt_logprobs=np.asarray(prompt),
+                      prompt_top_ids=top, prompt_top_logprobs=top * -1.0)
 
 
 def step(s: Scheduler, batch) -> list[Request]:
@@ -261,3 +270,58 @@ def test_check_fits_names_the_field():
         check_fits(16, 1, 16)
     with pytest.raises(ValueError, match=r"^max_tokens: 7 does not fit.*at most 6"):
         check_fits(10, 7, 16)
+
+
+def test_prompt_logprobs_are_recorded_once_through_the_prefix_cache_and_preemption():
+    s = make_scheduler(chunk=8, budget=16, page_size=4)
+    prompt = list(range(10, 40))  # 30 tokens: four chunks of 8
+    run_one = make_request("warm", prompt, max_tokens=1)
+    s.add(run_one)
+    run(s)  # the prompt's pages are cached now
+    r = make_request("r", prompt, max_tokens=2, prompt_logprobs=1)
+    s.add(r)
+    first = s.schedule()
+    assert first.prefill_rows[0].start_pos == 0 and r.num_cached_tokens == 0  # no cached pages for it
+    assert first.prefill_rows[0].prompt_targets == tuple(prompt[1:9])
+    step(s, first)
+    step(s, s.schedule())
+    assert len(r.prompt_logprobs) == 16
+    s._preempt(r)  # two chunks in: their 16 tokens' pages go to the cache
+    again = s.schedule()
+    assert again.prefill_rows[0].start_pos == 16  # served from the cache up to the recorded logprobs
+    run(s)
+    assert [lp.token_id for lp in r.prompt_logprobs] == prompt[1:]
+    expected = [prompt_logprob(i, t) for i, t in enumerate(prompt) if i]
+    assert [lp.logprob for lp in r.prompt_logprobs] == expected
+    assert all(lp.top == ((5, -5.0),) for lp in r.prompt_logprobs)
+    assert r.output_ids == reference(prompt, 2)
+
+
+def test_prompt_targets_stop_once_recorded():
+    s = make_scheduler(chunk=16, budget=32, page_size=4)
+    prompt = list(range(10, 30))
+    r = make_request("r", prompt, max_tokens=3, prompt_logprobs=0)
+    s.add(r)
+    batches = run(s)
+    assert [len(row.prompt_targets) for b in batches for row in b.rows] == [16, 3, 0, 0]  # the last has none
+    s2 = make_scheduler(chunk=16, budget=32, page_size=4)
+    done = make_request("d", prompt, max_tokens=3, prompt_logprobs=0)
+    s2.add(done)
+    step(s2, s2.schedule())
+    step(s2, s2.schedule())
+    s2._preempt(done)  # after its first token: recomputing it adds no prompt targets
+    rows = [row for b in run(s2) for row in b.rows]
+    assert all(not row.prompt_targets for row in rows)
+    assert len(done.prompt_logprobs) == len(prompt) - 1 and done.output_ids == reference(prompt, 3)
+
+
+def test_max_tokens_zero_samples_nothing():
+    s = make_scheduler(chunk=16, budget=32)
+    r = make_request("r", list(range(10, 30)), max_tokens=0, prompt_logprobs=0)
+    s.add(r)
+    first = s.schedule()
+    assert s.apply(first, compute(s, first)) == []  # one more chunk to go: no news
+    last = s.schedule()
+    assert [row.sample for row in last.rows] == [False]
+    assert s.apply(last, compute(s, last)) == [r]  # news: its prompt logprobs, all there
+    assert r.output_ids == [] and r.has_all_prompt_logprobs
