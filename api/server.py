@@ -24,6 +24,7 @@ from aiohttp import web
 
 from kvloom.api import errors
 from kvloom.api.errors import APIError
+from kvloom.api.kv_events_route import install_kv_events
 from kvloom.api.openapi import openapi_spec
 from kvloom.api.protocol import GenerationRequest, parse_chat, parse_completion
 from kvloom.engine.engine import Engine, EngineNotReadyError, EngineState, EngineUnavailableError
@@ -52,12 +53,9 @@ async def error_middleware(request: web.Request, handler):
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status, "http_error")
-        message = {404: f"no route for {request.method} {request.path}",
-                   413: f"the request body exceeds {request.app[MAX_BODY_KEY]} bytes"}.get(exc.status, exc.reason)
-        engine.metrics.request_errors.labels(code).inc()
-        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return APIError(exc.status, message, code=code, headers=allow).response()
+        error = errors.from_http_exception(exc, request, request.app[MAX_BODY_KEY])
+        engine.metrics.request_errors.labels(error.code).inc()
+        return error.response()
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception as exc:  # noqa: BLE001 - never a bare 500 without the envelope
@@ -456,6 +454,7 @@ def create_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
+    install_kv_events(app, lambda a: a[ENGINE_KEY].kv_events)  # the router's feed of cache changes
     if enable_admin:
         app.router.add_post("/admin/restart", admin_restart)
         app.router.add_post("/admin/faults", admin_faults)

@@ -35,6 +35,7 @@ from kvloom.engine.executor import ComputeThread
 from kvloom.engine.faults import FaultInjector, FaultyRunner, RowError
 from kvloom.engine.metrics import EngineMetrics
 from kvloom.engine.pages import PageAllocator
+from kvloom.engine.kv_events import KVEventLog
 from kvloom.engine.radix_cache import make_prefix_cache
 from kvloom.engine import scoring
 from kvloom.engine.request import (FinishReason, Request, RequestOutput, SamplingParams, ScoreTask, validate_prompt_ids)
@@ -100,6 +101,7 @@ class Engine:
         self._ids = itertools.count()
         self._rng = random.Random(self.config.seed)
         self.metrics = EngineMetrics(self._live_metrics)
+        self.kv_events = KVEventLog(self.config.cache.page_size)  # outlives restarts: ids stay monotonic
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -199,7 +201,8 @@ class Engine:
     def _build_state(self) -> None:
         runner = self.runner
         allocator = PageAllocator(runner.num_pages)
-        cache = make_prefix_cache(allocator, runner.page_size, self.config.cache.enable_prefix_cache)
+        cache = make_prefix_cache(allocator, runner.page_size, self.config.cache.enable_prefix_cache,
+                                  self.kv_events)
         self.scheduler = Scheduler(self.config.scheduler, self.plan, allocator, cache,
                                    page_size=runner.page_size, max_model_len=runner.max_model_len)
 
