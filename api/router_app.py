@@ -1,0 +1,309 @@
+"""`kvloom router`: one OpenAI-compatible endpoint in front of several replicas.
+
+Data flow for a request (all on the router's own event loop):
+
+    POST /v1/... ─► body read, JSON checked (400 in the OpenAI envelope when malformed)
+                 ─► no ready replica: 503 no_ready_replica at once
+                 ─► PromptTokenizer (worker thread): token ids + page hashes
+                 ─► Policy.rank(ready replicas, prompt, index match)   (timed: decision latency)
+                 ─► Proxy.forward: best replica, one retry on the next before the first byte
+
+Who owns what: a `Router` owns its HTTP session, its membership poll tasks, one KV feed per
+replica, its indexes, its tokenizer thread, its metrics registry and its RNG. Nothing is
+process-global: two routers run side by side in one process and close in any order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from kvloom.api import errors
+from kvloom.api.errors import APIError
+from kvloom.api.router_feed import KVFeed
+from kvloom.api.router_index import ApproximateReplicaIndex, ExactReplicaIndex, PromptPages
+from kvloom.api.router_membership import HealthConfig, Membership, Replica
+from kvloom.api.router_metrics import RouterMetrics
+from kvloom.api.router_notify import Notifier
+from kvloom.api.router_policy import CostConfig, Policy
+from kvloom.api.router_proxy import Proxy, ProxyConfig
+from kvloom.api.router_tokens import PromptTokenizer
+
+log = logging.getLogger(__name__)
+
+ROUTER_KEY = web.AppKey("router", object)
+MAX_BODY_BYTES = 4 * 2**20
+ReplicaIndex = Union[ExactReplicaIndex, ApproximateReplicaIndex]
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    replicas: tuple[str, ...] = ()
+    policy: str = "prefix"
+    seed: int = 0
+    tokenizer: Optional[str] = None  # the replicas' model (directory or .gguf); None: token-id prompts only
+    health: HealthConfig = field(default_factory=HealthConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    feed_heartbeat_s: float = 2.0
+    feed_retry_s: float = 0.5
+    approximate_page_size: int = 16
+    approximate_ttl_s: float = 300.0
+    enable_admin: bool = False
+
+
+class Router:
+    def __init__(self, config: RouterConfig):
+        self.config = config
+        self.policy = Policy(config.policy, config.seed, config.cost)  # validates the name
+        self.notifier = Notifier()
+        self.indexes: dict[str, ReplicaIndex] = {}
+        self.feeds: dict[str, KVFeed] = {}
+        self.tokenizer = PromptTokenizer(config.tokenizer)
+        self.session: Optional[aiohttp.ClientSession] = None
+        self.membership: Optional[Membership] = None
+        self.proxy: Optional[Proxy] = None
+        self.metrics = RouterMetrics(lambda: self.membership.replicas.values() if self.membership else ())
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.tokenizer.load()
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        self.membership = Membership(self.session, self.config.health, self.notifier)
+        self.proxy = Proxy(self.session, self.membership, self.metrics, self.config.proxy)
+        for url in self.config.replicas:
+            self.add_replica(url)
+
+    async def close(self) -> None:
+        for url in list(self.feeds):
+            await self.feeds.pop(url).close()
+        if self.membership is not None:
+            await self.membership.close()
+        if self.session is not None:
+            await self.session.close()
+        self.tokenizer.close()
+
+    async def __aenter__(self) -> "Router":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # ---- replicas -------------------------------------------------------------------------------
+
+    def add_replica(self, url: str) -> Replica:
+        replica = self.membership.add(url)
+        if replica.url not in self.indexes:
+            index = self.indexes[replica.url] = ExactReplicaIndex()
+            self.feeds[replica.url] = KVFeed(
+                self.session, replica.url, index, self.notifier, heartbeat_s=self.config.feed_heartbeat_s,
+                retry_s=self.config.feed_retry_s, on_no_events=lambda: self._use_approximate(replica.url))
+        return replica
+
+    async def remove_replica(self, url: str) -> bool:
+        url = url.rstrip("/")
+        feed = self.feeds.pop(url, None)
+        if feed is not None:
+            await feed.close()
+        self.indexes.pop(url, None)
+        return await self.membership.remove(url)
+
+    def _use_approximate(self, url: str) -> None:
+        if url in self.indexes and self.indexes[url].is_exact:
+            self.indexes[url] = ApproximateReplicaIndex(self.config.approximate_page_size,
+                                                        self.config.approximate_ttl_s)
+
+    async def wait_for(self, predicate, timeout: float = 30.0) -> None:
+        """Until predicate() holds (membership or index changed); tests and tools wait on this."""
+        await self.notifier.wait_for(predicate, timeout)
+
+    # ---- routing --------------------------------------------------------------------------------
+
+    def _page_sizes(self) -> list[int]:
+        return sorted({i.page_size for i in self.indexes.values() if i.page_size})
+
+    def _num_cached(self, replica: Replica, prompt: PromptPages) -> int:
+        index = self.indexes.get(replica.url)
+        return index.match(prompt) if index is not None else 0
+
+    async def route(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        if request.content_type != "application/json":
+            raise errors.invalid("content-type", f"must be application/json, got {request.content_type!r}",
+                                 "invalid_content_type")
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise errors.invalid(None, f"the request body is not valid JSON: {exc}", "invalid_json") from None
+        if not isinstance(body, dict):
+            raise errors.invalid(None, "the request body must be a JSON object", "invalid_body")
+        if not self.membership.routable():
+            raise no_ready_replica()
+        prompt = await self.tokenizer.prompt_pages(request.path, body, self._page_sizes())
+        started = time.perf_counter()
+        candidates = self.policy.rank(self.membership.routable(), prompt, self._num_cached)
+        self.metrics.decision_seconds.observe(time.perf_counter() - started)
+        if not candidates:
+            raise no_ready_replica()
+        if prompt is not None:  # an approximate index learns from the decision (an exact one ignores it)
+            self.indexes[candidates[0].replica.url].record_sent(prompt)
+        return await self.proxy.forward(request, raw, prompt.num_tokens if prompt else 0, candidates)
+
+    def status(self) -> dict:
+        replicas = []
+        for replica in self.membership.replicas.values():
+            index = self.indexes.get(replica.url)
+            info = replica.describe()
+            info["index"] = ({"kind": "exact", "last_event_id": index.last_event_id, "num_pages": len(index.hashes),
+                              "page_size": index.page_size} if index is not None and index.is_exact else
+                             {"kind": "approximate", "num_pages": len(index.expiry)} if index is not None else None)
+            replicas.append(info)
+        return {"policy": self.policy.name, "ready": bool(self.membership.routable()), "replicas": replicas}
+
+
+def no_ready_replica() -> APIError:
+    return APIError(503, "no replica is ready to take the request", type="service_unavailable",
+                    code="no_ready_replica", headers={"Retry-After": "1"})
+
+
+# ---- HTTP -----------------------------------------------------------------------------------------
+
+def _json(data, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
+
+
+@web.middleware
+async def _errors(request: web.Request, handler):
+    router: Router = request.app[ROUTER_KEY]
+    try:
+        return await handler(request)
+    except APIError as exc:
+        router.metrics.errors.labels(exc.code or exc.type).inc()
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        error = errors.from_http_exception(exc, request, MAX_BODY_BYTES)
+        router.metrics.errors.labels(error.code).inc()
+        return error.response()
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - never a bare 500 without the envelope
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        router.metrics.errors.labels("internal_error").inc()
+        return APIError(500, f"internal error: {type(exc).__name__}", type="server_error",
+                        code="internal_error").response()
+
+
+async def _route(request: web.Request) -> web.StreamResponse:
+    return await request.app[ROUTER_KEY].route(request)
+
+
+async def _models(request: web.Request) -> web.Response:
+    router: Router = request.app[ROUTER_KEY]
+    for replica in router.membership.routable():
+        try:
+            async with router.session.get(replica.url + request.path,
+                                          timeout=aiohttp.ClientTimeout(total=router.config.health.timeout_s)) as r:
+                return web.Response(status=r.status, body=await r.read(), content_type="application/json")
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            continue
+    raise no_ready_replica()
+
+
+async def _health(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def _ready(request: web.Request) -> web.Response:
+    router: Router = request.app[ROUTER_KEY]
+    ready = [r.url for r in router.membership.routable()]
+    return _json({"ready": bool(ready), "ready_replicas": ready}, status=200 if ready else 503)
+
+
+async def _status(request: web.Request) -> web.Response:
+    return _json(request.app[ROUTER_KEY].status())
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[ROUTER_KEY].metrics.render(),
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def _admin_body_url(request: web.Request) -> str:
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        body = None
+    url = body.get("url") if isinstance(body, dict) else None
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise errors.invalid("url", "required: the replica's base URL, http://HOST:PORT", "invalid_value")
+    return url
+
+
+async def _admin_add(request: web.Request) -> web.Response:
+    router: Router = request.app[ROUTER_KEY]
+    replica = router.add_replica(await _admin_body_url(request))
+    return _json(replica.describe())
+
+
+async def _admin_remove(request: web.Request) -> web.Response:
+    router: Router = request.app[ROUTER_KEY]
+    url = await _admin_body_url(request)
+    if not await router.remove_replica(url):
+        raise APIError(404, f"url: no replica {url}", param="url", code="not_found")
+    return _json({"removed": url})
+
+
+async def _admin_drain(request: web.Request) -> web.Response:
+    router: Router = request.app[ROUTER_KEY]
+    url = await _admin_body_url(request)
+    if not router.membership.drain(url):
+        raise APIError(404, f"url: no replica {url}", param="url", code="not_found")
+    return _json(router.membership.replicas[url.rstrip("/")].describe())
+
+
+def create_router_app(router: Router) -> web.Application:
+    """The app for a started router; admin routes only with config.enable_admin."""
+    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
+    app[ROUTER_KEY] = router
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/score"):
+        app.router.add_post(path, _route)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/v1/models/{model}", _models)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/ready", _ready)
+    app.router.add_get("/status", _status)
+    app.router.add_get("/metrics", _metrics)
+    if router.config.enable_admin:
+        app.router.add_post("/admin/replicas", _admin_add)
+        app.router.add_post("/admin/replicas/remove", _admin_remove)
+        app.router.add_post("/admin/replicas/drain", _admin_drain)
+    return app
+
+
+async def serve_router(config: RouterConfig, host: str, port: int, stop: Optional[asyncio.Event] = None) -> None:
+    """Serve until SIGINT/SIGTERM (or `stop`), then close."""
+    from kvloom.api.server import start_server
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with Router(config) as router:
+        runner, url = await start_server(create_router_app(router), host, port)
+        print(f"kvloom router: listening on {url} ({config.policy}, {len(config.replicas)} replicas)", flush=True)
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
