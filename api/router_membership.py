@@ -43,6 +43,7 @@ class HealthConfig:
     fall: int = 3  # consecutive failures to mark a replica down
     rise: int = 2  # consecutive successes to bring it (back) in
     ewma: float = 0.3  # weight of a new rate measurement
+    measure_rates: bool = True  # scrape /metrics for prefill rate and inter-token latency
 
 
 class Replica:
@@ -149,7 +150,7 @@ class Membership:
     async def _poll(self, replica: Replica) -> None:
         while True:
             await self._probe(replica)
-            if replica.is_routable:
+            if replica.is_routable and self.config.measure_rates:
                 await self._scrape(replica)
             await asyncio.sleep(self.config.interval_s)
 
