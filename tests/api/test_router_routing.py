@@ -116,22 +116,28 @@ async def test_no_ready_replica_is_a_503_at_once(fleet):
     warmup.set()
 
 
-def _tie_sequence(seed: int) -> list[str]:
+TIE_SEQUENCE = """
+from kvloom.api.router_membership import Replica, ReplicaState
+from kvloom.api.router_policy import Policy
+
+def tie_sequence(seed):
     replicas = [Replica(f"http://r{i}") for i in range(4)]
     for r in replicas:
         r.state = ReplicaState.READY
     policy = Policy("prefix", seed)
     return [policy.rank(replicas, None, lambda r, p: 0)[0].replica.url for _ in range(32)]
+"""
 
 
 def test_ties_are_decided_by_the_seed_alone_across_processes():
-    here = _tie_sequence(7)
-    code = ("from tests.api.test_router_routing import _tie_sequence; "
-            "print(','.join(_tie_sequence(7)))")
+    namespace = {}
+    exec(TIE_SEQUENCE, namespace)
+    here = namespace["tie_sequence"](7)
+    code = TIE_SEQUENCE + "\nprint(','.join(tie_sequence(7)))"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert other.stdout.strip().split(",") == here
     assert len(set(here)) == 4  # all four replicas take a share
-    assert _tie_sequence(8) != here
+    assert namespace["tie_sequence"](8) != here
 
 
 def test_tie_breaks_prefer_cached_tokens_then_fewer_in_flight():
