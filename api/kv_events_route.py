@@ -40,7 +40,8 @@ async def kv_events(request: web.Request) -> web.StreamResponse:
     task = asyncio.current_task()
     tasks.add(task)
     try:
-        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"})
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson",
+                                               "Cache-Control": "no-cache"})
         await response.prepare(request)
         snapshot = log.snapshot()
         await response.write(_line(snapshot))

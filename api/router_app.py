@@ -28,6 +28,7 @@ from aiohttp import web
 
 from kvloom.api import errors
 from kvloom.api.errors import APIError
+from kvloom.api.http_common import make_error_middleware, read_json
 from kvloom.api.router_feed import KVFeed
 from kvloom.api.router_index import ApproximateReplicaIndex, ExactReplicaIndex, PromptPages
 from kvloom.api.router_membership import HealthConfig, Membership, Replica
@@ -137,14 +138,8 @@ class Router:
         return index.match(prompt) if index is not None else 0
 
     async def route(self, request: web.Request) -> web.StreamResponse:
-        raw = await request.read()
-        if request.content_type != "application/json":
-            raise errors.invalid("content-type", f"must be application/json, got {request.content_type!r}",
-                                 "invalid_content_type")
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise errors.invalid(None, f"the request body is not valid JSON: {exc}", "invalid_json") from None
+        body = await read_json(request)
+        raw = await request.read()  # cached by aiohttp: the bytes read_json parsed, passed on unchanged
         if not isinstance(body, dict):
             raise errors.invalid(None, "the request body must be a JSON object", "invalid_body")
         if not self.membership.routable():
@@ -164,9 +159,13 @@ class Router:
         for replica in self.membership.replicas.values():
             index = self.indexes.get(replica.url)
             info = replica.describe()
-            info["index"] = ({"kind": "exact", "last_event_id": index.last_event_id, "num_pages": len(index.hashes),
-                              "page_size": index.page_size} if index is not None and index.is_exact else
-                             {"kind": "approximate", "num_pages": len(index.expiry)} if index is not None else None)
+            if index is None:
+                info["index"] = None
+            elif index.is_exact:
+                info["index"] = {"kind": "exact", "last_event_id": index.last_event_id,
+                                 "num_pages": len(index.hashes), "page_size": index.page_size}
+            else:
+                info["index"] = {"kind": "approximate", "num_pages": len(index.expiry)}
             replicas.append(info)
         return {"policy": self.policy.name, "ready": bool(self.membership.routable()), "replicas": replicas}
 
@@ -182,27 +181,9 @@ def _json(data, status: int = 200) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
 
 
-@web.middleware
-async def _errors(request: web.Request, handler):
-    router: Router = request.app[ROUTER_KEY]
-    try:
-        return await handler(request)
-    except APIError as exc:
-        router.metrics.errors.labels(exc.code or exc.type).inc()
-        return exc.response()
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        error = errors.from_http_exception(exc, request, MAX_BODY_BYTES)
-        router.metrics.errors.labels(error.code).inc()
-        return error.response()
-    except (asyncio.CancelledError, ConnectionResetError):
-        raise
-    except Exception as exc:  # noqa: BLE001 - never a bare 500 without the envelope
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        router.metrics.errors.labels("internal_error").inc()
-        return APIError(500, f"internal error: {type(exc).__name__}", type="server_error",
-                        code="internal_error").response()
+_errors = make_error_middleware(
+    lambda request, code: request.app[ROUTER_KEY].metrics.errors.labels(code).inc(),
+    lambda request: MAX_BODY_BYTES)
 
 
 async def _route(request: web.Request) -> web.StreamResponse:
@@ -211,10 +192,10 @@ async def _route(request: web.Request) -> web.StreamResponse:
 
 async def _models(request: web.Request) -> web.Response:
     router: Router = request.app[ROUTER_KEY]
+    timeout = aiohttp.ClientTimeout(total=router.config.health.timeout_s)
     for replica in router.membership.routable():
         try:
-            async with router.session.get(replica.url + request.path,
-                                          timeout=aiohttp.ClientTimeout(total=router.config.health.timeout_s)) as r:
+            async with router.session.get(replica.url + request.path, timeout=timeout) as r:
                 return web.Response(status=r.status, body=await r.read(), content_type="application/json")
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             continue
@@ -292,7 +273,8 @@ def create_router_app(router: Router) -> web.Application:
     return app
 
 
-async def serve_router(config: RouterConfig, host: str, port: int, stop: Optional[asyncio.Event] = None) -> None:
+async def serve_router(config: RouterConfig, host: str, port: int,
+                       stop: Optional[asyncio.Event] = None) -> None:
     """Serve until SIGINT/SIGTERM (or `stop`), then close."""
     from kvloom.api.server import start_server
 
@@ -302,7 +284,8 @@ async def serve_router(config: RouterConfig, host: str, port: int, stop: Optiona
         loop.add_signal_handler(sig, stop.set)
     async with Router(config) as router:
         runner, url = await start_server(create_router_app(router), host, port)
-        print(f"kvloom router: listening on {url} ({config.policy}, {len(config.replicas)} replicas)", flush=True)
+        print(f"kvloom router: listening on {url} ({config.policy}, {len(config.replicas)} replicas)",
+              flush=True)
         try:
             await stop.wait()
         finally:

@@ -50,7 +50,8 @@ class KVFeed:
                 if not await self._follow():
                     self.on_no_events()
                     delay = self.retry_no_events_s
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError, TypeError) as exc:
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError,
+                    TypeError) as exc:  # a bad line counts as a dropped feed
                 log.debug("kv feed %s: %s", self.url, exc)
             finally:
                 self._response = None

@@ -98,7 +98,8 @@ class Membership:
         if url in self.replicas:
             return self.replicas[url]
         replica = self.replicas[url] = Replica(url)
-        self._tasks[url] = asyncio.get_running_loop().create_task(self._poll(replica), name=f"router-poll {url}")
+        self._tasks[url] = asyncio.get_running_loop().create_task(self._poll(replica),
+                                                                  name=f"router-poll {url}")
         self.notifier.notify()
         return replica
 

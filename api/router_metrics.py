@@ -35,8 +35,8 @@ class RouterMetrics:
         self.selections = Counter("kvloom_router_selections", "Requests sent per replica.", ["replica"],
                                   registry=r)
         self.predicted_cached_tokens = Counter(
-            "kvloom_router_predicted_cached_tokens", "Cached prompt tokens the router predicted.", ["replica"],
-            registry=r)
+            "kvloom_router_predicted_cached_tokens", "Cached prompt tokens the router predicted.",
+            ["replica"], registry=r)
         self.actual_cached_tokens = Counter(
             "kvloom_router_actual_cached_tokens", "Cached prompt tokens the replica reported in usage.",
             ["replica"], registry=r)

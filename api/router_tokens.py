@@ -37,7 +37,8 @@ class PromptTokenizer:
         from kvloom.engine.tokenizer import Tokenizer
 
         loop = asyncio.get_running_loop()
-        self.tokenizer = await loop.run_in_executor(self._executor, lambda: Tokenizer.load(resolve_source(self.model)))
+        self.tokenizer = await loop.run_in_executor(self._executor,
+                                                    lambda: Tokenizer.load(resolve_source(self.model)))
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -24,6 +24,7 @@ from aiohttp import web
 
 from kvloom.api import errors
 from kvloom.api.errors import APIError
+from kvloom.api.http_common import make_error_middleware, read_json
 from kvloom.api.kv_events_route import install_kv_events
 from kvloom.api.openapi import openapi_spec
 from kvloom.api.protocol import GenerationRequest, parse_chat, parse_completion
@@ -42,38 +43,10 @@ def _json(data, status: int = 200, headers: Optional[dict] = None) -> web.Respon
     return web.Response(status=status, body=orjson.dumps(data), content_type="application/json", headers=headers)
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler):
-    engine = request.app[ENGINE_KEY]
-    try:
-        return await handler(request)
-    except APIError as exc:
-        engine.metrics.request_errors.labels(exc.code or exc.type).inc()
-        return exc.response()
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        error = errors.from_http_exception(exc, request, request.app[MAX_BODY_KEY])
-        engine.metrics.request_errors.labels(error.code).inc()
-        return error.response()
-    except (asyncio.CancelledError, ConnectionResetError):
-        raise
-    except Exception as exc:  # noqa: BLE001 - never a bare 500 without the envelope
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        engine.metrics.request_errors.labels("internal_error").inc()
-        return APIError(500, f"internal error: {type(exc).__name__}", type="server_error",
-                        code="internal_error").response()
-
-
-async def _read_json(request: web.Request):
-    if request.content_type != "application/json":
-        raise errors.invalid("content-type", f"must be application/json, got {request.content_type!r}",
-                             "invalid_content_type")
-    raw = await request.read()  # 413 past client_max_size
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise errors.invalid(None, f"the request body is not valid JSON: {exc}", "invalid_json") from None
+error_middleware = make_error_middleware(
+    lambda request, code: request.app[ENGINE_KEY].metrics.request_errors.labels(code).inc(),
+    lambda request: request.app[MAX_BODY_KEY])
+_read_json = read_json
 
 
 def _check_model(engine: Engine, model: Optional[str]) -> None:

@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                             help="fault-handling release gate against a --enable-fault-injection server")
     add_fault_args(faults)
     faults.set_defaults(func=cmd_faults)
+
+    from kvloom.tools.router_cli import add_router_args
+
+    router = sub.add_parser("router", help="route requests across kvloom replicas by cached prefix and load")
+    add_router_args(router)
+    router.set_defaults(func=cmd_router)
     return parser
 
 
@@ -164,6 +170,12 @@ def cmd_soak(args) -> int:
 
 def cmd_faults(args) -> int:
     from kvloom.tools.fault_gate import main_from_args
+
+    return main_from_args(args)
+
+
+def cmd_router(args) -> int:
+    from kvloom.tools.router_cli import main_from_args
 
     return main_from_args(args)
 

@@ -8,7 +8,6 @@ import aiohttp
 import pytest
 
 from kvloom.api.router_membership import HealthConfig, ReplicaState
-from tests.api.router_helpers import fleet  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.timeout(120)
 

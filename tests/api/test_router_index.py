@@ -5,18 +5,19 @@ that missed events (a gap, recovered by a snapshot); and all of them equal the r
 import aiohttp
 import pytest
 
-from tests.api.router_helpers import fleet  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.timeout(120)
 
 
 def synced(router, replicas) -> bool:
-    return all(router.indexes[r.url].is_synced and router.indexes[r.url].last_event_id == r.engine.kv_events.last_id
+    indexes = router.indexes
+    return all(indexes[r.url].is_synced and indexes[r.url].last_event_id == r.engine.kv_events.last_id
                for r in replicas)
 
 
 def contents(router, replicas) -> dict:
-    return {r.url: (router.indexes[r.url].last_event_id, frozenset(router.indexes[r.url].hashes)) for r in replicas}
+    indexes = router.indexes
+    return {r.url: (indexes[r.url].last_event_id, frozenset(indexes[r.url].hashes)) for r in replicas}
 
 
 def truth(replicas) -> dict:

@@ -12,7 +12,7 @@ import pytest
 from kvloom.api.router_index import PromptPages
 from kvloom.api.router_membership import Replica, ReplicaState
 from kvloom.api.router_policy import Policy
-from tests.api.router_helpers import fleet, wait_until  # noqa: F401 - fixture
+from tests.api.router_helpers import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -20,7 +20,8 @@ PREFIX = list(range(10, 42))  # 32 tokens: 8 pages of 4
 
 
 async def complete(session, url, prompt, max_tokens=4, stream=False):
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": stream}
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": stream}
     async with session.post(url + "/v1/completions", json=body) as resp:
         data = await resp.read()
         return resp.status, resp.headers.get("X-Kvloom-Replica"), resp.headers.get(
@@ -28,7 +29,8 @@ async def complete(session, url, prompt, max_tokens=4, stream=False):
 
 
 def synced(router, replicas):
-    return all(router.indexes[r.url].is_synced and router.indexes[r.url].last_event_id == r.engine.kv_events.last_id
+    indexes = router.indexes
+    return all(indexes[r.url].is_synced and indexes[r.url].last_event_id == r.engine.kv_events.last_id
                for r in replicas)
 
 
@@ -134,7 +136,8 @@ def test_ties_are_decided_by_the_seed_alone_across_processes():
     exec(TIE_SEQUENCE, namespace)
     here = namespace["tie_sequence"](7)
     code = TIE_SEQUENCE + "\nprint(','.join(tie_sequence(7)))"
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                           check=True)
     assert other.stdout.strip().split(",") == here
     assert len(set(here)) == 4  # all four replicas take a share
     assert namespace["tie_sequence"](8) != here
