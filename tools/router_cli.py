@@ -44,7 +44,7 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
                    help="after --: flags for each launched `kvloom serve`")
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -66,7 +66,7 @@ def launch_replicas(n: int, model: Optional[str], serve_flags: list[str], host: 
         flags += ["--model", model]
     children = []
     for _ in range(n):
-        port = _free_port(host)
+        port = free_port(host)
         cmd = [sys.executable, "-m", "kvloom.tools.cli", "serve", "--host", host, "--port", str(port), *flags]
         children.append((subprocess.Popen(cmd, preexec_fn=_die_with_parent), f"http://{host}:{port}"))
     return children

@@ -5,6 +5,8 @@ that missed events (a gap, recovered by a snapshot); and all of them equal the r
 import aiohttp
 import pytest
 
+from kvloom.api.router_index import ApproximateReplicaIndex, PromptPages
+
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -104,3 +106,14 @@ async def aiohttp_plain_server():
     runner, url = await start_server(app)
     yield url
     await runner.cleanup()
+
+
+def test_approximate_index_remembers_what_was_sent_until_the_ttl():
+    now = [100.0]
+    index = ApproximateReplicaIndex(page_size=4, ttl_s=10.0, clock=lambda: now[0])
+    sent = PromptPages(list(range(18)))
+    index.record_sent(sent)
+    assert index.match(PromptPages(list(range(12)) + [99] * 8)) == 12  # whole pages of the shared head
+    assert index.match(sent) == 16
+    now[0] += 10.5
+    assert index.match(sent) == 0
