@@ -44,12 +44,17 @@ def make_error_middleware(count_error: Callable[[web.Request, str], None],
     return error_middleware
 
 
-async def read_json(request: web.Request):
-    """The body as JSON: 400 invalid_content_type or invalid_json, 413 past client_max_size."""
+async def read_body(request: web.Request) -> bytes:
+    """The raw JSON body: 400 invalid_content_type, 413 past client_max_size."""
     if request.content_type != "application/json":
         raise errors.invalid("content-type", f"must be application/json, got {request.content_type!r}",
                              "invalid_content_type")
-    raw = await request.read()
+    return await request.read()
+
+
+async def read_json(request: web.Request):
+    """The body parsed: 400 invalid_json when it is not JSON."""
+    raw = await read_body(request)
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

@@ -27,7 +27,7 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvloom.tools.bench import WORDS
+from kvloom.tools.workload import WORDS
 from kvloom.tools.router_cli import free_port, launch_replicas, stop_replicas
 
 

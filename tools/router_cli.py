@@ -1,4 +1,5 @@
-"""`kvloom router`: flags, and --launch N local `kvloom serve` replicas as child processes.
+"""`kvloom router`: the router, and --launch N local `kvloom serve` replicas as child processes
+(the flags are declared in tools/command_args.py).
 
     kvloom router --replica http://10.0.0.1:8000 --replica http://10.0.0.2:8000 [--policy prefix]
     kvloom router --launch 2 --model PATH -- --num-pages 2048 --max-running 16
@@ -19,29 +20,6 @@ import sys
 from typing import Optional
 
 DEFAULT_LAUNCH_NUM_PAGES = "2048"  # four replicas and the router fit in a few GiB with the default model
-
-
-def add_router_args(p: argparse.ArgumentParser) -> None:
-    from kvloom.api.router_policy import POLICIES
-
-    p.add_argument("--replica", action="append", default=[], metavar="URL",
-                   help="a replica's base URL (repeat for several)")
-    p.add_argument("--launch", type=int, default=0, metavar="N", help="start N local `kvloom serve` replicas")
-    p.add_argument("--model", default=None,
-                   help="the replicas' model (checkpoint directory or .gguf): its tokenizer matches "
-                        "prefixes; with --launch, also the model served (default: the default model)")
-    p.add_argument("--policy", choices=POLICIES, default="prefix")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--seed", type=int, default=0, help="seed of the tie-breaking RNG")
-    p.add_argument("--health-interval", type=float, default=1.0, help="seconds between /ready polls")
-    p.add_argument("--fall", type=int, default=3, help="consecutive failures that take a replica out")
-    p.add_argument("--rise", type=int, default=2, help="consecutive successes that bring it (back) in")
-    p.add_argument("--read-timeout", type=float, default=300.0, help="longest upstream silence, seconds")
-    p.add_argument("--enable-admin", action="store_true",
-                   help="POST /admin/replicas, /admin/replicas/remove, /admin/replicas/drain {\"url\": ...}")
-    p.add_argument("serve_flags", nargs=argparse.REMAINDER,
-                   help="after --: flags for each launched `kvloom serve`")
 
 
 def free_port(host: str) -> int:
@@ -121,6 +99,8 @@ def main_from_args(args) -> int:
 
 
 if __name__ == "__main__":
+    from kvloom.tools.command_args import add_router_args
+
     parser = argparse.ArgumentParser(prog="kvloom router")
     add_router_args(parser)
     sys.exit(main_from_args(parser.parse_args()))
