@@ -68,15 +68,18 @@ class Fleet:
             if warmup_gate is None:
                 await engine.start()
             else:
+                replica.warmup_gate = warmup_gate
                 replica.start_task = asyncio.ensure_future(engine.start())
         return replica
 
     async def stop_replica(self, replica: FakeReplica) -> None:
+        """Stop a replica; one still held in warm-up finishes starting first (then stops like any other)."""
         self.replicas.remove(replica)
-        await replica.stop()
         task = getattr(replica, "start_task", None)
         if task is not None:
+            replica.warmup_gate.set()
             await asyncio.gather(task, return_exceptions=True)
+        await replica.stop()
 
     async def router(self, urls, **overrides) -> tuple[Router, str]:
         router = Router(router_config(urls, **overrides))
