@@ -254,22 +254,20 @@ async def _admin_drain(request: web.Request) -> web.Response:
     return _json(router.membership.replicas[url.rstrip("/")].describe())
 
 
+PROXIED = ("/v1/completions", "/v1/chat/completions", "/v1/score", "/v1/tokenize", "/v1/detokenize")
+ROUTES = [("GET", "/v1/models", _models), ("GET", "/v1/models/{model}", _models), ("GET", "/health", _health),
+          ("GET", "/ready", _ready), ("GET", "/status", _status), ("GET", "/metrics", _metrics)]
+ADMIN_ROUTES = [("POST", "/admin/replicas", _admin_add), ("POST", "/admin/replicas/remove", _admin_remove),
+                ("POST", "/admin/replicas/drain", _admin_drain)]
+
+
 def create_router_app(router: Router) -> web.Application:
     """The app for a started router; admin routes only with config.enable_admin."""
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
     app[ROUTER_KEY] = router
-    for path in ("/v1/completions", "/v1/chat/completions", "/v1/score"):
-        app.router.add_post(path, _route)
-    app.router.add_get("/v1/models", _models)
-    app.router.add_get("/v1/models/{model}", _models)
-    app.router.add_get("/health", _health)
-    app.router.add_get("/ready", _ready)
-    app.router.add_get("/status", _status)
-    app.router.add_get("/metrics", _metrics)
-    if router.config.enable_admin:
-        app.router.add_post("/admin/replicas", _admin_add)
-        app.router.add_post("/admin/replicas/remove", _admin_remove)
-        app.router.add_post("/admin/replicas/drain", _admin_drain)
+    routes = [("POST", path, _route) for path in PROXIED] + ROUTES
+    for method, path, handler in routes + (ADMIN_ROUTES if router.config.enable_admin else []):
+        app.router.add_route(method, path, handler)
     return app
 
 

@@ -39,7 +39,7 @@ class ReplicaState(str, enum.Enum):
 @dataclass(frozen=True)
 class HealthConfig:
     interval_s: float = 1.0  # between /ready polls
-    timeout_s: float = 2.0  # per poll
+    timeout_s: float = 5.0  # per poll
     fall: int = 3  # consecutive failures to mark a replica down
     rise: int = 2  # consecutive successes to bring it (back) in
     ewma: float = 0.3  # weight of a new rate measurement

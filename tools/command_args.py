@@ -257,6 +257,7 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--seed", type=int, default=0, help="seed of the tie-breaking RNG")
     p.add_argument("--health-interval", type=float, default=1.0, help="seconds between /ready polls")
+    p.add_argument("--health-timeout", type=float, default=5.0, help="seconds a /ready poll may take")
     p.add_argument("--fall", type=int, default=3, help="consecutive failures that take a replica out")
     p.add_argument("--rise", type=int, default=2, help="consecutive successes that bring it (back) in")
     p.add_argument("--read-timeout", type=float, default=300.0, help="longest upstream silence, seconds")

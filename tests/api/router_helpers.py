@@ -17,7 +17,7 @@ from kvloom.engine.engine import Engine
 from tests import fake_runner
 from tests.conftest import tiny_engine_config
 
-FAST_HEALTH = HealthConfig(interval_s=0.02, timeout_s=2.0, fall=2, rise=2, measure_rates=False)
+FAST_HEALTH = HealthConfig(interval_s=0.02, timeout_s=10.0, fall=2, rise=2, measure_rates=False)
 
 
 def router_config(urls, **overrides) -> RouterConfig:

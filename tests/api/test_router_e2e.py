@@ -16,7 +16,7 @@ from kvloom.api.router_membership import HealthConfig, ReplicaState
 from tests.api.test_serve_cli import free_port
 from tests.conftest import _JAX_CACHE
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = pytest.mark.timeout(900)
 
 TINY_SERVE_FLAGS = ["--max-running", "4", "--max-model-len", "256", "--page-size", "4", "--num-pages", "512",
                     "--chunk-size", "32", "--max-tokens-per-step", "64", "--max-prefill-seqs", "2",
@@ -24,7 +24,7 @@ TINY_SERVE_FLAGS = ["--max-running", "4", "--max-model-len", "256", "--page-size
 KVLOOM = os.path.join(os.path.dirname(sys.executable), "kvloom")
 
 
-async def wait_http(url: str, path: str, accept, timeout: float = 240.0) -> dict:
+async def wait_http(url: str, path: str, accept, timeout: float = 600.0) -> dict:
     """Until GET url+path answers a body that accept(status, body) takes (checked every 0.1 s)."""
     async def poll():
         async with aiohttp.ClientSession() as session:
@@ -57,7 +57,7 @@ async def test_router_launch_serves_the_openai_surface_and_stops_its_replicas(ti
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
         KVLOOM, "router", "--launch", "2", "--model", tiny_llama, "--port", str(port),
-        "--health-interval", "0.2", "--", *TINY_SERVE_FLAGS)
+        "--health-interval", "0.2", "--health-timeout", "10", "--", *TINY_SERVE_FLAGS)
     url = f"http://127.0.0.1:{port}"
     children = []
     try:
@@ -132,9 +132,9 @@ async def test_a_replica_killed_mid_load_is_marked_down_and_comes_back(tiny_llam
     procs = [await start_replica(tiny_llama, p) for p in ports]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     try:
-        health = HealthConfig(interval_s=0.1, fall=2, rise=2, measure_rates=False)
+        health = HealthConfig(interval_s=0.1, timeout_s=10.0, fall=2, rise=2, measure_rates=False)
         router, url = await fleet.router(urls, policy="least_load", health=health)
-        await router.wait_for(lambda: len(router.membership.routable()) == 2, timeout=240)
+        await router.wait_for(lambda: len(router.membership.routable()) == 2, timeout=600)
         victim = router.membership.replicas[urls[1]]
         async with aiohttp.ClientSession() as session:
             tasks = [asyncio.ensure_future(stream_one(session, url, i)) for i in range(12)]
@@ -147,7 +147,7 @@ async def test_a_replica_killed_mid_load_is_marked_down_and_comes_back(tiny_llam
             assert victim.num_in_flight == 0
             await procs[1].wait()
             procs[1] = await start_replica(tiny_llama, ports[1])
-            await router.wait_for(lambda: victim.is_routable, timeout=240)
+            await router.wait_for(lambda: victim.is_routable, timeout=600)
             seen = set()
             for i in range(4):
                 body = {"prompt": [9, i], "max_tokens": 2}
