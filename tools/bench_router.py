@@ -57,20 +57,21 @@ def cache_counters(urls) -> tuple[float, float]:
     return hits, queries
 
 
-def session_prompts(seed: int, num_sessions: int, context_words: int, num_turns: int) -> list[dict]:
+def session_prompts(seed: int, num_sessions: int, context_words: int, num_turns: int,
+                    question_words: int = 12) -> list[dict]:
     """Turn-major lines: every session's turn 1, then every session's turn 2, ..."""
     import random
 
     rng = random.Random(seed)
     contexts = [" ".join(rng.choice(WORDS) for _ in range(context_words)) for _ in range(num_sessions)]
-    questions = [[" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(num_turns)]
+    questions = [[" ".join(rng.choice(WORDS) for _ in range(question_words)) for _ in range(num_turns)]
                  for _ in range(num_sessions)]
     return [{"prompt": contexts[s] + " " + " ".join(questions[s][:t + 1])}
             for t in range(num_turns) for s in range(num_sessions)]
 
 
 def run_policy(policy: str, seed: int, replica_urls, args, workdir: str) -> dict:
-    prompts = session_prompts(seed, args.sessions, args.context_words, args.turns)
+    prompts = session_prompts(seed, args.sessions, args.context_words, args.turns, args.question_words)
     prompts_path = os.path.join(workdir, f"{policy}.jsonl")
     with open(prompts_path, "w") as f:
         f.writelines(json.dumps(p) + "\n" for p in prompts)
@@ -126,6 +127,7 @@ def main(argv=None) -> int:
     p.add_argument("--sessions", type=int, default=16)
     p.add_argument("--context-words", type=int, default=1000, help="words of each session's own context")
     p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--question-words", type=int, default=12, help="words each turn adds to the history")
     p.add_argument("--output-len", type=int, default=16)
     p.add_argument("--policies", default="prefix,round_robin,least_load")
     p.add_argument("--ready-timeout", type=float, default=1800.0, help="seconds the replicas get to warm up")
