@@ -59,15 +59,19 @@ def cache_counters(urls) -> tuple[float, float]:
 
 def session_prompts(seed: int, num_sessions: int, context_words: int, num_turns: int,
                     question_words: int = 12) -> list[dict]:
-    """Turn-major lines: every session's turn 1, then every session's turn 2, ..."""
+    """Turn-major lines: every session's turn 1 (in a shuffled order), then every session's turn 2, ..."""
     import random
 
     rng = random.Random(seed)
     contexts = [" ".join(rng.choice(WORDS) for _ in range(context_words)) for _ in range(num_sessions)]
     questions = [[" ".join(rng.choice(WORDS) for _ in range(question_words)) for _ in range(num_turns)]
                  for _ in range(num_sessions)]
-    return [{"prompt": contexts[s] + " " + " ".join(questions[s][:t + 1])}
-            for t in range(num_turns) for s in range(num_sessions)]
+    lines = []
+    for t in range(num_turns):  # sessions in a new order each turn: no policy keeps affinity by accident
+        order = list(range(num_sessions))
+        rng.shuffle(order)
+        lines.extend({"prompt": contexts[s] + " " + " ".join(questions[s][:t + 1])} for s in order)
+    return lines
 
 
 def run_policy(policy: str, seed: int, replica_urls, args, workdir: str) -> dict:
