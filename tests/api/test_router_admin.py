@@ -5,7 +5,7 @@ import pytest
 
 from kvloom.api.router_membership import ReplicaState
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(300)  # the shared tiny-checkpoint build counts on a loaded machine
 
 
 async def post(session, url, path, body):
