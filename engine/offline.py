@@ -71,10 +71,11 @@ def _step(params, kv, step, *, cfg, page_size):
 
 
 def greedy_generate(cfg: ModelConfig, params, prompts: list[list[int]], max_new_tokens: int,
-                    *, page_size: int = 16, stop_ids: tuple[int, ...] = ()) -> list[list[int]]:
-    """Greedy continuation of each prompt; a sequence stops at a stop id (not included)."""
+                    *, page_size: int = 16, stop_ids: tuple[int, ...] = (), mesh=None) -> list[list[int]]:
+    """Greedy continuation of each prompt; a sequence stops at a stop id (not included). `mesh`: as
+    for StaticBatch."""
     batch = StaticBatch(cfg, params, num_seqs=len(prompts),
-                        max_len=max(map(len, prompts)) + max_new_tokens, page_size=page_size)
+                        max_len=max(map(len, prompts)) + max_new_tokens, page_size=page_size, mesh=mesh)
     logits = batch.extend(prompts)
     ends = np.cumsum([len(p) for p in prompts]) - 1
     next_ids = logits[ends].argmax(-1)

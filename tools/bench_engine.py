@@ -313,7 +313,7 @@ def build_report(args, ours: dict, theirs: Optional[dict], matmul: dict) -> dict
 
 
 def engine_config_from_args(args):
-    from kvloom.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from kvloom.engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 
     def given(**values):
         return {k: v for k, v in values.items() if v is not None}
@@ -322,7 +322,8 @@ def engine_config_from_args(args):
                       max_tokens_per_step=args.max_tokens_per_step, max_prefill_seqs=args.max_prefill_seqs)
     cache = given(page_size=args.page_size, num_pages=args.num_pages)
     return EngineConfig(model=args.model, dtype="float32", max_model_len=args.max_model_len,
-                        scheduler=SchedulerConfig(**scheduler), cache=CacheConfig(**cache))
+                        scheduler=SchedulerConfig(**scheduler), cache=CacheConfig(**cache),
+                        parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size))
 
 
 def add_engine_size_args(parser, max_running_help: str = None):
@@ -332,6 +333,9 @@ def add_engine_size_args(parser, max_running_help: str = None):
     for flag in ("--max-model-len", "--page-size", "--num-pages", "--chunk-size", "--max-tokens-per-step",
                  "--max-prefill-seqs"):
         engine.add_argument(flag, type=int, default=None)
+    engine.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="devices to split the model over (on a CPU: XLA_FLAGS="
+                             "--xla_force_host_platform_device_count=N)")
     return engine
 
 

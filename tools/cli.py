@@ -16,16 +16,21 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_chat(args) -> int:
+    from kvloom.engine.models import llama
     from kvloom.engine.models.loader import load_model
     from kvloom.engine.offline import greedy_generate
+    from kvloom.engine.sharding import make_mesh
     from kvloom.engine.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
     source, cfg, params = load_model(args.model, args.dtype)
+    mesh = make_mesh(args.tensor_parallel_size)
+    params = llama.shard_params(params, cfg, mesh)
     tokenizer = Tokenizer.load(source, extra_eos_ids=cfg.eos_token_ids)
     print(f"kvloom: loaded {source.name} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
-    out = greedy_generate(cfg, params, [prompt_ids], args.max_tokens, stop_ids=tokenizer.eos_token_ids)[0]
+    out = greedy_generate(cfg, params, [prompt_ids], args.max_tokens, stop_ids=tokenizer.eos_token_ids,
+                          mesh=mesh)[0]
     print(tokenizer.decode(out))
     return 0
 
@@ -38,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     chat.add_argument("prompt", nargs="?", default="What is the capital of France? Answer in one sentence.")
     chat.add_argument("--max-tokens", type=int, default=48)
+    chat.add_argument("--tensor-parallel-size", type=int, default=1)
     chat.set_defaults(func=cmd_chat)
 
     serve = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible)")
@@ -97,21 +103,35 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-timeout", type=float, default=120.0, help="watchdog: seconds a step may take")
     p.add_argument("--max-restarts", type=int, default=0, help="automatic restarts after a failure")
     p.add_argument("--restart-backoff", type=float, default=1.0)
+    p.add_argument("--no-warmup", action="store_true",
+                   help="compile step shapes when first used, not at start")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="split the weights and the KV cache over this many devices (of every process)")
+    p.add_argument("--num-processes", type=int, default=1,
+                   help="processes serving one model (jax.distributed)")
+    p.add_argument("--process-id", type=int, default=0,
+                   help="this process; 0 serves the API, the others follow its steps")
+    p.add_argument("--coordinator", default=None,
+                   help="HOST:PORT of process 0's jax.distributed coordinator (its step channel: PORT + 1)")
     p.add_argument("--compile-cache", default=os.path.expanduser("~/.cache/kvloom/jax"),
                    help="JAX persistent compilation cache directory ('' to disable)")
 
 
 def engine_config_from_args(args):
-    from kvloom.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from kvloom.engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 
     return EngineConfig(
         model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
+        warmup=not args.no_warmup,
         step_timeout_s=args.step_timeout, max_restarts=args.max_restarts, restart_backoff_s=args.restart_backoff,
         scheduler=SchedulerConfig(max_running=args.max_running, max_tokens_per_step=args.max_tokens_per_step,
                                   chunk_size=args.chunk_size, max_prefill_seqs=args.max_prefill_seqs,
                                   policy=args.policy, max_waiting=args.max_waiting),
         cache=CacheConfig(page_size=args.page_size, num_pages=args.num_pages,
                           enable_prefix_cache=not args.no_prefix_cache),
+        parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size,
+                                num_processes=args.num_processes, process_id=args.process_id,
+                                coordinator=args.coordinator),
     )
 
 
@@ -128,19 +148,33 @@ def cmd_serve(args) -> int:
     import uvloop
 
     from kvloom.api.server import serve
+    from kvloom.engine import distributed
     from kvloom.engine.engine import Engine
     from kvloom.engine.faults import FaultInjector
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    use_compile_cache(args.compile_cache)
     config = engine_config_from_args(args)
+    parallel, channel, runner_args = config.parallel, None, {}
+    if parallel.is_multiprocess:
+        distributed.initialize(parallel)  # before any other JAX use
+    use_compile_cache(args.compile_cache)
+    if parallel.process_id > 0:
+        return distributed.follow(config)
+    if parallel.is_multiprocess:
+        channel = distributed.LeaderChannel(parallel)
+        runner_args = dict(runner_factory=distributed.leader_runner_factory(channel))
 
     async def main():
         faults = FaultInjector() if args.enable_fault_injection else None
-        await serve(Engine(config, faults=faults), args.host, args.port, drain_timeout=args.drain_timeout,
+        engine = Engine(config, faults=faults, **runner_args)
+        await serve(engine, args.host, args.port, drain_timeout=args.drain_timeout,
                     enable_admin=args.enable_admin or args.enable_fault_injection)
 
-    uvloop.run(main())
+    try:
+        uvloop.run(main())
+    finally:
+        if channel is not None:
+            channel.close()
     return 0
 
 
