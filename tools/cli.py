@@ -12,24 +12,47 @@ import logging
 import sys
 import time
 
+from kvloom.engine.config import CacheConfig
+
 from kvloom.tools.command_args import add_bench_args, add_compare_args, add_fault_args, add_soak_args
 from kvloom.tools.engine_args import (add_compile_cache_arg, add_engine_args, add_model_args,
                                       engine_config_from_args, use_compile_cache)
 
+CHAT_MAX_MODEL_LEN = 4096  # kvloom chat without --max-model-len (clipped to the model's own limit)
+
 
 def cmd_chat(args) -> int:
-    from kvloom.engine.models.loader import load_model
-    from kvloom.engine.offline import greedy_generate
-    from kvloom.engine.tokenizer import Tokenizer
+    """One greedy answer through the Engine (the serving path), warm-up skipped: only the two step
+    shapes this prompt needs are compiled. One sequence: max_running 1, KV pages for one max_model_len."""
+    import asyncio
 
-    t0 = time.perf_counter()
-    source, cfg, params = load_model(args.model, args.dtype)
-    tokenizer = Tokenizer.load(source, extra_eos_ids=cfg.eos_token_ids)
-    print(f"kvloom: loaded {source.name} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
-    out = greedy_generate(cfg, params, [prompt_ids], args.max_tokens, stop_ids=tokenizer.eos_token_ids)[0]
-    print(tokenizer.decode(out))
-    return 0
+    from kvloom.engine.engine import Engine
+    from kvloom.engine.request import SamplingParams
+
+    use_compile_cache(args.compile_cache)
+    max_model_len = args.max_model_len or CHAT_MAX_MODEL_LEN
+    one_sequence = -(-max_model_len // (args.page_size or CacheConfig().page_size)) + 1  # page 0 is reserved
+    config = engine_config_from_args(args, max_running=1, max_model_len=max_model_len,
+                                     num_pages=one_sequence).replace(warmup=False)
+
+    async def answer() -> int:
+        t0 = time.perf_counter()
+        async with Engine(config) as engine:
+            if not engine.is_ready:
+                print(f"kvloom: {engine.state_detail}", file=sys.stderr)
+                return 1
+            print(f"kvloom: loaded {engine.model_name} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+            params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
+            messages = [{"role": "user", "content": args.prompt}]
+            async for out in engine.generate(messages=messages, params=params):
+                if out.error:
+                    print(f"\nkvloom: {out.error}", file=sys.stderr)
+                    return 1
+                print(out.text, end="", flush=True)
+        print()
+        return 0
+
+    return asyncio.run(answer())
 
 
 def cmd_serve(args) -> int:
@@ -84,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(chat)
     chat.add_argument("prompt", nargs="?", default="What is the capital of France? Answer in one sentence.")
     chat.add_argument("--max-tokens", type=int, default=48)
+    add_engine_args(chat, defaults_shown={"--max-running": 1, "--max-model-len": CHAT_MAX_MODEL_LEN,
+                                          "--num-pages": "one sequence of --max-model-len"})
+    add_compile_cache_arg(chat)
     chat.set_defaults(func=cmd_chat)
 
     serve = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible)")
@@ -100,9 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     commands = (
-        ("bench", "load-test an OpenAI-compatible server: latency, throughput, SLOs", add_bench_args, cmd_bench),
+        ("bench", "load-test an OpenAI-compatible server: latency, throughput, SLOs", add_bench_args,
+         cmd_bench),
         ("compare", "kvloom beside transformers, llama.cpp and the roofline", add_compare_args, cmd_compare),
-        ("soak", "a long mixed chat and score workload: errors and latency over time", add_soak_args, cmd_soak),
+        ("soak", "a long mixed chat and score workload: errors and latency over time", add_soak_args,
+         cmd_soak),
         ("faults", "fault-handling release gate against a --enable-fault-injection server", add_fault_args,
          cmd_faults),
     )
