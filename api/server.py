@@ -39,7 +39,8 @@ DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 
 
 def _json(data, status: int = 200, headers: Optional[dict] = None) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json", headers=headers)
+    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json",
+                        headers=headers)
 
 
 @web.middleware
@@ -53,9 +54,11 @@ async def error_middleware(request: web.Request, handler):
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status, "http_error")
-        message = {404: f"no route for {request.method} {request.path}",
-                   413: f"the request body exceeds {request.app[MAX_BODY_KEY]} bytes"}.get(exc.status, exc.reason)
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+        code = codes.get(exc.status, "http_error")
+        messages = {404: f"no route for {request.method} {request.path}",
+                    413: f"the request body exceeds {request.app[MAX_BODY_KEY]} bytes"}
+        message = messages.get(exc.status, exc.reason)
         engine.metrics.request_errors.labels(code).inc()
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return APIError(exc.status, message, code=code, headers=allow).response()
@@ -200,7 +203,8 @@ class Generation:
         content = []
         for lp in out.logprobs:
             content.append({
-                "token": tok.token_text(lp.token_id), "logprob": lp.logprob, "bytes": tok.token_bytes(lp.token_id),
+                "token": tok.token_text(lp.token_id), "logprob": lp.logprob,
+                "bytes": tok.token_bytes(lp.token_id),
                 "top_logprobs": [{"token": tok.token_text(t), "logprob": v, "bytes": tok.token_bytes(t)}
                                  for t, v in lp.top],
             })
@@ -265,7 +269,8 @@ class Generation:
         return _json(body)
 
     async def stream_response(self, request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-cache"})
         await response.prepare(request)
         chat = self.req.kind == "chat"
         base = {"id": self.id, "object": "chat.completion.chunk" if chat else "text_completion",
@@ -293,7 +298,8 @@ class Generation:
             c.num_tokens += len(out.token_ids)
             if out.text or out.logprobs:
                 if chat:
-                    item = {"index": index, "delta": {"content": out.text}, "logprobs": self.logprobs_chat(out),
+                    item = {"index": index, "delta": {"content": out.text},
+                            "logprobs": self.logprobs_chat(out),
                             "finish_reason": None}
                 else:
                     item = {"index": index, "text": out.text, "finish_reason": None,
@@ -302,7 +308,8 @@ class Generation:
                 await send([item])
             if out.finished:
                 c.finish_reason, c.usage = _finish_reason(out), out.usage
-                item = ({"index": index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason} if chat
+                item = ({"index": index, "delta": {}, "logprobs": None,
+                         "finish_reason": c.finish_reason} if chat
                         else {"index": index, "text": "", "logprobs": None, "finish_reason": c.finish_reason})
                 await send([item])
         if error is not None:
@@ -424,7 +431,8 @@ async def health(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     engine = request.app[ENGINE_KEY]
     body = {"ready": engine.is_ready, "state": engine.state.value, "detail": engine.state_detail}
-    return _json(body, status=200 if engine.is_ready else 503, headers=None if engine.is_ready else {"Retry-After": "5"})
+    return _json(body, status=200 if engine.is_ready else 503,
+                 headers=None if engine.is_ready else {"Retry-After": "5"})
 
 
 async def status(request: web.Request) -> web.Response:

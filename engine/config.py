@@ -83,7 +83,8 @@ class ModelConfig:
                 raise ConfigError(f"{name}: must be a positive integer, got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
-                f"num_key_value_heads: {self.num_kv_heads} does not divide num_attention_heads {self.num_heads}"
+                f"num_key_value_heads: {self.num_kv_heads} does not divide num_attention_heads "
+                f"{self.num_heads}"
             )
 
     @property
@@ -92,7 +93,8 @@ class ModelConfig:
 
     @property
     def num_parameters(self) -> int:
-        d, f, h, kv, hd = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
+        d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
+        h, kv = self.num_heads, self.num_kv_heads
         per_layer = d * hd * (h + 2 * kv) + h * hd * d + 3 * d * f + 2 * d
         if self.attention_bias:
             per_layer += hd * (h + 2 * kv)
@@ -110,7 +112,8 @@ class ModelConfig:
         arch = archs[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ConfigError(
-                f"architectures: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"architectures: unsupported architecture {arch!r}; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
 
         def need(key):
@@ -214,7 +217,8 @@ class ScoringConfig:
         for mode in self.also_enabled:
             if mode not in SCORING_MODES:
                 raise ConfigError(f"also_enabled: {mode!r} is not one of {', '.join(SCORING_MODES)}")
-        for name in ("max_items", "max_item_tokens", "max_total_tokens", "max_label_tokens", "tokens_per_step",
+        for name in ("max_items", "max_item_tokens", "max_total_tokens", "max_label_tokens",
+                     "tokens_per_step",
                      "max_items_per_step"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")

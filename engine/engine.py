@@ -207,7 +207,8 @@ class Engine:
         runner = self.runner
         allocator = PageAllocator(runner.num_pages)
         cache = make_prefix_cache(allocator, runner.page_size, self.config.cache.enable_prefix_cache)
-        self.scheduler = Scheduler(self.config.scheduler, self.plan, allocator, cache, page_size=runner.page_size)
+        self.scheduler = Scheduler(self.config.scheduler, self.plan, allocator, cache,
+                                   page_size=runner.page_size)
 
     async def _warm_up(self) -> None:
         self._set_state(EngineState.WARMING, "compiling step shapes")
@@ -218,7 +219,8 @@ class Engine:
                 await self._compute.run(self.runner.warmup)
             self.state_detail = "round-tripping one request"
             prompt = [t for t in range(min(8, self.runner.vocab_size))]
-            async for out in self._generate(prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
+            async for out in self._generate(prompt,
+                                            SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
                                             None, "warmup"):
                 if out.error:
                     raise EngineUnavailableError(out.error)
@@ -297,7 +299,8 @@ class Engine:
             raise ValueError("prompt: required")
         return validate_prompt_ids(prompt, vocab_size)
 
-    def generate(self, prompt: Union[str, Sequence[int], None] = None, params: Optional[SamplingParams] = None,
+    def generate(self, prompt: Union[str, Sequence[int], None] = None,
+                 params: Optional[SamplingParams] = None,
                  *, messages: Optional[list] = None, request_id: Optional[str] = None
                  ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs. Validation happens here, at the call: a bad prompt or parameter
@@ -348,7 +351,8 @@ class Engine:
                 self.metrics.requests_finished.labels(FinishReason.ABORT.value).inc()
                 self._wakeup.set()
 
-    async def score(self, query, items, label_token_ids, *, apply_softmax: bool = False, item_first: bool = False,
+    async def score(self, query, items, label_token_ids, *, apply_softmax: bool = False,
+                    item_first: bool = False,
                     mode: Optional[str] = None) -> ScoreOutput:
         """scores[i][j] = P(label_j | query ++ items[i]) (item_first: items[i] ++ query); see SCORING.md.
         `mode` picks the path ("single", "batched", "packed"; default: the config's) among the modes the
@@ -370,14 +374,16 @@ class Engine:
         if not inputs.items:
             return ScoreOutput([], len(inputs.query))
         if mode == "single" or item_first:
-            tasks = [((item + inputs.query) if item_first else (inputs.query + item), ScoreTask((), inputs.label_ids))
+            tasks = [((item + inputs.query) if item_first else (inputs.query + item),
+                      ScoreTask((), inputs.label_ids))
                      for item in inputs.items]
         else:
             tasks = [(inputs.query, ScoreTask(inputs.items, inputs.label_ids, mode=mode))]
         submitted: list[tuple[Request, asyncio.Queue]] = []
         try:
             for prompt, task in tasks:
-                request = Request(f"score-{next(self._ids)}", tuple(prompt), SamplingParams(max_tokens=1), score=task)
+                request = Request(f"score-{next(self._ids)}", tuple(prompt), SamplingParams(max_tokens=1),
+                                  score=task)
                 submitted.append((request, self._submit(request)))
             outputs = [await queue.get() for _, queue in submitted]  # a scoring request's one output: its end
         finally:
@@ -430,7 +436,8 @@ class Engine:
             except asyncio.CancelledError:
                 raise
             except RowError as exc:  # some rows were refused: those requests fail alone (nothing was applied)
-                failed = [self.scheduler.abort(rid, FinishReason.ERROR, error=str(exc), error_code="request_failed")
+                failed = [self.scheduler.abort(rid, FinishReason.ERROR, error=str(exc),
+                                               error_code="request_failed")
                           for rid in exc.request_ids]
                 self._emit([r for r in failed if r is not None])
                 continue

@@ -35,13 +35,15 @@ class EngineMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.time_to_first_token = Histogram(
-            "kvloom_time_to_first_token_seconds", "Arrival to first token.", buckets=LATENCY_BUCKETS, registry=r)
+            "kvloom_time_to_first_token_seconds", "Arrival to first token.", buckets=LATENCY_BUCKETS,
+            registry=r)
         self.inter_token_latency = Histogram(
             "kvloom_inter_token_latency_seconds", "Time between tokens of a request.",
             buckets=LATENCY_BUCKETS, registry=r)
         self.e2e_latency = Histogram(
             "kvloom_e2e_request_latency_seconds", "Arrival to finish.", buckets=LATENCY_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("kvloom_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
+        self.prompt_tokens = Counter("kvloom_prompt_tokens", "Prompt tokens of finished requests.",
+                                     registry=r)
         self.generation_tokens = Counter("kvloom_generation_tokens", "Generated tokens.", registry=r)
         self.requests_finished = Counter(
             "kvloom_requests_finished", "Finished requests by finish reason.", ["finish_reason"], registry=r)

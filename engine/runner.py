@@ -68,7 +68,8 @@ class ModelRunner:
         self.vocab_size = cfg.vocab_size
         dtype = self.params["embed"].dtype
         self.kv = llama.init_kv_cache(cfg, self.num_pages, self.page_size, dtype)
-        self._forward = jax.jit(partial(forward_logits, cfg=cfg, page_size=self.page_size), donate_argnums=(1,))
+        self._forward = jax.jit(partial(forward_logits, cfg=cfg, page_size=self.page_size),
+                                donate_argnums=(1,))
         self._sample = jax.jit(sample)
         self._labels = jax.jit(_label_logprobs)
         self.max_label_tokens = config.scoring.max_label_tokens
@@ -85,7 +86,8 @@ class ModelRunner:
         if cache.num_pages is not None:
             num_pages = cache.num_pages
         else:
-            per_page = llama.kv_cache_bytes_per_token(self.model_config, self.params["embed"].dtype) * self.page_size
+            per_token = llama.kv_cache_bytes_per_token(self.model_config, self.params["embed"].dtype)
+            per_page = per_token * self.page_size
             num_pages = int(available_memory_bytes() * cache.memory_fraction // per_page)
             num_pages = min(num_pages, cache.max_num_pages)
         if (num_pages - 1) < self.pages_per_seq:
@@ -231,7 +233,8 @@ class ModelRunner:
             logits, self.kv = self._forward(self.params, self.kv, step)
             items = [row.label_ids for row in batch.score_rows for _ in row.items]
             labels = self._labels(logits, self._label_ids(num_logits, list(enumerate(items))))
-            return StepResult(batch.step_id, np.zeros(0, np.int64), label_logprobs=np.asarray(labels)[:len(items)])
+            return StepResult(batch.step_id, np.zeros(0, np.int64),
+                              label_logprobs=np.asarray(labels)[:len(items)])
         d = shape.num_decode_rows
         positions = list(range(len(batch.decode_rows))) + [d + j for j in range(len(batch.prefill_rows))]
         sampled = [(i, row) for i, row in zip(positions, batch.rows) if row.sample]
@@ -247,7 +250,8 @@ class ModelRunner:
         finite = np.asarray(out.finite)[index]
         if not bool(sampling.any_logprobs):
             return StepResult(batch.step_id, tokens, label_logprobs=labels, row_finite=finite)
-        return StepResult(batch.step_id, tokens, np.asarray(out.logprobs)[index], np.asarray(out.top_ids)[index],
+        return StepResult(batch.step_id, tokens, np.asarray(out.logprobs)[index],
+                          np.asarray(out.top_ids)[index],
                           np.asarray(out.top_logprobs)[index], label_logprobs=labels, row_finite=finite)
 
     def warmup(self) -> int:

@@ -26,7 +26,8 @@ async def test_sigterm_drains_then_exits(tiny_llama):
     port = free_port()
     kvloom = os.path.join(os.path.dirname(sys.executable), "kvloom")
     proc = await asyncio.create_subprocess_exec(
-        kvloom, "serve", "--model", tiny_llama, "--port", str(port), "--max-running", "4", "--max-model-len", "256",
+        kvloom, "serve", "--model", tiny_llama, "--port", str(port), "--max-running", "4", "--max-model-len",
+        "256",
         "--page-size", "4", "--num-pages", "512", "--chunk-size", "32", "--max-tokens-per-step", "64",
         "--max-prefill-seqs", "2", "--compile-cache", _JAX_CACHE, "--drain-timeout", "60",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
@@ -45,7 +46,8 @@ async def test_sigterm_drains_then_exits(tiny_llama):
         async with aiohttp.ClientSession() as session:
             async with session.get(url + "/ready") as r:
                 assert r.status == 200
-            body = {"model": "llama", "prompt": [5, 6, 7], "max_tokens": 60, "temperature": 0, "ignore_eos": True,
+            body = {"model": "llama", "prompt": [5, 6, 7], "max_tokens": 60, "temperature": 0,
+                    "ignore_eos": True,
                     "stream": True, "stream_options": {"include_usage": True}}
             async with session.post(url + "/v1/completions", json=body) as resp:
                 assert resp.status == 200

@@ -47,22 +47,26 @@ def test_unknown_architecture(checkpoint_copy):
     cfg = json.loads((checkpoint_copy / "config.json").read_text())
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (checkpoint_copy / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match=r"config\.json: architectures: unsupported architecture 'GPT2LMHeadModel'"):
+    with pytest.raises(ModelLoadError,
+                       match=r"config\.json: architectures: unsupported architecture 'GPT2LMHeadModel'"):
         load_model(str(checkpoint_copy))
 
 
 def test_missing_tensor(checkpoint_copy):
     _rewrite_tensors(checkpoint_copy, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(ModelLoadError, match=r"model\.safetensors: missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+    with pytest.raises(ModelLoadError,
+                       match=r"model\.safetensors: missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
         load_model(str(checkpoint_copy))
 
 
 def test_shape_mismatch(checkpoint_copy):
     def edit(t):
-        t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:, :-1].copy()
+        name = "model.layers.0.self_attn.k_proj.weight"
+        t[name] = t[name][:, :-1].copy()
 
     _rewrite_tensors(checkpoint_copy, edit)
-    with pytest.raises(ModelLoadError, match=r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' "
+    with pytest.raises(ModelLoadError,
+                       match=r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' "
                                              r"has shape \(32, 63\), expected \(32, 64\)"):
         load_model(str(checkpoint_copy))
 
