@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from kvloom.tools.machine import measure_matmul_peak, roofline_tokens_per_s
-from kvloom.tools.peers import load_hf
+from kvloom.tools.peers import TransformersSystem
 from kvloom.tools.command_args import parse_int_list
 from kvloom.tools.report import format_value, log, print_figures, publish, ratio
 from kvloom.tools.workload import prompt_id_range, random_prompts
@@ -201,25 +201,13 @@ async def bench_kvloom(config, args) -> dict:
 
 
 def bench_hf(source, prompt_sets: dict[int, list[list[int]]], new_tokens: int) -> dict[int, dict]:
-    """Greedy `generate` of each concurrency's prompts as one batch (equal lengths: no padding)."""
-    import torch
-
-    _log("loading the model in transformers")
-    model = load_hf(source)
+    """Greedy `generate` of each concurrency's prompts as one batch (tools.peers.TransformersSystem)."""
+    hf = TransformersSystem(source)
     out = {}
-    with torch.inference_mode():
-        for c, prompts in prompt_sets.items():
-            ids = torch.tensor(prompts, dtype=torch.long)  # ids: [C, prompt_tokens]
-            gen = dict(attention_mask=torch.ones_like(ids), do_sample=False,
-                       eos_token_id=None, pad_token_id=0)
-            model.generate(ids, max_new_tokens=2, min_new_tokens=2, **gen)  # warm-up
-            t0 = time.perf_counter()
-            tokens = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **gen)
-            wall_s = time.perf_counter() - t0
-            if tokens.shape != (c, ids.shape[1] + new_tokens):
-                raise RuntimeError(f"transformers generated shape {tuple(tokens.shape)} for batch {c}")
-            out[c] = dict(wall_s=wall_s, tok_s=c * new_tokens / wall_s)
-            _log(f"transformers @{c}: {out[c]['tok_s']:.1f} tok/s")
+    for c, prompts in prompt_sets.items():
+        m = asyncio.run(hf.batch(prompts, new_tokens))
+        out[c] = dict(wall_s=m["wall_s"], tok_s=m["value"])
+        _log(f"transformers @{c}: {out[c]['tok_s']:.1f} tok/s")
     return out
 
 
