@@ -449,6 +449,9 @@ class Engine:
                 self._fail(f"step failed: {type(exc).__name__}: {exc}")
                 return
             self.metrics.steps.inc()
+            if batch.score_rows:
+                self.metrics.record_score_step(batch.score_mode, len(batch.score_rows),
+                                               sum(len(row.items) for row in batch.score_rows))
             self._emit(self.scheduler.apply(batch, result))
 
     def _fail_all(self, message: str) -> None:
@@ -534,4 +537,5 @@ class Engine:
             "prefix_cache_hit_rate": cache.hit_rate if cache else 0.0,
             "num_preemptions": live["num_preemptions"],
             "num_restarts": self.num_restarts,
+            "parallel": getattr(runner, "parallel_status", None),  # the mesh, per-device KV
         }

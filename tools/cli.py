@@ -59,19 +59,33 @@ def cmd_serve(args) -> int:
     import uvloop
 
     from kvloom.api.server import serve
+    from kvloom.engine import distributed
     from kvloom.engine.engine import Engine
     from kvloom.engine.faults import FaultInjector
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    use_compile_cache(args.compile_cache)
     config = engine_config_from_args(args, serve=True)
+    parallel, channel, runner_args = config.parallel, None, {}
+    if parallel.is_multiprocess:
+        distributed.initialize(parallel)  # before any other JAX use
+    use_compile_cache(args.compile_cache)
+    if parallel.process_id > 0:
+        return distributed.follow(config)
+    if parallel.is_multiprocess:
+        channel = distributed.LeaderChannel(parallel)
+        runner_args = dict(runner_factory=distributed.leader_runner_factory(channel))
 
     async def main():
         faults = FaultInjector() if args.enable_fault_injection else None
-        await serve(Engine(config, faults=faults), args.host, args.port, drain_timeout=args.drain_timeout,
+        engine = Engine(config, faults=faults, **runner_args)
+        await serve(engine, args.host, args.port, drain_timeout=args.drain_timeout,
                     enable_admin=args.enable_admin or args.enable_fault_injection)
 
-    uvloop.run(main())
+    try:
+        uvloop.run(main())
+    finally:
+        if channel is not None:
+            channel.close()
     return 0
 
 
