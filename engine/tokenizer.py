@@ -213,7 +213,8 @@ def _from_pretrained(path: str, **kwargs):
 def _from_gguf(path: str):
     """Built from the file's metadata; a vocabulary kind not built here goes through transformers'
     converter, which needs PyTorch."""
-    from kvloom.engine.gguf_tokenizer import UnsupportedGGUFTokenizer, build_tokenizer, read_tokenizer_metadata
+    from kvloom.engine.gguf_tokenizer import (UnsupportedGGUFTokenizer, build_tokenizer,
+                                              read_tokenizer_metadata)
 
     try:
         metadata = read_tokenizer_metadata(path)
