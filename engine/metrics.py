@@ -5,8 +5,9 @@ Where a metric means what a vLLM metric means, it has vLLM's name and labels (`v
 kvloom server unchanged; `tools/grafana_dashboard.json` is one. kvloom's own metrics (`kvloom_*`)
 sit beside them, with the same `model_name` label.
 
-The engine records through the attributes below (`metrics.generation_tokens.inc(n)`); each fills
-in the model name at the time of use, since the served name is known only once the model is loaded.
+The engine records through the attributes of `EngineMetrics` (`metrics.generation_tokens.inc(n)`);
+each fills in the model name at the time of use, since the model's name is known only once it is
+loaded.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class _LiveCollector:
 
 
 class _ForModel:
-    """A metric with further labels; `labels(...)` prepends the model name."""
+    """A metric whose first label is the model name, filled in at each use: `inc()` and `observe()` for
+    one without further labels, `labels(...)` for the others."""
 
     def __init__(self, metric, model_name: Callable[[], str]):
         self._metric, self._model_name = metric, model_name
@@ -56,56 +58,35 @@ class _ForModel:
     def labels(self, *values):
         return self._metric.labels(self._model_name(), *values)
 
+    def inc(self, amount: float = 1) -> None:
+        self.labels().inc(amount)
+
+    def observe(self, value: float) -> None:
+        self.labels().observe(value)
+
 
 class EngineMetrics:
     def __init__(self, read_live: Callable[[], dict], model_name: Callable[[], str] = lambda: "default"):
         self.registry = CollectorRegistry(auto_describe=True)
-        self._model_name = model_name
         r, labels = self.registry, [MODEL_LABEL]
-        self._time_to_first_token = Histogram(
-            "vllm:time_to_first_token_seconds", "Arrival to first token.", labels, buckets=LATENCY_BUCKETS,
-            registry=r)
-        self._inter_token_latency = Histogram(
-            "vllm:inter_token_latency_seconds", "Time between tokens of a request.", labels,
-            buckets=LATENCY_BUCKETS, registry=r)
-        self._e2e_latency = Histogram(
-            "vllm:e2e_request_latency_seconds", "Arrival to finish.", labels, buckets=LATENCY_BUCKETS,
-            registry=r)
-        self._prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens of finished requests.", labels,
-                                      registry=r)
-        self._generation_tokens = Counter("vllm:generation_tokens", "Generated tokens.", labels, registry=r)
-        self._steps = Counter("kvloom_steps", "Engine steps run.", labels, registry=r)
-        self.requests_finished = _ForModel(Counter(
-            "vllm:request_success", "Finished requests by finish reason.", labels + ["finished_reason"],
-            registry=r), model_name)
-        self.request_errors = _ForModel(Counter(
-            "kvloom_request_errors", "Failed requests by error type.", labels + ["error_type"], registry=r),
-            model_name)
+
+        def histogram(name, doc):
+            return _ForModel(Histogram(name, doc, labels, buckets=LATENCY_BUCKETS, registry=r), model_name)
+
+        def counter(name, doc, *more_labels):
+            return _ForModel(Counter(name, doc, labels + list(more_labels), registry=r), model_name)
+
+        self.time_to_first_token = histogram("vllm:time_to_first_token_seconds", "Arrival to first token.")
+        self.inter_token_latency = histogram("vllm:inter_token_latency_seconds",
+                                             "Time between tokens of a request.")
+        self.e2e_latency = histogram("vllm:e2e_request_latency_seconds", "Arrival to finish.")
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens of finished requests.")
+        self.generation_tokens = counter("vllm:generation_tokens", "Generated tokens.")
+        self.requests_finished = counter("vllm:request_success", "Finished requests by finish reason.",
+                                         "finished_reason")
+        self.request_errors = counter("kvloom_request_errors", "Failed requests by error type.", "error_type")
+        self.steps = counter("kvloom_steps", "Engine steps run.")
         r.register(_LiveCollector(read_live, model_name))
-
-    @property
-    def time_to_first_token(self):
-        return self._time_to_first_token.labels(self._model_name())
-
-    @property
-    def inter_token_latency(self):
-        return self._inter_token_latency.labels(self._model_name())
-
-    @property
-    def e2e_latency(self):
-        return self._e2e_latency.labels(self._model_name())
-
-    @property
-    def prompt_tokens(self):
-        return self._prompt_tokens.labels(self._model_name())
-
-    @property
-    def generation_tokens(self):
-        return self._generation_tokens.labels(self._model_name())
-
-    @property
-    def steps(self):
-        return self._steps.labels(self._model_name())
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -447,3 +447,19 @@ def test_default_tokenizer_loads_without_torch(tmp_path):
                                          add_generation_prompt=True)
     want = list(want["input_ids"]) if hasattr(want, "keys") else list(want)
     assert got == {"ids": want, "cached": False, "torch": False, "jax": False}
+
+
+def test_other_gguf_vocabularies_without_torch_name_the_way_out(tiny_ggufs, tmp_path, monkeypatch):
+    import importlib.util
+
+    from kvloom.engine import gguf_tokenizer
+    from kvloom.engine.tokenizer import TokenizerLoadError
+
+    metadata = gguf_tokenizer.read_tokenizer_metadata(tiny_ggufs["plain"])
+    monkeypatch.setenv("KVLOOM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(gguf_tokenizer, "read_tokenizer_metadata",
+                        lambda path: {**metadata, "tokenizer.ggml.model": "llama"})
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else find_spec(name, *a))
+    with pytest.raises(TokenizerLoadError, match=r"plain\.gguf: tokenizer\.ggml\.model 'llama': only byte-level BPE"):
+        Tokenizer.load(ModelSource(tiny_ggufs["plain"], True, "plain"))
