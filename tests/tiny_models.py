@@ -127,7 +127,8 @@ def build_gguf(path: str, checkpoint: str, *, add_bos_token: bool = False, pre: 
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens])
+    writer.add_token_types([gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL
+                            for t in tokens])
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
     writer.add_bos_token_id(specials["<|im_start|>"])
     writer.add_eos_token_id(specials["<|im_end|>"])
@@ -137,13 +138,15 @@ def build_gguf(path: str, checkpoint: str, *, add_bos_token: bool = False, pre: 
     writer.add_chat_template(CHAT_TEMPLATE)
 
     def permute(w, n_head):  # llama.cpp's order of q/k rows (the loader undoes it)
-        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+        rows = w.shape[0] // n_head // 2
+        return w.reshape(n_head, 2, rows, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     layer_names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-                   "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                   "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+                   "mlp.up_proj": "ffn_up",
                    "mlp.down_proj": "ffn_down"}
     for name, array in load_file(os.path.join(checkpoint, "model.safetensors")).items():
         if name in names:

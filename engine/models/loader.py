@@ -17,8 +17,8 @@ import numpy as np
 from kvloom.engine.config import ConfigError, ModelConfig
 from kvloom.engine.models import llama
 from kvloom.engine.models.source import (  # noqa: F401 - re-exported: the loader's public names
-    DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME, DEFAULT_MODEL_PACKAGE, ModelLoadError, ModelSource, default_model_path,
-    resolve_source)
+    DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME, DEFAULT_MODEL_PACKAGE, ModelLoadError, ModelSource,
+    default_model_path, resolve_source)
 
 
 def load_model(model: Optional[str], dtype: str = "float32"):

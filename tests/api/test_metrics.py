@@ -16,7 +16,8 @@ METRIC_NAME = re.compile(r"\b(?:vllm:|kvloom_)[a-z0-9_:]+")
 # What vLLM's own dashboards and alerts read, where kvloom's meaning is the same.
 VLLM_NAMES = {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
               "vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
-              "vllm:e2e_request_latency_seconds_bucket", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
+              "vllm:e2e_request_latency_seconds_bucket", "vllm:prompt_tokens_total",
+              "vllm:generation_tokens_total",
               "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:request_success_total",
               "vllm:num_preemptions_total"}
 
@@ -30,11 +31,11 @@ def dashboard_queries() -> list[str]:
 
 
 async def scrape_after_traffic(served) -> dict:
-    """sample name -> list of label dicts, after chats (one prompt twice: prefix cache hits) and a bad request."""
+    """sample name -> label dicts, after chats (one prompt twice: prefix cache hits) and a bad request."""
     async with aiohttp.ClientSession() as s:
         for _ in range(2):
-            body = {"messages": [{"role": "user", "content": "Tell me a story about the sea"}], "max_tokens": 4,
-                    "stream": True}
+            body = {"messages": [{"role": "user", "content": "Tell me a story about the sea"}],
+                    "max_tokens": 4, "stream": True}
             async with s.post(served.api + "/chat/completions", json=body) as r:
                 assert r.status == 200
                 await r.read()
@@ -66,11 +67,14 @@ async def test_values_after_traffic(fake_server):
     assert {"error_type": "invalid_value", "model_name": "llama"} in samples["kvloom_request_errors_total"]
     async with aiohttp.ClientSession() as s:
         async with s.get(fake_server.url + "/metrics") as r:
+            families = text_string_to_metric_families(await r.text())
             values = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-                      for family in text_string_to_metric_families(await r.text()) for sample in family.samples}
+                      for family in families for sample in family.samples}
     model = (("model_name", "llama"),)
     assert values[("vllm:prefix_cache_hits_total", model)] > 0  # the second chat reused the first's prompt
-    assert values[("vllm:prefix_cache_queries_total", model)] >= values[("vllm:prefix_cache_hits_total", model)]
+    hits = values[("vllm:prefix_cache_hits_total", model)]
+    queries = values[("vllm:prefix_cache_queries_total", model)]
+    assert queries >= hits
     assert values[("vllm:num_requests_running", model)] == 0
     assert 0 <= values[("vllm:kv_cache_usage_perc", model)] <= 1
     assert values[("vllm:generation_tokens_total", model)] >= 8

@@ -52,8 +52,9 @@ async def test_missing_key_gets_401_in_the_envelope_and_probes_stay_open(keyed_s
                 assert r.status == 401, path
                 assert r.headers["WWW-Authenticate"] == "Bearer"
                 body = await r.json()
-                assert body == {"error": {"message": body["error"]["message"], "type": "invalid_request_error",
-                                          "param": None, "code": "invalid_api_key"}}
+                assert body == {"error": {"message": body["error"]["message"],
+                                          "type": "invalid_request_error", "param": None,
+                                          "code": "invalid_api_key"}}
                 assert "Authorization: Bearer" in body["error"]["message"]
         async with s.get(keyed_server.api + "/models", headers={"Authorization": f"Basic {KEY}"}) as r:
             assert r.status == 401
@@ -70,7 +71,8 @@ async def test_right_key_and_served_names(keyed_server):
         for name in ("main", "alias"):
             chat = await c.chat.completions.create(model=name, messages=MESSAGES, max_tokens=3, temperature=0)
             assert chat.model == "main"
-            want = fake_runner.fake_greedy(engine.tokenizer.apply_chat_template(MESSAGES), 3, engine.runner.vocab_size)
+            prompt_ids = engine.tokenizer.apply_chat_template(MESSAGES)
+            want = fake_runner.fake_greedy(prompt_ids, 3, engine.runner.vocab_size)
             assert chat.choices[0].message.content == engine.tokenizer.decode(want)
         assert (await c.models.retrieve("alias")).id == "alias"
         with pytest.raises(openai.NotFoundError):  # the model's own name is not served once names are given
@@ -98,7 +100,8 @@ async def test_access_log_has_one_line_per_request(keyed_server, caplog):
             generated_id = r.headers["X-Request-Id"]
         async with s.get(keyed_server.api + "/models") as r:
             assert r.status == 401
-        async with s.get(keyed_server.url + "/nowhere", headers={**auth, "X-Request-Id": "bad id\twith tabs"}) as r:
+        bad_id = {**auth, "X-Request-Id": "bad id\twith tabs"}
+        async with s.get(keyed_server.url + "/nowhere", headers=bad_id) as r:
             assert r.status == 404 and r.headers["X-Request-Id"] != "bad id\twith tabs"
         async with s.get(keyed_server.url + "/health") as r:
             assert r.status == 200

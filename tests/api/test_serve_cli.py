@@ -29,9 +29,9 @@ async def launch(model: str, *extra: str, env=None):
     port = free_port()
     kvloom = os.path.join(os.path.dirname(sys.executable), "kvloom")
     proc = await asyncio.create_subprocess_exec(
-        kvloom, "serve", "--model", model, "--port", str(port), "--max-running", "4", "--max-model-len", "256",
-        "--page-size", "4", "--num-pages", "512", "--chunk-size", "32", "--max-tokens-per-step", "64",
-        "--max-prefill-seqs", "2", "--compile-cache", _JAX_CACHE, *extra,
+        kvloom, "serve", "--model", model, "--port", str(port), "--max-running", "4",
+        "--max-model-len", "256", "--page-size", "4", "--num-pages", "512", "--chunk-size", "32",
+        "--max-tokens-per-step", "64", "--max-prefill-seqs", "2", "--compile-cache", _JAX_CACHE, *extra,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env)
     return proc, f"http://127.0.0.1:{port}"
 
@@ -91,7 +91,7 @@ async def test_api_key_served_names_access_log_and_a_quiet_start(tiny_llama):
     accepted, every request gets an access-log line, and no library chatter reaches the log at start."""
     import openai
 
-    key = "sk-serve-test"
+    key, HI = "sk-serve-test", [{"role": "user", "content": "Hi"}]
     env = dict(os.environ, KVLOOM_API_KEY=key)
     proc, url = await launch(tiny_llama, "--served-model-name", "tiny-chat", "tiny-alias", env=env)
     output = []
@@ -99,10 +99,10 @@ async def test_api_key_served_names_access_log_and_a_quiet_start(tiny_llama):
         await asyncio.wait_for(wait_ready(proc, output), 360)
         async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="sk-wrong", max_retries=0) as c:
             with pytest.raises(openai.AuthenticationError):
-                await c.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "Hi"}])
+                await c.chat.completions.create(model="tiny-chat", messages=HI)
         async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0) as c:
-            chat = await c.chat.completions.create(model="tiny-alias", messages=[{"role": "user", "content": "Hi"}],
-                                                   max_tokens=3, temperature=0)
+            chat = await c.chat.completions.create(model="tiny-alias", messages=HI, max_tokens=3,
+                                                   temperature=0)
             assert chat.model == "tiny-chat" and chat.usage.completion_tokens >= 1
         async with aiohttp.ClientSession() as session:
             async with session.get(url + "/metrics") as r:  # open without the key
