@@ -86,7 +86,16 @@ class EngineMetrics:
                                          "finished_reason")
         self.request_errors = counter("kvloom_request_errors", "Failed requests by error type.", "error_type")
         self.steps = counter("kvloom_steps", "Engine steps run.")
+        self.score_steps = counter("kvloom_score_steps", "Score steps run, by scoring mode.", "mode")
+        self.score_rows = counter("kvloom_score_rows", "Rows of score steps, by scoring mode.", "mode")
+        self.score_items = counter("kvloom_score_items", "Items scored by score steps, by scoring mode.",
+                                   "mode")
         r.register(_LiveCollector(read_live, model_name))
+
+    def record_score_step(self, mode: str, num_rows: int, num_items: int) -> None:
+        self.score_steps.labels(mode).inc()
+        self.score_rows.labels(mode).inc(num_rows)
+        self.score_items.labels(mode).inc(num_items)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
