@@ -5,6 +5,12 @@ arrays of its bucket (`engine.buckets`), runs the jitted forward with the KV
 cache donated in and returned, then the jitted sampler on the logits (which
 stay on the device), and brings back the sampled tokens as numpy arrays.
 The public methods are host-side; the jitted functions are private.
+
+With `parallel.tensor_parallel_size` N the weights and the KV cache live on a
+mesh of N devices (`llama.shard_params`, `llama.sharded_kv_cache`); the jitted
+functions take their shardings from them, logits stay split over the
+vocabulary, and sampled tokens and label logprobs come back whole, so host
+results are the same at every degree.
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from kvloom.engine import sharding
 from kvloom.engine.buckets import BucketPlan, StepShape
 from kvloom.engine.config import EngineConfig
 from kvloom.engine.kv_sizing import KVCachePlan, available_memory_bytes, plan_kv_cache
@@ -45,10 +54,14 @@ def _label_logprobs(logits, label_ids):
 class ModelRunner:
     """The real `Runner` (engine.batch): weights, the paged KV cache and the jitted step."""
 
-    def __init__(self, config: EngineConfig, plan: BucketPlan, *, loaded=None):
+    def __init__(self, config: EngineConfig, plan: BucketPlan, *, loaded=None, mesh=None):
+        """`loaded` (source, model config, params) with `mesh`: params already placed on that mesh."""
         self.config = config
         self.source, self.model_config, self.params = loaded or load_model(config.model, config.dtype)
         cfg = self.model_config
+        self.mesh = mesh or sharding.make_mesh(config.parallel.tensor_parallel_size)
+        if mesh is None:
+            self.params = llama.shard_params(self.params, cfg, self.mesh)
         self.plan = plan
         self.page_size = config.cache.page_size
         self.max_model_len = config.resolved_max_model_len(cfg)
@@ -58,11 +71,15 @@ class ModelRunner:
         log.info("KV cache: %d pages of %d tokens, %.2f GiB (%s)", self.num_pages, self.page_size,
                  self.kv_cache_plan.num_bytes / 2**30, self.kv_cache_plan.detail)
         self.vocab_size = cfg.vocab_size
-        dtype = self.params["embed"].dtype
-        self.kv = llama.init_kv_cache(cfg, self.num_pages, self.page_size, dtype)
-        self._forward = jax.jit(partial(forward_logits, cfg=cfg, page_size=self.page_size), donate_argnums=(1,))
-        self._sample = jax.jit(sample)
-        self._labels = jax.jit(_label_logprobs)
+        self.kv = llama.sharded_kv_cache(cfg, self.params, self.num_pages, self.page_size, self.mesh)
+        whole = NamedSharding(self.mesh, P())
+        kv_sharding = NamedSharding(self.mesh, llama.KV_CACHE_SHARDING)
+        logits_sharding = NamedSharding(self.mesh, llama.logits_sharding(cfg, self.mesh.size))
+        forward = partial(forward_logits, cfg=cfg, page_size=self.page_size)
+        self._forward = jax.jit(forward, donate_argnums=(1,),
+                                out_shardings=(logits_sharding, (kv_sharding, kv_sharding)))
+        self._sample = jax.jit(sample, out_shardings=whole)
+        self._labels = jax.jit(_label_logprobs, out_shardings=whole)
         self.max_label_tokens = config.scoring.max_label_tokens
         # min_tokens bans these until enough tokens are out (with the request's stop_token_ids)
         self.eos_token_ids = tuple(cfg.eos_token_ids)
@@ -70,13 +87,23 @@ class ModelRunner:
 
     def fresh(self) -> "ModelRunner":
         """A new runner with the same weights: a new KV cache and new compiled functions (restart)."""
-        return type(self)(self.config, self.plan, loaded=(self.source, self.model_config, self.params))
+        return type(self)(self.config, self.plan, loaded=(self.source, self.model_config, self.params),
+                          mesh=self.mesh)
 
     def _plan_kv_cache(self, config: EngineConfig) -> KVCachePlan:
-        bytes_per_token = llama.kv_cache_bytes_per_token(self.model_config, self.params["embed"].dtype)
+        bytes_per_token = llama.kv_cache_bytes_per_token(self.model_config, self.params["embed"].dtype,
+                                                         llama.num_kv_heads_of(self.params))
         return plan_kv_cache(config.cache, max_running=config.scheduler.max_running,
                              max_model_len=self.max_model_len, bytes_per_token=bytes_per_token,
                              available_bytes=available_memory_bytes())
+
+    @property
+    def parallel_status(self) -> dict:
+        """The mesh, and what each of its devices holds of the KV cache (every page, for its heads)."""
+        k = self.kv[0]
+        return dict(sharding.describe(self.mesh), kv_pages_per_device=self.num_pages,
+                    kv_heads_per_device=sharding.shard_shape(k)[2],
+                    kv_bytes_per_device=2 * int(np.prod(sharding.shard_shape(k))) * k.dtype.itemsize)
 
     @property
     def num_compiled(self) -> int:
