@@ -46,7 +46,8 @@ SERVE_FLAGS = (
     ("--num-processes", "parallel", "num_processes", int, "processes serving one model (jax.distributed)"),
     ("--process-id", "parallel", "process_id", int, "this process: 0 serves the API, the others follow"),
     ("--coordinator", "parallel", "coordinator", str,
-     "HOST:PORT of process 0's jax.distributed coordinator (its step channel: PORT + 1)"),
+     "HOST:PORT of process 0's jax.distributed coordinator (its step channel: PORT + 1; "
+     "default: none, one process)"),
 )
 CHOICES = {"--policy": ("fcfs", "lpm")}
 
