@@ -13,7 +13,8 @@ import os
 import sys
 import time
 
-from kvloom.tools.command_args import add_bench_args, add_compare_args, add_fault_args, add_soak_args
+from kvloom.tools.command_args import (add_bench_args, add_compare_args, add_fault_args, add_router_args,
+                                       add_soak_args)
 from kvloom.tools.engine_args import (add_compile_cache_arg, add_engine_args, add_model_args,
                                       engine_config_from_args, use_compile_cache)
 
@@ -109,6 +110,12 @@ def cmd_faults(args) -> int:
     return main_from_args(args)
 
 
+def cmd_router(args) -> int:
+    from kvloom.tools.router_cli import main_from_args
+
+    return main_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvloom", description="kvloom: LLM inference on JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("soak", "a long mixed chat and score workload: errors and latency over time", add_soak_args, cmd_soak),
         ("faults", "fault-handling release gate against a --enable-fault-injection server", add_fault_args,
          cmd_faults),
+        ("router", "route requests across kvloom replicas by cached prefix and load", add_router_args,
+         cmd_router),
     )
     for name, help_text, add_args, func in commands:
         command = sub.add_parser(name, help=help_text)
