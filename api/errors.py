@@ -59,6 +59,12 @@ def queue_full(detail: str) -> APIError:
     return APIError(429, detail, type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
 
 
+def unauthorized() -> APIError:
+    """401, as OpenAI answers a missing or wrong key (the openai client raises AuthenticationError)."""
+    return APIError(401, "invalid or missing API key: send the header 'Authorization: Bearer <key>'",
+                    code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
 def model_not_found(model: str) -> APIError:
     return APIError(404, f"model: the model {model!r} does not exist", type="invalid_request_error",
                     param="model", code="model_not_found")

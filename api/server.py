@@ -26,6 +26,7 @@ from kvloom.api import errors
 from kvloom.api.errors import APIError
 from kvloom.api.http_common import make_error_middleware, read_body, read_json
 from kvloom.api.kv_events_route import install_kv_events
+from kvloom.api.middleware import access_log_middleware, require_api_key, send_request_id
 from kvloom.api.openapi import openapi_spec
 from kvloom.api.protocol import (GenerationRequest, TokenizeChatRequest, parse_chat, parse_completion,
                                   parse_detokenize, parse_score, parse_tokenize)
@@ -52,7 +53,7 @@ _read_body, _read_json = read_body, read_json
 
 
 def _check_model(engine: Engine, model: Optional[str]) -> None:
-    if model is not None and model != engine.model_name:
+    if model is not None and model not in engine.served_model_names:
         raise errors.model_not_found(model)
 
 
@@ -316,20 +317,22 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, parse_chat)
 
 
-def _model_card(engine: Engine) -> dict:
-    return {"id": engine.model_name, "object": "model", "created": int(engine.last_ready_at or time.time()),
+def _model_card(engine: Engine, name: str) -> dict:
+    return {"id": name, "object": "model", "created": int(engine.last_ready_at or time.time()),
             "owned_by": "kvloom", "max_model_len": engine.max_model_len if engine.runner else None}
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return _json({"object": "list", "data": [_model_card(request.app[ENGINE_KEY])]})
+    engine = request.app[ENGINE_KEY]
+    cards = [_model_card(engine, name) for name in engine.served_model_names]
+    return _json({"object": "list", "data": cards})
 
 
 async def get_model(request: web.Request) -> web.Response:
     engine = request.app[ENGINE_KEY]
     model = request.match_info["model"]
     _check_model(engine, model)
-    return _json(_model_card(engine))
+    return _json(_model_card(engine, model))
 
 
 async def score(request: web.Request) -> web.Response:
@@ -443,11 +446,16 @@ async def admin_faults(request: web.Request) -> web.Response:
     return _json({"armed": body["kind"], "fired": engine.faults.num_fired})
 
 
-def create_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               enable_admin: bool = False) -> web.Application:
+def create_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, enable_admin: bool = False,
+               api_key: Optional[str] = None, access_log: bool = True) -> web.Application:
     """The app for `engine`. enable_admin adds POST /admin/restart and, when the engine has a fault
-    injector, POST /admin/faults."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=max_body_bytes)
+    injector, POST /admin/faults. With an api_key, every route but /health, /ready and /metrics needs
+    `Authorization: Bearer <api_key>`. access_log: one INFO line per request on `kvloom.access`."""
+    middlewares = [access_log_middleware(access_log), error_middleware]
+    if api_key:
+        middlewares.append(require_api_key(api_key))
+    app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
+    app.on_response_prepare.append(send_request_id)
     app[ENGINE_KEY] = engine
     app[MAX_BODY_KEY] = max_body_bytes
     app.router.add_post("/v1/completions", completions)
@@ -481,9 +489,9 @@ async def start_server(app: web.Application, host: str = "127.0.0.1", port: int 
 
 
 async def serve(engine: Engine, host: str, port: int, drain_timeout: float = 30.0,
-                enable_admin: bool = False) -> None:
+                enable_admin: bool = False, api_key: Optional[str] = None, access_log: bool = True) -> None:
     """Serve until SIGINT/SIGTERM, then drain in-flight requests (bounded) and stop."""
-    app = create_app(engine, enable_admin=enable_admin)
+    app = create_app(engine, enable_admin=enable_admin, api_key=api_key, access_log=access_log)
     runner, url = await start_server(app, host, port)
     log.info("kvloom listening on %s (model %s)", url, engine.config.model or "default")
     print(f"kvloom: listening on {url}", flush=True)

@@ -106,7 +106,7 @@ class Engine:
         self._queues: dict[str, asyncio.Queue] = {}  # request id -> its output channel
         self._ids = itertools.count()
         self._rng = random.Random(self.config.seed)
-        self.metrics = EngineMetrics(self._live_metrics)
+        self.metrics = EngineMetrics(self._live_metrics, lambda: self.model_name)
         self.kv_events = KVEventLog(self.config.cache.page_size)  # outlives restarts: ids stay monotonic
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -124,7 +124,15 @@ class Engine:
 
     @property
     def model_name(self) -> str:
+        """The name responses carry: the first served name, else the model's own."""
+        if self.config.served_model_names:
+            return self.config.served_model_names[0]
         return self.runner.source.name if self.runner else (self.config.model or "default")
+
+    @property
+    def served_model_names(self) -> tuple[str, ...]:
+        """Every name a request's `model` may give."""
+        return self.config.served_model_names or (self.model_name,)
 
     @property
     def max_model_len(self) -> int:
@@ -534,6 +542,7 @@ class Engine:
                 "policy": sc.policy,
                 "max_waiting": sc.max_waiting,
             },
+            "kv_cache": plan.as_dict() if (plan := getattr(runner, "kv_cache_plan", None)) else None,
             "num_running": live["num_requests_running"],
             "num_waiting": live["num_requests_waiting"],
             "kv_cache_usage": live["kv_cache_usage_ratio"],

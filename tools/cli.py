@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -19,7 +20,8 @@ from kvloom.tools.command_args import (add_bench_args, add_compare_args, add_fau
 from kvloom.tools.engine_args import (add_compile_cache_arg, add_engine_args, add_model_args,
                                       engine_config_from_args, use_compile_cache)
 
-CHAT_MAX_MODEL_LEN = 4096  # kvloom chat without --max-model-len (clipped to the model's own limit)
+CHAT_MAX_MODEL_LEN = 2048  # kvloom chat without --max-model-len (clipped to the model's own limit)
+API_KEY_ENV = "KVLOOM_API_KEY"
 
 
 def cmd_chat(args) -> int:
@@ -56,7 +58,17 @@ def cmd_chat(args) -> int:
     return asyncio.run(answer())
 
 
+def quiet_logging(level: str) -> None:
+    """kvloom's own lines at `level`; libraries at WARNING, and no advice about frameworks or accelerators
+    kvloom does not use (transformers without PyTorch, JAX probing for TPUs)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kvloom").setLevel(level.upper())
+
+
 def cmd_serve(args) -> int:
+    quiet_logging(args.log_level)
     import uvloop
 
     from kvloom.api.server import serve
@@ -64,8 +76,8 @@ def cmd_serve(args) -> int:
     from kvloom.engine.engine import Engine
     from kvloom.engine.faults import FaultInjector
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = engine_config_from_args(args, serve=True)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     parallel, channel, runner_args = config.parallel, None, {}
     if parallel.is_multiprocess:
         distributed.initialize(parallel)  # before any other JAX use
@@ -80,7 +92,8 @@ def cmd_serve(args) -> int:
         faults = FaultInjector() if args.enable_fault_injection else None
         engine = Engine(config, faults=faults, **runner_args)
         await serve(engine, args.host, args.port, drain_timeout=args.drain_timeout,
-                    enable_admin=args.enable_admin or args.enable_fault_injection)
+                    enable_admin=args.enable_admin or args.enable_fault_injection, api_key=api_key,
+                    access_log=not args.no_access_log)
 
     try:
         uvloop.run(main())
@@ -137,13 +150,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(serve)
     add_engine_args(serve, serve=True)
     add_compile_cache_arg(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default 8000)")
     serve.add_argument("--drain-timeout", type=float, default=30.0,
-                       help="seconds in-flight requests get to finish on SIGINT/SIGTERM")
-    serve.add_argument("--enable-admin", action="store_true", help="POST /admin/restart (and /admin/faults)")
+                       help="seconds in-flight requests get to finish on SIGINT/SIGTERM (default 30)")
+    serve.add_argument("--enable-admin", action="store_true",
+                       help="add POST /admin/restart (and /admin/faults) (default off)")
     serve.add_argument("--enable-fault-injection", action="store_true",
-                       help="arm faults through POST /admin/faults (tests and the fault tool)")
+                       help="arm faults through POST /admin/faults, for tests and the fault tool "
+                            "(default off)")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on every route but /health, /ready and "
+                            f"/metrics (default: the environment variable {API_KEY_ENV}, else no key)")
+    serve.add_argument("--no-access-log", action="store_true",
+                       help="do not log a line per request: method, path, status, latency, request id "
+                            "(default: logged)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                       help="level of kvloom's own log lines; libraries log only warnings and errors "
+                            "(default info)")
     serve.set_defaults(func=cmd_serve)
 
     commands = (

@@ -159,18 +159,19 @@ async def test_health_status_metrics(fake_server):
         assert status["state"] == "ready" and status["model"] == "llama"
         async with s.get(fake_server.url + "/metrics") as r:
             text = await r.text()
-        for name in ("kvloom_time_to_first_token_seconds_bucket", "kvloom_inter_token_latency_seconds",
-                     "kvloom_e2e_request_latency_seconds", "kvloom_num_requests_running",
-                     "kvloom_num_requests_waiting", "kvloom_kv_cache_usage_ratio", "kvloom_prefix_cache_hits",
-                     "kvloom_prefix_cache_queries", "kvloom_prompt_tokens_total",
-                     "kvloom_generation_tokens_total",
-                     'kvloom_requests_finished_total{finish_reason="length"}'):
+        for name in ("vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds",
+                     "vllm:e2e_request_latency_seconds", 'vllm:num_requests_running{model_name="llama"}',
+                     "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:prefix_cache_hits_total",
+                     "vllm:prefix_cache_queries_total", "vllm:prompt_tokens_total",
+                     "vllm:generation_tokens_total",
+                     'vllm:request_success_total{finished_reason="length",model_name="llama"}'):
             assert name in text, name
         async with s.post(fake_server.url + "/v1/completions", json={"prompt": "x", "temperature": 9}) as r:
             assert r.status == 400
         async with s.get(fake_server.url + "/metrics") as r:
-            assert 'kvloom_request_errors_total{error_type="invalid_value"}' in await r.text()
+            errors = 'kvloom_request_errors_total{error_type="invalid_value",model_name="llama"}'
+            assert errors in await r.text()
         async with s.get(fake_server.url + "/openapi.json") as r:
             spec = await r.json()
-        assert {"/v1/completions", "/v1/chat/completions", "/v1/score", "/health",
-                "/ready"} <= set(spec["paths"])
+        assert {"/v1/completions", "/v1/chat/completions", "/v1/score", "/health", "/ready"} \
+            <= set(spec["paths"])

@@ -62,9 +62,12 @@ async def test_each_mode_runs_its_own_path(both_modes):
             items_seen = [i for b in batches for row in b.score_rows for i, _ in row.items]
             assert items_seen == (list(range(len(ITEMS))) if mode != "single" else [])
         metrics = engine.metrics.render().decode()
+        name = engine.model_name
         for mode in ("packed", "batched"):
-            assert f'kvloom_score_items_total{{mode="{mode}"}} {float(len(ITEMS))}' in metrics
-        assert 'kvloom_score_rows_total{mode="packed"}' in metrics and 'mode="single"' not in metrics
+            sample = f'kvloom_score_items_total{{mode="{mode}",model_name="{name}"}} {float(len(ITEMS))}'
+            assert sample in metrics
+        assert f'kvloom_score_rows_total{{mode="packed",model_name="{name}"}}' in metrics
+        assert 'mode="single"' not in metrics
         np.testing.assert_allclose(results["packed"], results["single"], rtol=1e-6)
         np.testing.assert_allclose(results["batched"], results["single"], rtol=1e-6)
 
