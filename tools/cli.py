@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--enable-admin", action="store_true", help="POST /admin/restart (and /admin/faults)")
     serve.add_argument("--enable-fault-injection", action="store_true",
                        help="arm faults through POST /admin/faults (tests and the fault tool)")
+    serve.add_argument("--fault-at-start", default=None, metavar="KIND",
+                       help="arm one fault before the engine starts, e.g. fail_warmup (implies "
+                            "--enable-fault-injection)")
+    serve.add_argument("--config", default=None, metavar="FILE.yaml",
+                       help="flags from a YAML file (e.g. `kvloom tune --output`); command-line flags win")
     serve.set_defaults(func=cmd_serve)
 
     from kvloom.tools.bench import add_bench_args
@@ -76,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
                             help="fault-handling release gate against a --enable-fault-injection server")
     add_fault_args(faults)
     faults.set_defaults(func=cmd_faults)
+
+    from kvloom.tools.tune import add_tune_args
+
+    tune = sub.add_parser("tune", help="find the best serving configuration under latency SLOs (Optuna)")
+    add_tune_args(tune)
+    tune.set_defaults(func=cmd_tune)
     return parser
 
 
@@ -136,9 +147,11 @@ def cmd_serve(args) -> int:
     config = engine_config_from_args(args)
 
     async def main():
-        faults = FaultInjector() if args.enable_fault_injection else None
+        faults = FaultInjector() if args.enable_fault_injection or args.fault_at_start else None
+        if args.fault_at_start:
+            faults.arm(args.fault_at_start)
         await serve(Engine(config, faults=faults), args.host, args.port, drain_timeout=args.drain_timeout,
-                    enable_admin=args.enable_admin or args.enable_fault_injection)
+                    enable_admin=args.enable_admin or faults is not None)
 
     uvloop.run(main())
     return 0
@@ -168,7 +181,20 @@ def cmd_faults(args) -> int:
     return main_from_args(args)
 
 
+def cmd_tune(args) -> int:
+    from kvloom.tools.tune import main_from_args
+
+    return main_from_args(args)
+
+
 def main(argv=None) -> int:
+    from kvloom.tools.flag_file import FlagFileError, expand_config_argv
+
+    try:  # `kvloom serve --config FILE`: the file's flags, then the command line's (which win)
+        argv = expand_config_argv(sys.argv[1:] if argv is None else argv)
+    except FlagFileError as exc:
+        print(f"kvloom serve: error: --config {exc}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     return args.func(args)
 
