@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    from kvloom.engine.config import CacheConfig, SchedulerConfig
+    from kvloom.engine.config import CacheConfig, SchedulerConfig, ScoringConfig
 
     s, c = SchedulerConfig(), CacheConfig()
     p.add_argument("--max-model-len", type=int, default=None)
@@ -104,6 +104,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page-size", type=int, default=c.page_size)
     p.add_argument("--num-pages", type=int, default=None, help="KV pages (default: sized from free memory)")
     p.add_argument("--no-prefix-cache", action="store_true")
+    p.add_argument("--kv-memory-fraction", type=float, default=c.memory_fraction,
+                   help="share of free memory for KV pages when --num-pages is not given")
+    p.add_argument("--scoring-tokens-per-step", type=int, default=ScoringConfig().tokens_per_step,
+                   help="item tokens in one /v1/score step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step-timeout", type=float, default=120.0, help="watchdog: seconds a step may take")
     p.add_argument("--max-restarts", type=int, default=0, help="automatic restarts after a failure")
@@ -113,7 +117,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config_from_args(args):
-    from kvloom.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from kvloom.engine.config import CacheConfig, EngineConfig, SchedulerConfig, ScoringConfig
 
     return EngineConfig(
         model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
@@ -122,7 +126,8 @@ def engine_config_from_args(args):
                                   chunk_size=args.chunk_size, max_prefill_seqs=args.max_prefill_seqs,
                                   policy=args.policy, max_waiting=args.max_waiting),
         cache=CacheConfig(page_size=args.page_size, num_pages=args.num_pages,
-                          enable_prefix_cache=not args.no_prefix_cache),
+                          memory_fraction=args.kv_memory_fraction, enable_prefix_cache=not args.no_prefix_cache),
+        scoring=ScoringConfig(tokens_per_step=args.scoring_tokens_per_step),
     )
 
 

@@ -1,6 +1,7 @@
 """`kvloom tune`: find the best `kvloom serve` configuration for a workload under latency SLOs.
 
-    kvloom tune STUDY.yaml [--storage sqlite:///tune.db] [--report report.html] [--output best.yaml] [--resume]
+    kvloom tune STUDY.yaml [--storage sqlite:///tune.db] [--report report.html] [--output best.yaml]
+                [--resume]
     kvloom tune report tune.db -o report.html        (any time, also while a study runs)
 
 Data flow:
@@ -62,7 +63,8 @@ def study_info(spec: StudySpec) -> dict:
         "workload": dict(spec.workload), "strategy": spec.strategy, "num_trials": spec.num_trials,
         "objectives": [{"figure": o.figure, "direction": o.direction} for o in spec.objectives],
         "slos": [{"name": s.slo.name, "threshold": s.slo.text, "hard": s.is_hard,
-                  "threshold_value": s.slo.threshold * (1e3 if s.slo.is_latency else 1.0)} for s in spec.slos],
+                  "threshold_value": s.slo.threshold * (1e3 if s.slo.is_latency else 1.0)}
+                 for s in spec.slos],
     }
 
 
@@ -119,7 +121,8 @@ def requeue_interrupted(study) -> int:
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
-    done = [t.params for t in trials if _trial_finished(t) or t.state in (TrialState.WAITING, TrialState.RUNNING)]
+    pending = (TrialState.WAITING, TrialState.RUNNING)
+    done = [t.params for t in trials if _trial_finished(t) or t.state in pending]
     count = 0
     for t in trials:
         if t.state == TrialState.FAIL and t.user_attrs.get("failure") == INTERRUPTED and t.params not in done:
@@ -163,9 +166,18 @@ def record_run(trial, run, spec: StudySpec) -> Optional[list[float]]:
     trial.set_user_attr("feasible", feasible)
     trial.set_user_attr("status", "ok" if feasible else "infeasible")
     if run.report.get("runs"):
-        trial.set_user_attr("points", [{"label": p.get("label"), "output_throughput": p.get("output_throughput"),
-                                        "passed": p.get("passed")} for p in run.report["runs"]])
+        trial.set_user_attr("points", [{"label": p.get("label"), "passed": p.get("passed"),
+                                        "output_throughput": p.get("output_throughput")}
+                                       for p in run.report["runs"]])
     return values
+
+
+def on_server(trial, pid: int) -> None:
+    from tqdm import tqdm
+
+    trial.set_user_attr("server_pid", pid)
+    tqdm.write(f"trial {trial.number}: kvloom serve started, pid {pid}: {trial.user_attrs['serve_command']}",
+               file=sys.stderr)
 
 
 def _progress(total: int, desc: str, show: bool, **options):
@@ -202,13 +214,17 @@ async def run_study(spec: StudySpec, study, storage, work_dir: str, show_progres
             trial.set_user_attr("knobs", knobs)
             trial.set_user_attr("serve_command", serve_command(flags))
             bench_argv = flags_to_argv(spec.workload) + (["--slo", spec.bench_slo_spec] if spec.slos else [])
-            phases = _progress(4, f"trial {trial.number}", show_progress, leave=False, bar_format="{desc} {elapsed}")
+            phases = _progress(4, f"trial {trial.number}", show_progress, leave=False,
+                               bar_format="{desc} {elapsed}")
             try:
                 run = await run_trial(flags_to_argv(flags), bench_argv,
                                       os.path.join(work_dir, f"trial-{trial.number}"),
-                                      warmup_timeout_s=spec.warmup_timeout_s, bench_timeout_s=spec.bench_timeout_s,
+                                      warmup_timeout_s=spec.warmup_timeout_s,
+                                      bench_timeout_s=spec.bench_timeout_s,
                                       stop_timeout_s=spec.stop_timeout_s,
-                                      on_phase=lambda phase: phases.set_description_str(f"trial {trial.number}: {phase}"))
+                                      on_phase=lambda phase: phases.set_description_str(
+                                          f"trial {trial.number}: {phase}"),
+                                      on_server=lambda pid: on_server(trial, pid))
             except asyncio.CancelledError:
                 trial.set_user_attr("status", "failed")
                 trial.set_user_attr("failure", INTERRUPTED)
@@ -247,10 +263,12 @@ def summarize(study, spec: StudySpec, output: Optional[str]) -> int:
     print(f"\nkvloom tune: {label} ({', '.join(o.text for o in spec.objectives)}):")
     for t in best:
         figures = ", ".join(f"{o.figure}={t.values[i]:.4g}" for i, o in enumerate(spec.objectives))
-        print(f"  trial {t.number}: {figures}\n    {serve_command(serve_flags_of(spec, t.user_attrs['knobs']))}")
+        command = serve_command(serve_flags_of(spec, t.user_attrs["knobs"]))
+        print(f"  trial {t.number}: {figures}\n    {command}")
     if output:
         chosen = best[0]
-        write_flag_file(output, serve_flags_of(spec, chosen.user_attrs["knobs"]),
+        flags = {k: v for k, v in serve_flags_of(spec, chosen.user_attrs["knobs"]).items() if v is not None}
+        write_flag_file(output, flags,
                         f"kvloom serve --config {os.path.basename(output)}: trial {chosen.number} of study "
                         f"{spec.name}\n({', '.join(o.text for o in spec.objectives)}; every hard SLO met)")
         print(f"kvloom tune: wrote {output} (kvloom serve --config {output})")
@@ -282,8 +300,8 @@ def main_tune(args) -> int:
     try:
         asyncio.run(run_study(spec, study, storage, work_dir, not args.no_progress))
     except KeyboardInterrupt:
-        print(f"\nkvloom tune: interrupted; the database is consistent. Continue with: kvloom tune {args.study} "
-              f"--storage {args.storage} --resume", file=sys.stderr)
+        print(f"\nkvloom tune: interrupted; the database is consistent. Continue with: "
+              f"kvloom tune {args.study} --storage {args.storage} --resume", file=sys.stderr)
         return 130
     code = summarize(study, spec, args.output)
     if args.report:

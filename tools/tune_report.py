@@ -19,7 +19,8 @@ from typing import Optional, Sequence
 from kvloom.tools.tune_score import FIGURES, Objective, best_trials, figure_unit
 
 STUDY_ATTR = "kvloom_study"
-_STYLES = {"ok": ("feasible", "#1f77b4", "circle"), "infeasible": ("infeasible (hard SLO failed)", "#ff7f0e", "x")}
+_STYLES = {"ok": ("feasible", "#1f77b4", "circle"),
+           "infeasible": ("infeasible (hard SLO failed)", "#ff7f0e", "x")}
 
 
 def load_report_study(url: str, study_name: Optional[str] = None):
@@ -199,9 +200,10 @@ def report_html(study, info: dict, x: str = "output_throughput", y: str = "e2e_p
     plots = "".join(f.to_html(full_html=False, include_plotlyjs=(i == 0), div_id=f"plot-{i}")
                     for i, f in enumerate(figures))
     best = best_trials(trials, objectives_of(info))
-    best_text = ("no feasible configuration yet" if not best else
-                 "best: " + ", ".join(f"trial {t.number} ({t.user_attrs.get('serve_command')})" for t in best))
-    slos = "; ".join(f"{s['name']} ≤ {s['threshold']} ({'hard' if s['hard'] else 'soft'})" for s in info["slos"])
+    best_text = ("no feasible configuration yet" if not best else "best: " + ", ".join(
+        f"trial {t.number} ({t.user_attrs.get('serve_command')})" for t in best))
+    slos = "; ".join(f"{s['name']} ≤ {s['threshold']} ({'hard' if s['hard'] else 'soft'})"
+                     for s in info["slos"])
     objectives = ", ".join(f"{o['direction']} {o['figure']}" for o in info["objectives"])
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>kvloom tune: {html.escape(study.study_name)}</title>

@@ -64,8 +64,9 @@ def point_verdicts(summary: Mapping, slos: Sequence[TunedSLO]) -> list[dict]:
         v = by_name.get(tuned.slo.name)
         if v is None:
             raise ValueError(f"the bench report has no verdict for SLO {tuned.slo.name}")
-        verdicts.append({"name": v["name"], "threshold": v["threshold"], "threshold_value": v["threshold_value"],
-                         "unit": v["unit"], "measured": v["measured"], "passed": bool(v["passed"]),
+        verdicts.append({"name": v["name"], "threshold": v["threshold"], "unit": v["unit"],
+                         "threshold_value": v["threshold_value"], "measured": v["measured"],
+                         "passed": bool(v["passed"]),
                          "violation_rate": v["violation_rate"], "hard": tuned.is_hard})
     return verdicts
 

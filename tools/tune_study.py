@@ -179,7 +179,8 @@ def _check_value(flag: Flag, value: Any, field: str) -> Any:
         ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
         value = str(value) if ok else value
     if not ok:
-        want = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}[flag.kind]
+        want = {"bool": "true or false", "int": "an integer", "float": "a number",
+                "str": "a string"}[flag.kind]
         raise StudyError(f"{field}: expected {want}, got {value!r}")
     if flag.choices is not None and value not in flag.choices:
         raise StudyError(f"{field}: expected one of {', '.join(map(str, flag.choices))}, got {value!r}")
@@ -230,7 +231,8 @@ def _parse_knob(name: Any, raw: Any, flags: Mapping[str, Flag]) -> Knob:
             raise StudyError(f"{field}: a choice is given twice")
         return Knob(flag.name, flag.kind, choices=choices)
     if isinstance(raw, dict) and "choices" in raw:
-        return _parse_knob(name, raw["choices"] if isinstance(raw["choices"], list) else [raw["choices"]], flags)
+        choices = raw["choices"]
+        return _parse_knob(name, choices if isinstance(choices, list) else [choices], flags)
     if not isinstance(raw, dict):
         raise StudyError(f"{field}: expected a list of choices or {{low, high[, step][, log]}}")
     if flag.kind not in ("int", "float"):

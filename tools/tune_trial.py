@@ -161,8 +161,9 @@ async def run_bench(url: str, bench_argv: Sequence[str], json_path: str, server:
 
 async def run_trial(serve_argv: Sequence[str], bench_argv: Sequence[str], work_dir: str, *,
                     warmup_timeout_s: float, bench_timeout_s: float, stop_timeout_s: float,
-                    on_phase=lambda phase: None) -> TrialRun:
-    """Start, warm up, benchmark and stop one server; the outcome, failed or not."""
+                    on_phase=lambda phase: None, on_server=lambda pid: None) -> TrialRun:
+    """Start, warm up, benchmark and stop one server; the outcome, failed or not. on_phase(name) is told
+    each phase, on_server(pid) the server's PID once it runs."""
     os.makedirs(work_dir, exist_ok=True)
     log_path = os.path.join(work_dir, "serve.log")
     run = TrialRun(is_ok=False, log_path=log_path)
@@ -170,6 +171,7 @@ async def run_trial(serve_argv: Sequence[str], bench_argv: Sequence[str], work_d
     server = await start_server(serve_argv, log_path)
     run.server_pid = server.proc.pid
     try:
+        on_server(server.proc.pid)
         on_phase("warm-up")
         start = time.perf_counter()
         try:
