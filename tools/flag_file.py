@@ -34,14 +34,19 @@ def flags_to_argv(flags: Mapping[str, object]) -> list[str]:
     return argv
 
 
-def load_flag_file(path: str) -> dict:
+def read_yaml(path: str):
+    """The YAML document in `path`; FlagFileError naming the file when it cannot be read or parsed."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            return yaml.safe_load(f)
     except OSError as exc:
         raise FlagFileError(f"{path}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         raise FlagFileError(f"{path}: not YAML: {exc}") from None
+
+
+def load_flag_file(path: str) -> dict:
+    data = read_yaml(path)
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -34,8 +34,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-import yaml
-
+from kvloom.tools.flag_file import FlagFileError, flags_to_argv, read_yaml
 from kvloom.tools.slo import parse_slos
 from kvloom.tools.tune_score import FIGURES, Objective, TunedSLO
 
@@ -311,7 +310,6 @@ def _int_field(section: dict, key: str, field: str, default: Any, low: int) -> A
 def _check_workload(workload: dict) -> None:
     """Let `kvloom bench` validate the workload as it would on its own command line."""
     from kvloom.tools.bench import UsageError, add_bench_args, plan_from_args
-    from kvloom.tools.flag_file import flags_to_argv
 
     parser = argparse.ArgumentParser()
     add_bench_args(parser)
@@ -399,11 +397,8 @@ def parse_study(data: Any, default_name: str = "study") -> StudySpec:
 
 def load_study(path: str) -> StudySpec:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except OSError as exc:
-        raise StudyError(f"study: {path}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise StudyError(f"study: {path} is not YAML: {exc}") from None
+        data = read_yaml(path)
+    except FlagFileError as exc:
+        raise StudyError(f"study: {exc}") from None
     return parse_study(data, default_name=os.path.splitext(os.path.basename(path))[0])
 
