@@ -140,7 +140,7 @@ def scatter_figure(trials: Sequence, info: dict, x: str, y: str):
     fig.add_trace(go.Scatter(
         x=[t.user_attrs[x] for t in chosen], y=[t.user_attrs[y] for t in chosen], mode="markers+text",
         name="best", text=[f"best: trial {t.number}" for t in chosen], textposition="top center",
-        marker=dict(color="rgba(0,0,0,0)", size=22, symbol="star-open", line=dict(color="#2ca02c", width=3))))
+        marker=dict(color="#2ca02c", size=24, symbol="star-open", line=dict(width=3))))
     num_failed = sum(trial_status(t) == "failed" for t in trials)
     fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"failed (no figures): {num_failed}",
                              marker=dict(color="#7f7f7f", symbol="circle-x", size=11)))
