@@ -19,7 +19,7 @@ from typing import Mapping, Optional, Sequence
 
 from kvloom.tools.slo import LATENCY_METRICS, SLO, SUMMARY_STATS
 
-THROUGHPUT_FIGURES = ("output_throughput", "request_throughput", "items_per_s")
+THROUGHPUT_FIGURES = ("output_throughput", "request_throughput", "goodput", "items_per_s")
 FIGURES = THROUGHPUT_FIGURES + ("error_rate",) + tuple(
     f"{metric}_{stat}" for metric in LATENCY_METRICS for stat in SUMMARY_STATS)
 COUNT_FIGURES = ("num_requests", "completed", "num_errors", "input_tokens", "output_tokens", "duration_s")
