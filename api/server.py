@@ -25,9 +25,10 @@ from aiohttp import web
 from kvloom.api import errors
 from kvloom.api.errors import APIError
 from kvloom.api.openapi import openapi_spec
-from kvloom.api.protocol import GenerationRequest, parse_chat, parse_completion
+from kvloom.api.protocol import (GenerationRequest, TokenizeChatRequest, parse_chat, parse_completion,
+                                  parse_detokenize, parse_score, parse_tokenize)
 from kvloom.engine.engine import Engine, EngineNotReadyError, EngineState, EngineUnavailableError
-from kvloom.engine.request import FinishReason, RequestOutput, Usage
+from kvloom.engine.request import FinishReason, RequestOutput, Usage, validate_prompt_ids
 from kvloom.engine.scheduler import QueueFullError
 
 log = logging.getLogger(__name__)
@@ -67,11 +68,16 @@ async def error_middleware(request: web.Request, handler):
                         code="internal_error").response()
 
 
-async def _read_json(request: web.Request):
+async def _read_body(request: web.Request) -> bytes:
+    """The raw JSON body; api/protocol.py parses and validates it in one pass."""
     if request.content_type != "application/json":
         raise errors.invalid("content-type", f"must be application/json, got {request.content_type!r}",
                              "invalid_content_type")
-    raw = await request.read()  # 413 past client_max_size
+    return await request.read()  # 413 past client_max_size
+
+
+async def _read_json(request: web.Request):
+    raw = await _read_body(request)
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -97,6 +103,7 @@ class _Choice:
         self.index = index
         self.text = ""
         self.logprobs: list = []
+        self.num_tokens = 0
         self.finish_reason: Optional[str] = None
         self.usage: Optional[Usage] = None
         self.error: Optional[str] = None
@@ -120,7 +127,8 @@ class Generation:
         self.prompt_tokens = 0
 
     def submit(self) -> None:
-        """Encode and queue every choice; errors map to API errors and nothing stays queued."""
+        """Encode every prompt once (the engine checks the ids there, and not again when they are queued)
+        and queue every choice; errors map to API errors and nothing stays queued."""
         engine, req = self.engine, self.req
         try:
             if req.kind == "chat":
@@ -128,9 +136,7 @@ class Generation:
             else:
                 prompt_ids = [engine.encode_prompt(p) for p in req.prompts]
             for p_index, ids in enumerate(prompt_ids):
-                params = req.params
-                if not req.max_tokens_given and req.kind == "chat":
-                    params = dataclasses.replace(params, max_tokens=max(1, engine.max_model_len - len(ids)))
+                params = req.params_for_prompt(len(ids), engine.max_model_len)
                 self.prompt_tokens += len(ids)
                 for j in range(req.n):
                     p = params
@@ -214,6 +220,12 @@ class Generation:
             offset += len(text)
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
+    def running_usage(self, choices) -> dict:
+        """The usage so far, while choices are still generating (stream_options.continuous_usage_stats)."""
+        completion = sum(c.num_tokens for c in choices)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
+
     def usage(self, choices) -> dict:
         completion = sum(c.usage.completion_tokens for c in choices if c.usage)
         cached = sum(c.usage.cached_tokens for c in choices if c.usage)
@@ -263,6 +275,8 @@ class Generation:
         async def send(choice_list, usage=None):
             chunk = dict(base, choices=choice_list)
             if self.req.include_usage:
+                if usage is None and self.req.continuous_usage:
+                    usage = self.running_usage(choices.values())
                 chunk["usage"] = usage
             await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
 
@@ -276,6 +290,7 @@ class Generation:
             if out.error:
                 error = errors.generation_error(out.error, out.error_code)
                 break
+            c.num_tokens += len(out.token_ids)
             if out.text or out.logprobs:
                 if chat:
                     item = {"index": index, "delta": {"content": out.text}, "logprobs": self.logprobs_chat(out),
@@ -309,8 +324,7 @@ def _merge_completion_logprobs(parts: list) -> Optional[dict]:
 
 async def _generate(request: web.Request, parse) -> web.StreamResponse:
     engine = request.app[ENGINE_KEY]
-    body = await _read_json(request)
-    req = parse(body)
+    req = parse(await _read_body(request))
     _check_model(engine, req.model)
     _check_engine(engine)
     gen = Generation(engine, req)
@@ -347,29 +361,14 @@ async def get_model(request: web.Request) -> web.Response:
     return _json(_model_card(engine))
 
 
-SCORE_FIELDS = {"model", "query", "items", "label_token_ids", "apply_softmax", "item_first"}
-
-
 async def score(request: web.Request) -> web.Response:
     engine = request.app[ENGINE_KEY]
-    body = await _read_json(request)
-    if not isinstance(body, dict):
-        raise errors.invalid(None, "the request body must be a JSON object", "invalid_body")
-    unknown = sorted(set(body) - SCORE_FIELDS)
-    if unknown:
-        raise errors.invalid(unknown[0], "unknown field", "unknown_field")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise errors.invalid("model", "must be a string", "invalid_type")
-    _check_model(engine, model)
-    for name in ("query", "label_token_ids"):
-        if body.get(name) is None:
-            raise errors.invalid(name, "is required", "missing_field")
+    body = parse_score(await _read_body(request))
+    _check_model(engine, body.model)
     _check_engine(engine)
     try:
-        out = await engine.score(body["query"], body.get("items", []), body["label_token_ids"],
-                                 apply_softmax=body.get("apply_softmax", False),
-                                 item_first=body.get("item_first", False))
+        out = await engine.score(body.query, body.items or [], body.label_token_ids,
+                                 apply_softmax=bool(body.apply_softmax), item_first=bool(body.item_first))
     except ValueError as exc:
         raise errors.from_value_error(exc) from None
     except QueueFullError as exc:
@@ -380,6 +379,39 @@ async def score(request: web.Request) -> web.Response:
         raise errors.unavailable(str(exc)) from None
     return _json({"object": "scoring", "model": engine.model_name, "scores": out.scores,
                   "usage": {"prompt_tokens": out.prompt_tokens, "total_tokens": out.prompt_tokens}})
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    """vLLM's /tokenize: a prompt, or chat messages rendered by the chat template, to token ids."""
+    engine = request.app[ENGINE_KEY]
+    body = parse_tokenize(await _read_body(request))
+    _check_model(engine, body.model)
+    _check_engine(engine)
+    tokenizer = engine.tokenizer
+    try:
+        if isinstance(body, TokenizeChatRequest):
+            ids = tokenizer.apply_chat_template(body.messages, body.add_generation_prompt is not False,
+                                                add_special_tokens=bool(body.add_special_tokens))
+        else:
+            ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
+    except ValueError as exc:
+        raise errors.from_value_error(exc) from None
+    return _json({"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids,
+                  "token_strs": tokenizer.token_strings(ids) if body.return_token_strs else None})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    """vLLM's /detokenize: token ids to text, special tokens included."""
+    engine = request.app[ENGINE_KEY]
+    body = parse_detokenize(await _read_body(request))
+    _check_model(engine, body.model)
+    _check_engine(engine)
+    if body.tokens:
+        try:
+            validate_prompt_ids(body.tokens, engine.runner.vocab_size, "tokens")
+        except ValueError as exc:
+            raise errors.from_value_error(exc) from None
+    return _json({"prompt": engine.tokenizer.decode(body.tokens, skip_special_tokens=False)})
 
 
 async def health(request: web.Request) -> web.Response:
@@ -449,6 +481,8 @@ def create_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/score", score)
+    app.router.add_post("/v1/tokenize", tokenize)
+    app.router.add_post("/v1/detokenize", detokenize)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
     app.router.add_get("/health", health)

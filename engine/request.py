@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 256  # entries of one request's logit_bias
+LOGIT_BIAS_LIMIT = 100.0  # each bias lies in [-100, 100], as OpenAI's
+MAX_STOP_TOKEN_IDS = 64
 
 
 class RequestState(enum.Enum):
@@ -45,7 +48,11 @@ def _check_number(name: str, value, *, low=None, high=None, low_open=False, inte
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters."""
+    """How to pick tokens. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters.
+
+    logit_bias {token id: bias} is added to the logits before sampling (+100 all but forces a token,
+    -100 all but bans it); min_tokens bans the end-of-sequence and stop token ids until that many
+    tokens are out. skip_special_tokens and include_stop_str_in_output shape the text only."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -60,9 +67,16 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: Optional[int] = None  # None: no logprobs; k: the sampled token's and the top-k alternatives
+    min_tokens: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), sorted; a dict is accepted too
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self):
         _check_number("max_tokens", self.max_tokens, low=1, integer=True)
+        _check_number("min_tokens", self.min_tokens, low=0, integer=True)
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens: must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
         _check_number("temperature", self.temperature, low=0.0, high=100.0)
         _check_number("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
         _check_number("top_k", self.top_k, low=0, high=2**31 - 1, integer=True)
@@ -81,20 +95,46 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids: must be a list of integers, got {self.stop_token_ids!r}")
         for i, t in enumerate(self.stop_token_ids):
             _check_number(f"stop_token_ids[{i}]", t, low=0, integer=True)
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos: must be a boolean, got {self.ignore_eos!r}")
+        object.__setattr__(self, "logit_bias", _normalized_logit_bias(self.logit_bias))
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: must be a boolean, got {getattr(self, name)!r}")
         if self.logprobs is not None:
             _check_number("logprobs", self.logprobs, low=0, high=MAX_TOP_LOGPROBS, integer=True)
 
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+    def check_token_ids(self, vocab_size: int) -> None:
+        """Token ids that index the logits must lie in the vocabulary (the engine calls this)."""
+        for token, _ in self.logit_bias:
+            if token >= vocab_size:
+                raise ValueError(f"logit_bias.{token}: token id {token} is outside the vocabulary "
+                                 f"[0, {vocab_size})")
 
     @property
     def has_penalties(self) -> bool:
         return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
                 or self.presence_penalty != 0.0)
+
+
+def _normalized_logit_bias(value) -> tuple[tuple[int, float], ...]:
+    pairs = list(value.items()) if isinstance(value, dict) else value
+    if not isinstance(pairs, (tuple, list)):
+        raise ValueError(f"logit_bias: must map token ids to biases, got {value!r}")
+    if len(pairs) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS} entries, got {len(pairs)}")
+    out = {}
+    for pair in pairs:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"logit_bias: must map token ids to biases, got {pair!r}")
+        token, bias = pair
+        _check_number("logit_bias", token, low=0, integer=True)
+        _check_number(f"logit_bias.{token}", bias, low=-LOGIT_BIAS_LIMIT, high=LOGIT_BIAS_LIMIT)
+        if token in out:
+            raise ValueError(f"logit_bias.{token}: given twice")
+        out[token] = float(bias)
+    return tuple(sorted(out.items()))
 
 
 @dataclass(frozen=True)
@@ -129,24 +169,27 @@ class RequestOutput:
     usage: Optional[Usage] = None
     error: Optional[str] = None
     error_code: Optional[str] = None  # "engine_unavailable" (the engine failed) or "request_failed" (this one only)
+    label_logprobs: Optional[tuple] = None  # a finished scoring request: per item, the labels' logprobs
 
 
 @dataclass(eq=False)
 class ScoreTask:
-    """A scoring request's work: after its prompt (the query) is computed, each item is scored.
-    With no items, the prompt's own last token is scored (the single-item path)."""
+    """A scoring request's work: after its prompt (the query) is computed, each item is scored, in order,
+    by score steps of the task's `mode` ("batched" or "packed"). With no items, the prompt's own last token
+    is scored (the single-item path). Only `Scheduler.apply` records results."""
 
     items: tuple[tuple[int, ...], ...]
     label_ids: tuple[int, ...]
-    next_item: int = 0  # the first item not yet scheduled
+    mode: str = "single"
     label_logprobs: list = field(default_factory=list)  # per item, set as results come back
+    num_scored: int = 0  # items [0, num_scored) have their results
 
     def __post_init__(self):
         self.label_logprobs = [None] * max(1, len(self.items))
 
     @property
     def is_done(self) -> bool:
-        return all(v is not None for v in self.label_logprobs)
+        return self.num_scored == len(self.label_logprobs)
 
 
 @dataclass(eq=False)
@@ -183,10 +226,6 @@ class Request:
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
-    def token_at(self, index: int) -> int:
-        n = len(self.prompt_ids)
-        return self.prompt_ids[index] if index < n else self.output_ids[index - n]
-
     def tokens(self, start: int, end: int) -> tuple[int, ...]:
         n = len(self.prompt_ids)
         if end <= n:
@@ -212,13 +251,26 @@ class Request:
     @property
     def has_items_to_score(self) -> bool:
         return (self.score is not None and self.state is RequestState.RUNNING and not self.is_prefilling
-                and self.score.next_item < len(self.score.items))
+                and self.score.num_scored < len(self.score.items))
 
     def usage(self) -> Usage:
         return Usage(len(self.prompt_ids), len(self.output_ids), self.num_cached_tokens)
 
 
-def validate_prompt_ids(prompt_ids: Sequence[int], vocab_size: int, field_name: str = "prompt") -> tuple[int, ...]:
+class PromptIds(tuple):
+    """Token ids already checked against a vocabulary of `vocab_size`: checking them again is a no-op."""
+
+    vocab_size: int
+
+    def __new__(cls, ids, vocab_size: int):
+        self = super().__new__(cls, ids)
+        self.vocab_size = vocab_size
+        return self
+
+
+def validate_prompt_ids(prompt_ids: Sequence[int], vocab_size: int, field_name: str = "prompt") -> PromptIds:
+    if isinstance(prompt_ids, PromptIds) and prompt_ids.vocab_size == vocab_size:
+        return prompt_ids
     if len(prompt_ids) == 0:
         raise ValueError(f"{field_name}: must not be empty")
     out = []
@@ -229,4 +281,4 @@ def validate_prompt_ids(prompt_ids: Sequence[int], vocab_size: int, field_name: 
         if not 0 <= t < vocab_size:
             raise ValueError(f"{field_name}[{i}]: token id {t} is outside the vocabulary [0, {vocab_size})")
         out.append(t)
-    return tuple(out)
+    return PromptIds(out, vocab_size)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from functools import partial
 from typing import Optional
 
@@ -23,8 +22,9 @@ from kvloom.engine.buckets import BucketPlan, StepShape
 from kvloom.engine.config import EngineConfig
 from kvloom.engine.models import llama
 from kvloom.engine.models.loader import load_model
+from kvloom.engine.request import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
 from kvloom.engine.sampling import SamplingInput, sample
-from kvloom.engine.scheduler import ScheduledBatch, ScheduledRow, StepResult
+from kvloom.engine.batch import ScheduledBatch, ScheduledRow, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,9 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _forward_logits(params, kv, step, *, cfg, page_size):
+def forward_logits(params, kv, step, *, cfg, page_size):
+    """The model step: logits of the step's `logits_indices` and the updated KV cache. The serving step
+    (jitted with the cache donated) and the static-batch forward of `engine.offline` both run this."""
     h, kv = llama.forward(params, kv, step, cfg=cfg, page_size=page_size)
     return llama.logits_from_hidden(params, h, cfg=cfg), kv
 
@@ -52,11 +54,11 @@ def _label_logprobs(logits, label_ids):
 
 
 class ModelRunner:
+    """The real `Runner` (engine.batch): weights, the paged KV cache and the jitted step."""
+
     def __init__(self, config: EngineConfig, plan: BucketPlan, *, loaded=None):
-        t0 = time.perf_counter()
         self.config = config
         self.source, self.model_config, self.params = loaded or load_model(config.model, config.dtype)
-        self.load_seconds = time.perf_counter() - t0
         cfg = self.model_config
         self.plan = plan
         self.page_size = config.cache.page_size
@@ -66,10 +68,13 @@ class ModelRunner:
         self.vocab_size = cfg.vocab_size
         dtype = self.params["embed"].dtype
         self.kv = llama.init_kv_cache(cfg, self.num_pages, self.page_size, dtype)
-        self._forward = jax.jit(partial(_forward_logits, cfg=cfg, page_size=self.page_size), donate_argnums=(1,))
+        self._forward = jax.jit(partial(forward_logits, cfg=cfg, page_size=self.page_size), donate_argnums=(1,))
         self._sample = jax.jit(sample)
         self._labels = jax.jit(_label_logprobs)
         self.max_label_tokens = config.scoring.max_label_tokens
+        # min_tokens bans these until enough tokens are out (with the request's stop_token_ids)
+        self.eos_token_ids = tuple(cfg.eos_token_ids)
+        self.bias_width = MAX_LOGIT_BIAS + MAX_STOP_TOKEN_IDS + len(self.eos_token_ids)  # one sampler shape
 
     def fresh(self) -> "ModelRunner":
         """A new runner with the same weights: a new KV cache and new compiled functions (restart)."""
@@ -190,14 +195,31 @@ class ModelRunner:
             for i, row in rows:
                 prompt_ids[i, :len(row.penalty_prompt_ids)] = row.penalty_prompt_ids
                 output_ids[i, :len(row.penalty_output_ids)] = row.penalty_output_ids
+        bias_ids, bias_values = self._bias_table(num_logits, rows)
         return SamplingInput(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=rep, frequency_penalty=freq, presence_penalty=pres,
             seeds=seeds, counters=counters, prompt_ids=prompt_ids, output_ids=output_ids,
+            bias_ids=bias_ids, bias_values=bias_values,
             any_sampled=np.bool_(any(row.params.temperature > 0 for _, row in rows)),
             any_penalties=np.bool_(any_penalties),
             any_logprobs=np.bool_(any(row.params.logprobs is not None for _, row in rows)),
+            any_bias=np.bool_((bias_ids >= 0).any()),
         )
+
+    def _bias_table(self, num_logits: int, rows: list[tuple[int, ScheduledRow]]):
+        """[num_logits, bias_width] (token id, bias): logit_bias, then -inf for what min_tokens bans."""
+        ids = np.full((num_logits, self.bias_width), -1, np.int32)
+        values = np.zeros((num_logits, self.bias_width), np.float32)
+        for i, row in rows:
+            sp = row.params
+            entries = list(sp.logit_bias)
+            if row.num_output_tokens < sp.min_tokens:
+                banned = sp.stop_token_ids + (() if sp.ignore_eos else self.eos_token_ids)
+                entries += [(t, -np.inf) for t in banned]
+            if entries:
+                ids[i, :len(entries)], values[i, :len(entries)] = zip(*entries)
+        return ids, values
 
     # ---- steps ----------------------------------------------------------------------------------
 

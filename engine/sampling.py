@@ -1,7 +1,8 @@
 """Token sampling and logprobs, jitted, one compiled function per row bucket.
 
-Per row: penalties (repetition on prompt and output tokens, frequency and
-presence on output tokens), then greedy argmax at temperature 0, else
+Per row: the logit bias table (OpenAI's logit_bias added, and the tokens that
+min_tokens bans set to -inf-like), penalties (repetition on prompt and output
+tokens, frequency and presence on output tokens), then greedy argmax at temperature 0, else
 temperature, the top-k / top-p / min-p filters and one Gumbel-max draw with a
 per-row noise from a hash of (seed, num_output_tokens, token id): the same seed and
 prompt give the same tokens whatever else shares the batch.
@@ -12,6 +13,8 @@ whenever top_k <= 256 and the nucleus lies within them; when a row's nucleus
 is wider, a bisection over the whole vocabulary finds the exact threshold, and
 only batches that need it pay for it. Optional work (penalties, sampling,
 logprobs) sits behind `lax.cond`, so greedy batches pay for an argmax only.
+The bias table has one fixed width per runner, so no request recompiles it.
+Logprobs are always those of the raw model distribution.
 """
 
 from __future__ import annotations
@@ -43,9 +46,12 @@ class SamplingInput:
     counters: jax.Array  # int32
     prompt_ids: jax.Array  # [S, L] int32, for the repetition penalty
     output_ids: jax.Array  # [S, L] int32
+    bias_ids: jax.Array  # [S, K] int32, padded with -1
+    bias_values: jax.Array  # [S, K] float32: added to the logit; -inf bans the token
     any_sampled: jax.Array  # bool scalars: which optional parts run
     any_penalties: jax.Array
     any_logprobs: jax.Array
+    any_bias: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -63,6 +69,17 @@ def _counts(ids, vocab_size):
     rows = jnp.broadcast_to(jnp.arange(ids.shape[0])[:, None], ids.shape)
     safe = jnp.where(ids >= 0, ids, vocab_size)  # out of range: dropped
     return jnp.zeros((ids.shape[0], vocab_size), jnp.float32).at[rows, safe].add(1.0, mode="drop")
+
+
+def apply_logit_bias(logits, inp: SamplingInput):
+    """logits [S, V] + each row's (id, bias) entries; a -inf bias sets the logit to a finite -1e30."""
+    vocab = logits.shape[-1]
+    rows = jnp.broadcast_to(jnp.arange(inp.bias_ids.shape[0])[:, None], inp.bias_ids.shape)
+    banned = jnp.isneginf(inp.bias_values)
+    added = jnp.where((inp.bias_ids >= 0) & ~banned, inp.bias_ids, vocab)  # out of range: dropped
+    logits = logits.at[rows, added].add(jnp.where(banned, 0.0, inp.bias_values), mode="drop")
+    bans = jnp.where((inp.bias_ids >= 0) & banned, inp.bias_ids, vocab)
+    return logits.at[rows, bans].set(_NEG_INF, mode="drop")
 
 
 def apply_penalties(logits, inp: SamplingInput):
@@ -141,7 +158,8 @@ def _draw(z, inp: SamplingInput):
 
 def sample(logits, inp: SamplingInput) -> SamplingOutput:
     """logits: [S, V] float32 -> one token per row."""
-    x = jax.lax.cond(inp.any_penalties, lambda: apply_penalties(logits, inp), lambda: logits)
+    x = jax.lax.cond(inp.any_bias, lambda: apply_logit_bias(logits, inp), lambda: logits)
+    x = jax.lax.cond(inp.any_penalties, lambda: apply_penalties(x, inp), lambda: x)
     greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
 
     def sampled():

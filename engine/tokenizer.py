@@ -119,8 +119,10 @@ class Tokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens,
                                 clean_up_tokenization_spaces=False)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Renders validated messages with the model's template; returns the prompt ids."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            add_special_tokens: bool = False) -> list[int]:
+        """Renders validated messages with the model's template; returns the prompt ids. The template
+        writes its own special tokens (BOS, <|im_start|>), so by default none are added."""
         normalized = validate_messages(messages)
         if not self.chat_template:
             raise ValueError("messages: this model has no chat template")
@@ -131,8 +133,11 @@ class Tokenizer:
                                                  add_generation_prompt=add_generation_prompt)
         except TemplateError as exc:  # the template's own raise_exception(), e.g. roles must alternate
             raise ValueError(f"messages: the chat template rejected the messages: {exc}") from exc
-        # The template writes its own special tokens (BOS, <|im_start|>), so none are added here.
-        return self.encode(text, add_special_tokens=False)
+        return self.encode(text, add_special_tokens=add_special_tokens)
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """The vocabulary entries of `ids`, as the tokenizer spells them (e.g. "Ġhello" in byte-level BPE)."""
+        return [self._token(int(i)) for i in ids]
 
     def token_text(self, token_id: int) -> str:
         """The text of one token, as shown in logprobs (a partial UTF-8 character shows as U+FFFD)."""
@@ -260,8 +265,9 @@ class IncrementalDetokenizer:
     window's, not the sequence's. Both offsets sit on character boundaries once text is emitted.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()):
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True):
         self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
         # Only the tail of the prompt matters: it gives the first tokens their context
         # (a SentencePiece leading space), and is never emitted.
         self._ids: list[int] = [int(i) for i in list(prompt_ids)[-PROMPT_CONTEXT_IDS:]]
@@ -284,9 +290,9 @@ class IncrementalDetokenizer:
         return delta
 
     def _pending_text(self) -> str:
-        decode = self._tokenizer.decode
-        prefix_text = decode(self._ids[self._prefix_offset:self._read_offset])
-        full_text = decode(self._ids[self._prefix_offset:])
+        skip = self._skip_special_tokens
+        prefix_text = self._tokenizer.decode(self._ids[self._prefix_offset:self._read_offset], skip)
+        full_text = self._tokenizer.decode(self._ids[self._prefix_offset:], skip)
         return full_text[len(prefix_text):] if len(full_text) > len(prefix_text) else ""
 
     def _advance(self) -> None:
@@ -301,14 +307,15 @@ class IncrementalDetokenizer:
 class StopStringMatcher:
     """Applies stop strings to a stream of text deltas. Text that might be the start of a stop string
     is held back until it is known not to be; when a stop string appears, the text before it is
-    emitted and nothing after. The stop string itself is never emitted.
+    emitted and nothing after. The stop string itself is emitted only with `include_stop`.
 
     Generation stops at the first point in the text where some stop string is complete (the earliest
     end; among stops ending there, the one starting earliest), so the result does not depend on how
     the text was split into deltas. Invariant: no stop string can start inside emitted text.
     """
 
-    def __init__(self, stop: Sequence[str]):
+    def __init__(self, stop: Sequence[str], include_stop: bool = False):
+        self._include_stop = include_stop
         if isinstance(stop, str):
             stop = [stop]
         stops = []
@@ -337,7 +344,7 @@ class StopStringMatcher:
                 hit = (start + len(s), start, s)
         if hit is not None:
             self._held, self.stopped_by = "", hit[2]
-            return text[:hit[1]], True
+            return text[:hit[0] if self._include_stop else hit[1]], True
         hold = self._partial_suffix_len(text)
         self._held = text[len(text) - hold:] if hold else ""
         return text[:len(text) - hold], False

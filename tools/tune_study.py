@@ -34,7 +34,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
+from kvloom.tools.command_args import UsageError, add_bench_args
 from kvloom.tools.flag_file import FlagFileError, flags_to_argv, read_yaml
+from kvloom.tools.serve_args import serve_parser
 from kvloom.tools.slo import parse_slos
 from kvloom.tools.tune_score import FIGURES, Objective, TunedSLO
 
@@ -131,18 +133,13 @@ def parser_flags(parser: argparse.ArgumentParser) -> dict[str, Flag]:
 
 
 def serve_flags() -> dict[str, Flag]:
-    from kvloom.tools.cli import build_parser
-
-    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
-    return {name: flag for name, flag in parser_flags(serve).items() if name not in ("config",)}
+    return {name: flag for name, flag in parser_flags(serve_parser()).items() if name != "config"}
 
 
-def bench_flags() -> dict[str, Flag]:
-    from kvloom.tools.bench import add_bench_args
-
-    parser = argparse.ArgumentParser()
+def bench_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvloom bench")
     add_bench_args(parser)
-    return parser_flags(parser)
+    return parser
 
 
 # ---- values -----------------------------------------------------------------------------------------
@@ -309,12 +306,10 @@ def _int_field(section: dict, key: str, field: str, default: Any, low: int) -> A
 
 def _check_workload(workload: dict) -> None:
     """Let `kvloom bench` validate the workload as it would on its own command line."""
-    from kvloom.tools.bench import UsageError, add_bench_args, plan_from_args
+    from kvloom.tools.bench import plan_from_args
 
-    parser = argparse.ArgumentParser()
-    add_bench_args(parser)
     try:
-        args = parser.parse_args(flags_to_argv(workload))
+        args = bench_parser().parse_args(flags_to_argv(workload))
         plan_from_args(args)
     except UsageError as exc:
         raise StudyError(f"workload: {exc}") from None
@@ -345,7 +340,8 @@ def parse_study(data: Any, default_name: str = "study") -> StudySpec:
         if knob.name in serve:
             raise StudyError(f"knobs.{knob.name}: also fixed under serve")
 
-    workload = _parse_flag_values(data.get("workload"), "workload", bench_flags(), "bench", TUNER_BENCH_FLAGS)
+    workload = _parse_flag_values(data.get("workload"), "workload", parser_flags(bench_parser()), "bench",
+                                  TUNER_BENCH_FLAGS)
     _check_workload(workload)
     slos = _parse_slos(data.get("slos"))
     if "objective" in data and "objectives" in data:

@@ -89,6 +89,7 @@ async def test_no_compilation_after_warm_up(engine):
         SamplingParams(max_tokens=5, temperature=0.7, top_p=0.9, seed=1),
         SamplingParams(max_tokens=5, temperature=1.0, top_k=5, min_p=0.05, repetition_penalty=1.3, seed=2),
         SamplingParams(max_tokens=5, temperature=0.0, logprobs=5, frequency_penalty=0.5, presence_penalty=0.3),
+        SamplingParams(max_tokens=5, temperature=0.8, logit_bias={7: 3.0, 9: -100.0}, min_tokens=3, seed=3),
         GREEDY,
     ]
     jobs = [generate_ids(engine, p, mixes[i % len(mixes)]) for i, p in enumerate(PROMPTS * 2)]
@@ -121,6 +122,36 @@ async def test_logprobs_match_transformers(engine, tiny_llama):
         assert abs(lp.logprob - row[ids[i]]) < 1e-4
         assert [t for t, _ in lp.top] == np.argsort(-row)[:4].tolist()
         assert np.allclose([v for _, v in lp.top], np.sort(row)[::-1][:4], atol=1e-4)
+
+
+async def test_logit_bias_forces_and_removes_tokens(engine, tiny_llama, hf_greedy):
+    prompt = PROMPTS[0]
+    best = hf_greedy[tuple(prompt)][0]
+    forced = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logit_bias={42: 100.0})
+    assert (await generate_ids(engine, prompt, forced))[0] == [42] * 4
+    sampled = SamplingParams(max_tokens=4, temperature=1.0, ignore_eos=True, logit_bias={42: 100.0}, seed=5)
+    assert (await generate_ids(engine, prompt, sampled))[0] == [42] * 4
+    hf = tiny_models.load_hf(tiny_llama)
+    with torch.no_grad():
+        last = hf(torch.tensor([prompt])).logits[0, -1].numpy()
+    assert int(np.argmax(last)) == best
+    banned = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, logit_bias={best: -100.0})
+    assert (await generate_ids(engine, prompt, banned))[0] == [int(np.argsort(-last)[1])]
+
+
+async def test_min_tokens_holds_back_eos_and_stop_token_ids(engine):
+    eos = engine.tokenizer.eos_token_ids[0]
+    prompt = PROMPTS[4]
+    eager = dict(max_tokens=8, temperature=0.0, logit_bias={eos: 100.0})  # eos is the greedy token
+    ids, outs = await generate_ids(engine, prompt, SamplingParams(**eager))
+    assert ids == [eos] and outs[-1].finish_reason.value == "stop"
+    ids, outs = await generate_ids(engine, prompt, SamplingParams(**eager, min_tokens=3))
+    assert len(ids) == 4 and eos not in ids[:3] and ids[3] == eos
+    assert outs[-1].finish_reason.value == "stop" and outs[-1].usage.completion_tokens == 4
+    stop = SamplingParams(max_tokens=8, temperature=1.0, seed=9, logit_bias={42: 100.0}, stop_token_ids=(42,),
+                          min_tokens=2)
+    ids, outs = await generate_ids(engine, prompt, stop)
+    assert len(ids) == 3 and 42 not in ids[:2] and ids[2] == 42 and outs[-1].stop_reason == 42
 
 
 async def test_kv_cache_is_donated(engine):

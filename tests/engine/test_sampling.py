@@ -5,16 +5,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvloom.engine.sampling import SamplingInput, apply_penalties, sample
+from kvloom.engine.sampling import SamplingInput, apply_logit_bias, apply_penalties, sample
 
 V = 600  # more than the 256 candidates, so the wide-nucleus path is reachable
 _sample = jax.jit(sample)
 
 
 def make_input(n, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, rep=1.0, freq=0.0, pres=0.0,
-               seeds=None, counters=None, prompt_ids=None, output_ids=None, logprobs=False):
+               seeds=None, counters=None, prompt_ids=None, output_ids=None, logprobs=False, bias=None):
+    """bias: per row, a list of (token id, bias) entries (-inf bans the token)."""
     full = lambda v, dt=np.float32: np.full(n, v, dt)  # noqa: E731
     pad = np.full((n, 8), -1, np.int32)
+    bias_ids, bias_values = np.full((n, 6), -1, np.int32), np.zeros((n, 6), np.float32)
+    for i, entries in enumerate(bias or []):
+        for j, (token, value) in enumerate(entries):
+            bias_ids[i, j], bias_values[i, j] = token, value
     return SamplingInput(
         temperature=full(temperature), top_k=full(top_k, np.int32), top_p=full(top_p), min_p=full(min_p),
         repetition_penalty=full(rep), frequency_penalty=full(freq), presence_penalty=full(pres),
@@ -22,8 +27,9 @@ def make_input(n, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, rep=1.0, fr
         counters=np.zeros(n, np.int32) if counters is None else np.asarray(counters, np.int32),
         prompt_ids=pad if prompt_ids is None else prompt_ids,
         output_ids=pad if output_ids is None else output_ids,
+        bias_ids=bias_ids, bias_values=bias_values,
         any_sampled=np.bool_(temperature > 0), any_penalties=np.bool_(rep != 1.0 or freq or pres),
-        any_logprobs=np.bool_(logprobs),
+        any_logprobs=np.bool_(logprobs), any_bias=np.bool_((bias_ids >= 0).any()),
     )
 
 
@@ -104,3 +110,29 @@ def test_gumbel_noise_is_finite_gumbel_and_row_local():
     assert abs(noise.mean() - 0.5772) < 0.01 and abs(noise.std() - np.pi / np.sqrt(6)) < 0.01
     alone = np.asarray(gumbel_noise(seeds[7:8], np.zeros(1, np.int32), 600))
     np.testing.assert_array_equal(alone[0], noise[7])  # a row's noise depends on its own seed only
+
+
+def test_logit_bias_adds_and_bans_per_row():
+    logits = jnp.asarray(np.array([[2.0, -2.0, 1.0, 0.5], [2.0, -2.0, 1.0, 0.5]], np.float32))
+    inp = make_input(2, bias=[[(1, 5.0), (2, -0.5)], [(0, -np.inf)]])
+    got = np.asarray(apply_logit_bias(logits, inp))
+    np.testing.assert_allclose(got[0], [2.0, 3.0, 0.5, 0.5])
+    np.testing.assert_allclose(got[1, 1:], [-2.0, 1.0, 0.5])
+    assert got[1, 0] <= -1e29 and np.isfinite(got[1, 0])
+
+
+def test_logit_bias_steers_greedy_and_sampled_draws_but_not_logprobs():
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((2, V)).astype(np.float32)
+    best = logits.argmax(-1)
+    inp = make_input(2, temperature=0.0, logprobs=True, bias=[[(17, 100.0)], [(int(best[1]), -100.0)]])
+    out = _sample(logits, inp)
+    tokens = np.asarray(out.token_ids)
+    assert tokens[0] == 17
+    assert tokens[1] == np.argsort(-logits[1])[1]  # the runner-up once the best is pushed down
+    ref = np.asarray(jax.nn.log_softmax(logits))
+    np.testing.assert_allclose(np.asarray(out.logprobs), ref[[0, 1], tokens], rtol=1e-5)  # raw distribution
+    row = np.full(V, -20.0, np.float32)
+    row[[5, 6]] = 0.0
+    banned = draws(row, n=500, bias=[[(5, -np.inf)]] * 500)
+    assert set(banned) == {6}
