@@ -79,11 +79,20 @@ class Server:
         return "\n".join(self.tail)
 
 
+def _stop_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the tuner dies, even by SIGKILL, so no server
+    outlives it. Elsewhere a no-op: the tuner's own stop path is the rule, this is the safety net."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 async def start_server(serve_argv: Sequence[str], log_path: str) -> Server:
     proc = await asyncio.create_subprocess_exec(
         *_CLI, "serve", *serve_argv, "--host", "127.0.0.1", "--port", "0",
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        start_new_session=True)
+        start_new_session=True, preexec_fn=_stop_with_parent)
     server = Server(proc, log_path)
     server.pump = asyncio.ensure_future(server._pump())
     return server
@@ -137,7 +146,7 @@ async def run_bench(url: str, bench_argv: Sequence[str], json_path: str, server:
     bench = await asyncio.create_subprocess_exec(
         *_CLI, "bench", "--url", url, "--json", json_path, "--no-progress", *bench_argv,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        start_new_session=True)
+        start_new_session=True, preexec_fn=_stop_with_parent)
     output = asyncio.ensure_future(bench.communicate())
     server_exit = asyncio.ensure_future(server.proc.wait())
     try:
