@@ -122,11 +122,11 @@ def test_the_report_renders_in_headless_chromium(grid_study, tmp_path):
                 page.on("pageerror", lambda e: errors.append(str(e)))
                 page.goto(page_path.as_uri())
                 page.wait_for_selector("#plot-0 .main-svg")
-                texts = page.locator(".annotation-text").all_inner_texts()
+                texts = page.locator(".annotation-text").all_text_contents()
                 dashed = page.eval_on_selector_all(
                     ".shapelayer path", "els => els.filter(e => e.style.stroke === 'rgb(255, 0, 0)' && "
                                         "e.style.strokeDasharray).length")
-                legend = page.locator("#plot-0 .legendtext").all_inner_texts()
+                legend = page.locator("#plot-0 .legendtext").all_text_contents()
                 table_rows = page.locator("#trials tbody tr").count()
                 page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
             finally:
@@ -184,7 +184,8 @@ def test_a_failed_warmup_is_recorded_and_an_slo_nobody_meets_gives_no_configurat
     assert result.returncode == 1, result.stdout + result.stderr
     assert "no feasible configuration" in result.stdout
     assert not (tmp_path / "best.yaml").exists()
-    failed, ran = trials_of(tmp_path / "tune.db", "fail")
+    trials = {t.params["fault-at-start"]: t for t in trials_of(tmp_path / "tune.db", "fail")}
+    failed, ran = trials["fail_warmup"], trials[None]  # the grid's order is the sampler's
     assert failed.state == optuna.trial.TrialState.FAIL and failed.values is None
     assert failed.user_attrs["failure"].startswith(
         "the engine did not become ready: degraded (warm-up failed")
