@@ -45,10 +45,15 @@ def cmd_serve(args) -> int:
     use_compile_cache(args.compile_cache)
     config = engine_config_from_args(args, serve=True)
 
-    async def main():
-        faults = FaultInjector() if args.enable_fault_injection or args.fault_at_start else None
-        if args.fault_at_start:
+    faults = FaultInjector() if args.enable_fault_injection or args.fault_at_start else None
+    if args.fault_at_start:
+        try:
             faults.arm(args.fault_at_start)
+        except ValueError as exc:
+            print(f"kvloom serve: error: --fault-at-start: {exc}", file=sys.stderr)
+            return 2
+
+    async def main():
         await serve(Engine(config, faults=faults), args.host, args.port, drain_timeout=args.drain_timeout,
                     enable_admin=args.enable_admin or faults is not None)
 

@@ -174,3 +174,8 @@ def test_two_objectives_give_the_feasible_pareto_front():
     trials = [trial(0, [100.0, 50.0]), trial(1, [200.0, 80.0]), trial(2, [90.0, 60.0]),
               trial(3, [300.0, 10.0], feasible=False)]
     assert [t.number for t in best_trials(trials, objectives)] == [1, 0]  # 2 is dominated by 0
+
+
+def test_serve_fault_at_start_names_a_bad_kind(capsys):
+    assert main(["serve", "--fault-at-start", "nope", "--compile-cache", ""]) == 2
+    assert "--fault-at-start: kind: must be one of" in capsys.readouterr().err
