@@ -179,3 +179,49 @@ def test_two_objectives_give_the_feasible_pareto_front():
 def test_serve_fault_at_start_names_a_bad_kind(capsys):
     assert main(["serve", "--fault-at-start", "nope", "--compile-cache", ""]) == 2
     assert "--fault-at-start: kind: must be one of" in capsys.readouterr().err
+
+
+# ---- the study database and the report, without servers ------------------------------------------
+
+def bench_report(e2e_p90_ms, throughput):
+    return {"label": "c=1", "output_throughput": throughput, "error_rate": 0.0, "completed": 4,
+            "e2e_ms": {"p90": e2e_p90_ms}, "ttft_ms": {"p99": 5.0},
+            "slos": [{"name": "e2e_p90", "threshold": "2s", "unit": "ms", "threshold_value": 2000.0,
+                      "measured": e2e_p90_ms, "passed": e2e_p90_ms <= 2000, "violation_rate": 0.0},
+                     {"name": "ttft_p99", "threshold": "500ms", "unit": "ms", "threshold_value": 500.0,
+                      "measured": 5.0, "passed": True, "violation_rate": 0.0}]}
+
+
+def test_trials_recorded_in_the_database_and_the_report():
+    import optuna
+    from optuna.trial import TrialState
+
+    from kvloom.tools.tune import record_run, study_info
+    from kvloom.tools.tune_report import format_table, report_html
+    from kvloom.tools.tune_trial import TrialRun
+
+    spec = study(strategy="random", budget={"trials": 3})
+    study_db = optuna.create_study(directions=["maximize"])
+    runs = [TrialRun(True, report=bench_report(900.0, 50.0), warmup_s=3.0),
+            TrialRun(True, report=bench_report(2500.0, 80.0), warmup_s=3.0),  # faster but over the hard SLO
+            TrialRun(False, reason="warm-up timed out after 60 s", log_tail="kvloom: listening")]
+    for run in runs:
+        trial = study_db.ask()
+        knobs = {k.name: k.suggest(trial) for k in spec.knobs}
+        trial.set_user_attr("knobs", knobs)
+        values = record_run(trial, run, spec)
+        study_db.tell(trial, values, state=TrialState.COMPLETE if values else TrialState.FAIL)
+    ok, infeasible, failed = study_db.trials
+    assert (ok.user_attrs["feasible"], infeasible.user_attrs["feasible"]) == (True, False)
+    assert ok.user_attrs["constraints"] == [-1100.0] and infeasible.user_attrs["constraints"] == [500.0]
+    assert failed.state == TrialState.FAIL and failed.values is None
+    assert failed.user_attrs["failure"] == "warm-up timed out after 60 s"
+    info = study_info(spec)
+    table = format_table(study_db.trials, info)
+    assert "2500!" in table and "warm-up timed out after 60 s" in table and "e2e_p90 > 2s" in table
+    page = report_html(study_db, info)
+    assert "SLO e2e_p90 ≤ 2s (hard)" in page and "SLO ttft_p99 ≤ 500ms (soft)" in page
+    assert "infeasible (hard SLO failed): 1" in page and "failed (no figures): 1" in page
+    assert "best: trial 0" in page  # the infeasible trial's higher throughput does not count
+    with pytest.raises(ValueError, match="--y: unknown figure"):
+        report_html(study_db, info, y="latency")
