@@ -106,6 +106,11 @@ def open_study(spec: StudySpec, url: str, resume: bool):
     return study, storage
 
 
+def storage_trial_id(study, storage, number: int) -> int:
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
+                                                           number)
+
+
 def _trial_finished(trial) -> bool:
     """Counts against the budget: completed, or failed for any reason but an interruption."""
     from optuna.trial import TrialState
@@ -114,13 +119,21 @@ def _trial_finished(trial) -> bool:
         trial.state == TrialState.FAIL and trial.user_attrs.get("failure") != INTERRUPTED)
 
 
-def requeue_interrupted(study) -> int:
-    """Enqueue the knobs of interrupted trials that were neither run again nor queued already."""
+def requeue_interrupted(study, storage) -> int:
+    """Enqueue the knobs of interrupted trials that were neither run again nor queued already. A trial
+    still RUNNING belongs to a tuner that was killed (one tuner runs a study): it is failed as
+    interrupted first."""
     from optuna.trial import TrialState
 
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        trial_id = storage_trial_id(study, storage, t.number)
+        storage.set_trial_user_attr(trial_id, "status", "failed")
+        storage.set_trial_user_attr(trial_id, "failure", INTERRUPTED)
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
     trials = study.get_trials(deepcopy=False)
     pending = (TrialState.WAITING, TrialState.RUNNING)
-    done = [t.params for t in trials if _trial_finished(t) or t.state in pending]
+    done = [t.system_attrs.get("fixed_params", t.params) for t in trials  # a WAITING trial's knobs
+            if _trial_finished(t) or t.state in pending]
     count = 0
     for t in trials:
         if t.state == TrialState.FAIL and t.user_attrs.get("failure") == INTERRUPTED and t.params not in done:
@@ -192,7 +205,7 @@ async def run_study(spec: StudySpec, study, storage, work_dir: str, show_progres
     from kvloom.tools.tune_report import format_trial_line
     from kvloom.tools.tune_trial import run_trial
 
-    requeued = requeue_interrupted(study)
+    requeued = requeue_interrupted(study, storage)
     num_done = sum(_trial_finished(t) for t in study.get_trials(deepcopy=False))
     if requeued:
         tqdm.write(f"kvloom tune: running {requeued} interrupted trial(s) again", file=sys.stderr)
@@ -234,9 +247,8 @@ async def run_study(spec: StudySpec, study, storage, work_dir: str, show_progres
             if values is None:
                 study.tell(trial, state=TrialState.FAIL)
             else:
-                trial_id = storage.get_trial_id_from_study_id_trial_number(
-                    storage.get_study_id_from_name(study.study_name), trial.number)
-                storage.set_trial_system_attr(trial_id, "constraints", tuple(trial.user_attrs["constraints"]))
+                storage.set_trial_system_attr(storage_trial_id(study, storage, trial.number), "constraints",
+                                              tuple(trial.user_attrs["constraints"]))
                 study.tell(trial, values)
             num_done += 1
             bar.update(1)

@@ -225,3 +225,27 @@ def test_trials_recorded_in_the_database_and_the_report():
     assert "best: trial 0" in page  # the infeasible trial's higher throughput does not count
     with pytest.raises(ValueError, match="--y: unknown figure"):
         report_html(study_db, info, y="latency")
+
+
+def test_resume_requeues_interrupted_trials_and_fails_those_a_killed_tuner_left_running():
+    import optuna
+    from optuna.trial import TrialState
+
+    from kvloom.tools.tune import INTERRUPTED, requeue_interrupted
+
+    storage = optuna.storages.InMemoryStorage()
+    study_db = optuna.create_study(storage=storage, sampler=optuna.samplers.RandomSampler(seed=0))
+    done = study_db.ask({"x": optuna.distributions.IntDistribution(0, 1000)})
+    study_db.tell(done, 1.0)
+    interrupted = study_db.ask({"x": optuna.distributions.IntDistribution(0, 1000)})
+    interrupted.set_user_attr("failure", INTERRUPTED)
+    study_db.tell(interrupted, state=TrialState.FAIL)
+    left_running = study_db.ask({"x": optuna.distributions.IntDistribution(0, 1000)})  # its tuner was killed
+
+    assert requeue_interrupted(study_db, storage) == 2
+    trials = study_db.get_trials()
+    assert trials[left_running.number].state == TrialState.FAIL
+    assert trials[left_running.number].user_attrs["failure"] == INTERRUPTED
+    waiting = [t.system_attrs["fixed_params"] for t in trials if t.state == TrialState.WAITING]
+    assert waiting == [interrupted.params, left_running.params]
+    assert requeue_interrupted(study_db, storage) == 0  # queued once only
