@@ -30,7 +30,8 @@ import time
 from typing import Optional
 
 from kvloom.tools.flag_file import flags_to_argv, write_flag_file
-from kvloom.tools.tune_score import (best_trials, constraints, figures_of, is_feasible, objective_values)
+from kvloom.tools.tune_score import (FIGURES, best_trials, constraints, figures_of, is_feasible,
+                                     objective_values)
 from kvloom.tools.tune_report import STUDY_ATTR
 from kvloom.tools.tune_study import StudyError, StudySpec, load_study
 
@@ -301,6 +302,9 @@ def main_report(args) -> int:
 
 
 def main_tune(args) -> int:
+    for name, value in (("--x", args.x), ("--y", args.y)):
+        if value not in FIGURES:  # before the study runs, not when its report is written
+            raise UsageError(f"{name}: unknown figure {value!r}; figures: {', '.join(FIGURES)}")
     spec = load_study(args.study)
     url = storage_url(args.storage)
     study, storage = open_study(spec, url, args.resume)
