@@ -24,6 +24,8 @@ from aiohttp import web
 
 from kvloom.api import errors
 from kvloom.api.errors import APIError
+from kvloom.api.http_common import make_error_middleware, read_body, read_json
+from kvloom.api.kv_events_route import install_kv_events
 from kvloom.api.openapi import openapi_spec
 from kvloom.api.protocol import (GenerationRequest, TokenizeChatRequest, parse_chat, parse_completion,
                                   parse_detokenize, parse_score, parse_tokenize)
@@ -42,46 +44,10 @@ def _json(data, status: int = 200, headers: Optional[dict] = None) -> web.Respon
     return web.Response(status=status, body=orjson.dumps(data), content_type="application/json", headers=headers)
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler):
-    engine = request.app[ENGINE_KEY]
-    try:
-        return await handler(request)
-    except APIError as exc:
-        engine.metrics.request_errors.labels(exc.code or exc.type).inc()
-        return exc.response()
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status, "http_error")
-        message = {404: f"no route for {request.method} {request.path}",
-                   413: f"the request body exceeds {request.app[MAX_BODY_KEY]} bytes"}.get(exc.status, exc.reason)
-        engine.metrics.request_errors.labels(code).inc()
-        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return APIError(exc.status, message, code=code, headers=allow).response()
-    except (asyncio.CancelledError, ConnectionResetError):
-        raise
-    except Exception as exc:  # noqa: BLE001 - never a bare 500 without the envelope
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        engine.metrics.request_errors.labels("internal_error").inc()
-        return APIError(500, f"internal error: {type(exc).__name__}", type="server_error",
-                        code="internal_error").response()
-
-
-async def _read_body(request: web.Request) -> bytes:
-    """The raw JSON body; api/protocol.py parses and validates it in one pass."""
-    if request.content_type != "application/json":
-        raise errors.invalid("content-type", f"must be application/json, got {request.content_type!r}",
-                             "invalid_content_type")
-    return await request.read()  # 413 past client_max_size
-
-
-async def _read_json(request: web.Request):
-    raw = await _read_body(request)
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise errors.invalid(None, f"the request body is not valid JSON: {exc}", "invalid_json") from None
+error_middleware = make_error_middleware(
+    lambda request, code: request.app[ENGINE_KEY].metrics.request_errors.labels(code).inc(),
+    lambda request: request.app[MAX_BODY_KEY])
+_read_body, _read_json = read_body, read_json
 
 
 def _check_model(engine: Engine, model: Optional[str]) -> None:
@@ -490,6 +456,7 @@ def create_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
+    install_kv_events(app, lambda a: a[ENGINE_KEY].kv_events)  # the router's feed of cache changes
     if enable_admin:
         app.router.add_post("/admin/restart", admin_restart)
         app.router.add_post("/admin/faults", admin_faults)

@@ -41,6 +41,7 @@ from kvloom.engine.executor import ComputeThread
 from kvloom.engine.faults import FaultInjector, FaultyRunner
 from kvloom.engine.metrics import EngineMetrics
 from kvloom.engine.output import next_output
+from kvloom.engine.kv_events import KVEventLog
 from kvloom.engine.pages import PageAllocator
 from kvloom.engine.radix_cache import make_prefix_cache
 from kvloom.engine.request import (FinishReason, Request, RequestOutput, SamplingParams, ScoreTask,
@@ -106,6 +107,7 @@ class Engine:
         self._ids = itertools.count()
         self._rng = random.Random(self.config.seed)
         self.metrics = EngineMetrics(self._live_metrics)
+        self.kv_events = KVEventLog(self.config.cache.page_size)  # outlives restarts: ids stay monotonic
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -206,7 +208,8 @@ class Engine:
     def _build_state(self) -> None:
         runner = self.runner
         allocator = PageAllocator(runner.num_pages)
-        cache = make_prefix_cache(allocator, runner.page_size, self.config.cache.enable_prefix_cache)
+        cache = make_prefix_cache(allocator, runner.page_size, self.config.cache.enable_prefix_cache,
+                                  self.kv_events)
         self.scheduler = Scheduler(self.config.scheduler, self.plan, allocator, cache, page_size=runner.page_size)
 
     async def _warm_up(self) -> None:

@@ -12,7 +12,8 @@ import logging
 import sys
 import time
 
-from kvloom.tools.command_args import add_bench_args, add_compare_args, add_fault_args, add_soak_args
+from kvloom.tools.command_args import (add_bench_args, add_compare_args, add_fault_args, add_router_args,
+                                       add_soak_args)
 from kvloom.tools.engine_args import add_model_args, engine_config_from_args, use_compile_cache
 from kvloom.tools.flag_file import FlagFileError, expand_config_argv
 from kvloom.tools.serve_args import add_serve_args
@@ -110,6 +111,12 @@ def cmd_tune(args) -> int:
     return main_from_args(args)
 
 
+def cmd_router(args) -> int:
+    from kvloom.tools.router_cli import main_from_args
+
+    return main_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvloom", description="kvloom: LLM inference on JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("soak", "a long mixed chat and score workload: errors and latency over time", add_soak_args, cmd_soak),
         ("faults", "fault-handling release gate against a --enable-fault-injection server", add_fault_args,
          cmd_faults),
+        ("router", "route requests across kvloom replicas by cached prefix and load", add_router_args,
+         cmd_router),
         ("tune", "find the best serving configuration under latency SLOs (Optuna)", add_tune_args, cmd_tune),
     )
     for name, help_text, add_args, func in commands:

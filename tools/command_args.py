@@ -1,5 +1,5 @@
-"""The flags of the commands that measure and gate (`kvloom bench`, `compare`, `soak`, `faults`),
-declared apart from the code that runs them: `kvloom` builds its whole parser from this module and
+"""The flags of the commands that measure and gate (`kvloom bench`, `compare`, `soak`, `faults`) and of
+`kvloom router`, declared apart from the code that runs them: `kvloom` builds its whole parser from this module and
 tools.engine_args without importing any benchmark module, so `kvloom serve` never loads one.
 
 Also the small option checks they share: comma-separated numbers and names, label ids, UsageError.
@@ -241,3 +241,27 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
 
     add_engine_args(p, max_running_help="default: the highest concurrency or shared-prefix request count")
     add_compile_cache_arg(p)
+
+
+def add_router_args(p: argparse.ArgumentParser) -> None:
+    from kvloom.api.router_policy import POLICIES
+
+    p.add_argument("--replica", action="append", default=[], metavar="URL",
+                   help="a replica's base URL (repeat for several)")
+    p.add_argument("--launch", type=int, default=0, metavar="N", help="start N local `kvloom serve` replicas")
+    p.add_argument("--model", default=None,
+                   help="the replicas' model (checkpoint directory or .gguf): its tokenizer matches "
+                        "prefixes; with --launch, also the model served (default: the default model)")
+    p.add_argument("--policy", choices=POLICIES, default="prefix")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--seed", type=int, default=0, help="seed of the tie-breaking RNG")
+    p.add_argument("--health-interval", type=float, default=1.0, help="seconds between /ready polls")
+    p.add_argument("--health-timeout", type=float, default=5.0, help="seconds a /ready poll may take")
+    p.add_argument("--fall", type=int, default=3, help="consecutive failures that take a replica out")
+    p.add_argument("--rise", type=int, default=2, help="consecutive successes that bring it (back) in")
+    p.add_argument("--read-timeout", type=float, default=300.0, help="longest upstream silence, seconds")
+    p.add_argument("--enable-admin", action="store_true",
+                   help="POST /admin/replicas, /admin/replicas/remove, /admin/replicas/drain {\"url\": ...}")
+    p.add_argument("serve_flags", nargs=argparse.REMAINDER,
+                   help="after --: flags for each launched `kvloom serve`")
