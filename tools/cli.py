@@ -19,9 +19,11 @@ from kvloom.tools.command_args import (add_bench_args, add_compare_args, add_fau
                                        add_soak_args)
 from kvloom.tools.engine_args import (add_compile_cache_arg, add_engine_args, add_model_args,
                                       engine_config_from_args, use_compile_cache)
+from kvloom.tools.flag_file import FlagFileError, expand_config_argv
+from kvloom.tools.serve_args import API_KEY_ENV, add_serve_args
+from kvloom.tools.tune_args import add_tune_args
 
 CHAT_MAX_MODEL_LEN = 2048  # kvloom chat without --max-model-len (clipped to the model's own limit)
-API_KEY_ENV = "KVLOOM_API_KEY"
 
 
 def cmd_chat(args) -> int:
@@ -88,11 +90,18 @@ def cmd_serve(args) -> int:
         channel = distributed.LeaderChannel(parallel)
         runner_args = dict(runner_factory=distributed.leader_runner_factory(channel))
 
+    faults = FaultInjector() if args.enable_fault_injection or args.fault_at_start else None
+    if args.fault_at_start:
+        try:
+            faults.arm(args.fault_at_start)
+        except ValueError as exc:
+            print(f"kvloom serve: error: --fault-at-start: {exc}", file=sys.stderr)
+            return 2
+
     async def main():
-        faults = FaultInjector() if args.enable_fault_injection else None
         engine = Engine(config, faults=faults, **runner_args)
         await serve(engine, args.host, args.port, drain_timeout=args.drain_timeout,
-                    enable_admin=args.enable_admin or args.enable_fault_injection, api_key=api_key,
+                    enable_admin=args.enable_admin or faults is not None, api_key=api_key,
                     access_log=not args.no_access_log)
 
     try:
@@ -127,6 +136,12 @@ def cmd_faults(args) -> int:
     return main_from_args(args)
 
 
+def cmd_tune(args) -> int:
+    from kvloom.tools.tune import main_from_args
+
+    return main_from_args(args)
+
+
 def cmd_router(args) -> int:
     from kvloom.tools.router_cli import main_from_args
 
@@ -147,27 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     serve = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible)")
-    add_model_args(serve)
-    add_engine_args(serve, serve=True)
-    add_compile_cache_arg(serve)
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default 8000)")
-    serve.add_argument("--drain-timeout", type=float, default=30.0,
-                       help="seconds in-flight requests get to finish on SIGINT/SIGTERM (default 30)")
-    serve.add_argument("--enable-admin", action="store_true",
-                       help="add POST /admin/restart (and /admin/faults) (default off)")
-    serve.add_argument("--enable-fault-injection", action="store_true",
-                       help="arm faults through POST /admin/faults, for tests and the fault tool "
-                            "(default off)")
-    serve.add_argument("--api-key", default=None,
-                       help="require 'Authorization: Bearer KEY' on every route but /health, /ready and "
-                            f"/metrics (default: the environment variable {API_KEY_ENV}, else no key)")
-    serve.add_argument("--no-access-log", action="store_true",
-                       help="do not log a line per request: method, path, status, latency, request id "
-                            "(default: logged)")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                       help="level of kvloom's own log lines; libraries log only warnings and errors "
-                            "(default info)")
+    add_serve_args(serve)
     serve.set_defaults(func=cmd_serve)
 
     commands = (
@@ -180,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
          cmd_faults),
         ("router", "route requests across kvloom replicas by cached prefix and load", add_router_args,
          cmd_router),
+        ("tune", "find the best serving configuration under latency SLOs (Optuna)", add_tune_args, cmd_tune),
     )
     for name, help_text, add_args, func in commands:
         command = sub.add_parser(name, help=help_text)
@@ -189,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    try:  # `kvloom serve --config FILE`: the file's flags, then the command line's (which win)
+        argv = expand_config_argv(sys.argv[1:] if argv is None else argv)
+    except FlagFileError as exc:
+        print(f"kvloom serve: error: --config {exc}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     return args.func(args)
 

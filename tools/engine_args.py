@@ -43,6 +43,7 @@ SERVE_FLAGS = (
     ("--step-timeout", "engine", "step_timeout_s", float, "watchdog: seconds a step may take"),
     ("--max-restarts", "engine", "max_restarts", int, "automatic restarts after a failure"),
     ("--restart-backoff", "engine", "restart_backoff_s", float, "seconds before the first automatic restart"),
+    ("--scoring-tokens-per-step", "scoring", "tokens_per_step", int, "item tokens in one /v1/score step"),
     ("--num-processes", "parallel", "num_processes", int, "processes serving one model (jax.distributed)"),
     ("--process-id", "parallel", "process_id", int, "this process: 0 serves the API, the others follow"),
     ("--coordinator", "parallel", "coordinator", str,
@@ -75,10 +76,10 @@ def add_model_args(p: argparse.ArgumentParser, with_dtype: bool = True) -> None:
 
 
 def _config_defaults() -> dict:
-    from kvloom.engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+    from kvloom.engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, ScoringConfig
 
     return {"engine": EngineConfig(), "scheduler": SchedulerConfig(), "cache": CacheConfig(),
-            "parallel": ParallelConfig()}
+            "parallel": ParallelConfig(), "scoring": ScoringConfig()}
 
 
 def add_engine_args(p: argparse.ArgumentParser, serve: bool = False, defaults_shown: Optional[dict] = None):
@@ -112,9 +113,9 @@ def engine_config_from_args(args: argparse.Namespace, serve: bool = False, **fal
     """The EngineConfig of the flags add_engine_args(serve=serve) declared, with --model and --dtype:
     a flag absent from args or left None takes fallbacks[config field] when given, else the config's
     own default."""
-    from kvloom.engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+    from kvloom.engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, ScoringConfig
 
-    values = {"engine": {}, "scheduler": {}, "cache": {}, "parallel": {}}
+    values = {"engine": {}, "scheduler": {}, "cache": {}, "parallel": {}, "scoring": {}}
     flags = (("--model", "engine", "model"), ("--dtype", "engine", "dtype")) + tuple(
         (flag, section, name) for flag, section, name, _, _ in SIZE_FLAGS + (SERVE_FLAGS if serve else ()))
     for flag, section, name in flags:
@@ -129,7 +130,8 @@ def engine_config_from_args(args: argparse.Namespace, serve: bool = False, **fal
     if serve and args.no_warmup:
         values["engine"]["warmup"] = False
     return EngineConfig(**values["engine"], scheduler=SchedulerConfig(**values["scheduler"]),
-                        cache=CacheConfig(**values["cache"]), parallel=ParallelConfig(**values["parallel"]))
+                        cache=CacheConfig(**values["cache"]), parallel=ParallelConfig(**values["parallel"]),
+                        scoring=ScoringConfig(**values["scoring"]))
 
 
 def use_compile_cache(directory: str) -> None:

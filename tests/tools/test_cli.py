@@ -35,7 +35,8 @@ def test_serve_loads_no_benchmark_module():
     out = subprocess.run([sys.executable, "-c", SERVE_IMPORTS], capture_output=True, text=True, timeout=100)
     assert out.returncode == 0, out.stderr
     loaded = set(out.stdout.split())
-    assert loaded == {"kvloom.tools.cli", "kvloom.tools.command_args", "kvloom.tools.engine_args"}
+    assert loaded == {"kvloom.tools.cli", "kvloom.tools.command_args", "kvloom.tools.engine_args",
+                      "kvloom.tools.serve_args", "kvloom.tools.tune_args", "kvloom.tools.flag_file"}
 
 
 def tools_imports() -> dict[str, set[str]]:
@@ -61,8 +62,8 @@ def tools_imports() -> dict[str, set[str]]:
 
 def test_tools_modules_import_no_cycle():
     graph = tools_imports()
-    assert graph["cli"] == {"command_args", "engine_args", "bench", "compare", "soak", "fault_gate",
-                            "router_cli"}
+    assert graph["cli"] == {"command_args", "engine_args", "serve_args", "tune_args", "flag_file", "bench",
+                            "compare", "soak", "fault_gate", "tune", "router_cli"}
     assert set().union(*graph.values()) <= set(graph), "every imported tools module exists"
     done, path = set(), []
 
