@@ -15,6 +15,7 @@ template, a prompt that fits the context) are the engine's, once, when the serve
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -309,7 +310,7 @@ def _items_form(v):
 
 
 class ScoreRequest(_Strict):
-    """/v1/score (SGLang's shape); the semantics are SCORING.md's."""
+    """/v1/score (SGLang's shape): scores[i][j] = P(label_token_ids[j] | query ++ items[i])."""
 
     model: Optional[str] = None
     query: _one_of(("<text>", NonEmptyText), ("<token ids>", TokenIds),
@@ -432,6 +433,6 @@ def api_error(exc: ValidationError) -> APIError:
                        "invalid_body")
     param = (error.get("ctx") or {}).get("param") or _param(loc)
     code, message = _describe(error)
-    if error.get("input", ...) is None and param and "." not in param and "[" not in param:
+    if code != "unknown_field" and error.get("input", ...) is None and param and not re.search(r"[.\[]", param):
         code, message = "missing_field", "is required"  # null in a required field (optional ones take it)
     return invalid(param, message, code)
