@@ -33,6 +33,16 @@ def round_up(value: int, buckets: tuple[int, ...]) -> int:
     raise ValueError(f"{value} exceeds the largest bucket {buckets[-1]}")
 
 
+def _score_shapes(mode: str, scoring: ScoringConfig) -> tuple[tuple[int, int], ...]:
+    """packed: one row of many items, lengths in powers of two from 64 tokens; batched: one item per row,
+    rows x lengths in powers of four from 32 tokens, as many rows as the step's token budget holds."""
+    per_step = scoring.tokens_per_step
+    if mode == "packed":
+        return tuple((1, q) for q in _powers(per_step, base=2, start=min(64, per_step)))
+    return tuple((min(scoring.max_items_per_step, per_step // q), q)
+                 for q in _powers(per_step, base=4, start=min(32, per_step)))
+
+
 @dataclass(frozen=True)
 class StepShape:
     num_decode_rows: int
@@ -55,32 +65,35 @@ class BucketPlan:
     prefill_rows: tuple[int, ...]
     prefill_lens: tuple[int, ...]
     max_prefill_tokens: int  # R * Q of any prefill shape stays within this
-    score_shapes: tuple[tuple[int, int], ...] = ()  # (rows, tokens per row) of score steps, by tokens
+    # (mode, ((rows, tokens per row), ...)) for each enabled multi-item scoring mode, shapes by tokens
+    score_shapes: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = ()
     score_logits_rows: int = 0  # items per score step, padded
 
     @classmethod
     def from_config(cls, cfg: SchedulerConfig, scoring: ScoringConfig = ScoringConfig()) -> "BucketPlan":
-        per_step = scoring.tokens_per_step
-        if scoring.mode == "packed":  # one row of packed items
-            score_shapes = tuple((1, q) for q in _powers(per_step, base=2, start=min(64, per_step)))
-        else:  # one item per row
-            score_shapes = tuple((min(scoring.max_items_per_step, per_step // q), q)
-                                 for q in _powers(per_step, base=4, start=min(32, per_step)))
         return cls(
             decode_rows=_powers(cfg.max_running),
             prefill_rows=_powers(cfg.max_prefill_seqs),
             prefill_lens=_powers(cfg.chunk_size, base=4, start=min(16, cfg.chunk_size)),
             max_prefill_tokens=max(cfg.max_tokens_per_step, cfg.chunk_size),
-            score_shapes=score_shapes,
+            score_shapes=tuple((mode, _score_shapes(mode, scoring)) for mode in scoring.multi_item_modes),
             score_logits_rows=scoring.max_items_per_step,
         )
 
-    def score_shape(self, num_rows: int, row_len: int) -> Optional[StepShape]:
-        """The smallest score shape with at least num_rows rows of row_len tokens, or None."""
-        for rows, q in self.score_shapes:
+    @property
+    def score_modes(self) -> tuple[str, ...]:
+        """The multi-item scoring modes with compiled shapes ("single" needs none of its own)."""
+        return tuple(mode for mode, _ in self.score_shapes)
+
+    def score_shape(self, mode: str, num_rows: int, row_len: int) -> Optional[StepShape]:
+        """The smallest score shape of `mode` with at least num_rows rows of row_len tokens, or None."""
+        for rows, q in dict(self.score_shapes)[mode]:
             if rows >= num_rows and q >= row_len:
                 return StepShape(0, rows, q, is_score=True)
         return None
+
+    def max_score_row_len(self, mode: str) -> int:
+        return dict(self.score_shapes)[mode][-1][1]
 
     def prefill_shape(self, num_rows: int, max_len: int) -> Optional[tuple[int, int]]:
         """The smallest (R, Q) bucket holding num_rows rows of up to max_len tokens, or None."""
@@ -103,7 +116,8 @@ class BucketPlan:
             for q in self.prefill_lens:
                 if r * q <= self.max_prefill_tokens:
                     shapes += [StepShape(0, r, q), StepShape(self.decode_rows[-1], r, q)]
-        return shapes + [StepShape(0, r, q, is_score=True) for r, q in self.score_shapes]
+        score = sorted({(r, q) for _, mode_shapes in self.score_shapes for r, q in mode_shapes})
+        return shapes + [StepShape(0, r, q, is_score=True) for r, q in score]
 
     def logits_rows(self, shape: StepShape) -> int:
         """Logits rows of a step: one per item of a score step; else one per row, padded to a power of two."""

@@ -189,11 +189,17 @@ class SchedulerConfig:
             )
 
 
+SCORING_MODES = ("single", "batched", "packed")
+
+
 @dataclass(frozen=True)
 class ScoringConfig:
     """Multi-item scoring (see SCORING.md): the path and the limits a request must keep."""
 
-    mode: str = "packed"  # "packed": many items per row with a segment mask; "batched": one item per row
+    # The default path of Engine.score: "packed" (many items per row with a segment mask), "batched" (one
+    # item per row) or "single" (each item its own request). A call may pick another enabled mode.
+    mode: str = "packed"
+    also_enabled: tuple[str, ...] = ()  # further multi-item modes a call may pick (each compiles its shapes)
     max_items: int = 1024
     max_item_tokens: int = 256
     max_total_tokens: int = 65536  # query + all items
@@ -202,8 +208,12 @@ class ScoringConfig:
     max_items_per_step: int = 64
 
     def __post_init__(self):
-        if self.mode not in ("packed", "batched"):
-            raise ConfigError(f"mode: must be 'packed' or 'batched', got {self.mode!r}")
+        if self.mode not in SCORING_MODES:
+            raise ConfigError(f"mode: must be one of {', '.join(SCORING_MODES)}, got {self.mode!r}")
+        object.__setattr__(self, "also_enabled", tuple(self.also_enabled))
+        for mode in self.also_enabled:
+            if mode not in SCORING_MODES:
+                raise ConfigError(f"also_enabled: {mode!r} is not one of {', '.join(SCORING_MODES)}")
         for name in ("max_items", "max_item_tokens", "max_total_tokens", "max_label_tokens", "tokens_per_step",
                      "max_items_per_step"):
             if getattr(self, name) <= 0:
@@ -211,6 +221,16 @@ class ScoringConfig:
         if self.max_item_tokens > self.tokens_per_step:
             raise ConfigError(
                 f"max_item_tokens: {self.max_item_tokens} exceeds tokens_per_step {self.tokens_per_step}")
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """Every mode a call may pick: the default first, then the others enabled; "single" always."""
+        return tuple(dict.fromkeys((self.mode, *self.also_enabled, "single")))
+
+    @property
+    def multi_item_modes(self) -> tuple[str, ...]:
+        """The enabled modes that have score shapes of their own to compile."""
+        return tuple(m for m in self.modes if m != "single")
 
 
 @dataclass(frozen=True)

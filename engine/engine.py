@@ -8,10 +8,14 @@ Data flow. The event loop owns the scheduler, the page allocator, the prefix
 cache and every request. `generate()` turns a prompt into a `Request`, queues
 it and wakes the engine loop; the loop runs one step at a time:
 
-    batch = scheduler.schedule()                       # immutable snapshot
+    batch = scheduler.schedule()                       # immutable snapshot (engine.batch)
     result = await compute.run(runner.step, batch)     # the compute thread
     updated = scheduler.apply(batch, result)           # requests change only here
-    _emit(updated)                                     # text deltas, stop strings -> each request's queue
+    _emit(updated)                                     # engine.output.next_output: text, finish -> queue
+
+Every request, generated or scored, has one output channel: an asyncio queue
+that `_emit` feeds. `generate()` streams it; `score()` waits for each of its
+requests' final output, which carries the label logprobs.
 
 States: STARTING -> WARMING -> READY; DEGRADED (warm-up failed), FAILED (a
 step failed: every request ends with an explicit error), STOPPING -> STOPPED.
@@ -29,17 +33,20 @@ import random
 import time
 from typing import AsyncIterator, Callable, Optional, Sequence, Union
 
+from kvloom.engine import scoring
+from kvloom.engine.batch import RowError, check_runner
 from kvloom.engine.buckets import BucketPlan
 from kvloom.engine.config import EngineConfig
 from kvloom.engine.executor import ComputeThread
-from kvloom.engine.faults import FaultInjector, FaultyRunner, RowError
+from kvloom.engine.faults import FaultInjector, FaultyRunner
 from kvloom.engine.metrics import EngineMetrics
+from kvloom.engine.output import next_output
 from kvloom.engine.pages import PageAllocator
 from kvloom.engine.radix_cache import make_prefix_cache
-from kvloom.engine import scoring
-from kvloom.engine.request import (FinishReason, Request, RequestOutput, SamplingParams, ScoreTask, validate_prompt_ids)
-from kvloom.engine.scoring import ScoreOutput
+from kvloom.engine.request import (FinishReason, Request, RequestOutput, SamplingParams, ScoreTask,
+                                   validate_prompt_ids)
 from kvloom.engine.scheduler import QueueFullError, Scheduler, check_fits
+from kvloom.engine.scoring import ScoreOutput
 from kvloom.engine.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -95,8 +102,7 @@ class Engine:
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()  # set while the scheduler has no work
         self._stopping = False
-        self._queues: dict[str, asyncio.Queue] = {}
-        self._score_futures: dict[str, asyncio.Future] = {}
+        self._queues: dict[str, asyncio.Queue] = {}  # request id -> its output channel
         self._ids = itertools.count()
         self._rng = random.Random(self.config.seed)
         self.metrics = EngineMetrics(self._live_metrics)
@@ -145,6 +151,7 @@ class Engine:
     def _make_runner(self, previous=None):
         """On the compute thread: a new runner, or a fresh one sharing `previous`'s weights."""
         runner = previous.fresh() if previous is not None else self._runner_factory(self.config, self.plan)
+        check_runner(runner)
         return FaultyRunner(runner, self.faults) if self.faults is not None else runner
 
     async def restart(self) -> None:
@@ -156,7 +163,7 @@ class Engine:
         self._set_state(EngineState.STARTING, "restarting")
         self._fail_all("the engine is restarting")
         await self._cancel_loop()
-        previous = getattr(self.runner, "_runner", self.runner)  # past the fault wrapper
+        previous = self.runner.wrapped if isinstance(self.runner, FaultyRunner) else self.runner
         self._compute.close()  # a hung step keeps the old thread; it exits when the step returns
         self._compute = ComputeThread(name=f"kvloom-compute-{id(self):x}")
         try:
@@ -200,8 +207,7 @@ class Engine:
         runner = self.runner
         allocator = PageAllocator(runner.num_pages)
         cache = make_prefix_cache(allocator, runner.page_size, self.config.cache.enable_prefix_cache)
-        self.scheduler = Scheduler(self.config.scheduler, self.plan, allocator, cache,
-                                   page_size=runner.page_size, max_model_len=runner.max_model_len)
+        self.scheduler = Scheduler(self.config.scheduler, self.plan, allocator, cache, page_size=runner.page_size)
 
     async def _warm_up(self) -> None:
         self._set_state(EngineState.WARMING, "compiling step shapes")
@@ -318,11 +324,15 @@ class Engine:
 
     def _generate(self, prompt, params, messages, request_id) -> AsyncIterator[RequestOutput]:
         request = self._new_request(prompt, params, messages, request_id)
+        return self._stream(request, self._submit(request))
+
+    def _submit(self, request: Request) -> asyncio.Queue:
+        """Queue a request with the scheduler; its outputs arrive on the returned queue."""
         queue: asyncio.Queue = asyncio.Queue()
         self.scheduler.add(request)
         self._queues[request.request_id] = queue
         self._wakeup.set()
-        return self._stream(request, queue)
+        return queue
 
     async def _stream(self, request: Request, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         try:
@@ -341,48 +351,44 @@ class Engine:
     async def score(self, query, items, label_token_ids, *, apply_softmax: bool = False, item_first: bool = False,
                     mode: Optional[str] = None) -> ScoreOutput:
         """scores[i][j] = P(label_j | query ++ items[i]) (item_first: items[i] ++ query); see SCORING.md.
-        `mode` picks the path ("single", "batched", "packed"; default: the config's). Bad input raises
-        ValueError naming the field; cancelling the call aborts its requests."""
+        `mode` picks the path ("single", "batched", "packed"; default: the config's) among the modes the
+        engine has enabled (`ScoringConfig.modes`); item_first always takes the single path (each item
+        before the query shares no prefix). Bad input raises ValueError naming the field; cancelling the
+        call aborts its requests."""
         self._check_accepting()
-        mode = mode or self.config.scoring.mode
-        if mode not in scoring.MODES:
-            raise ValueError(f"mode: must be one of {', '.join(scoring.MODES)}, got {mode!r}")
+        enabled = self.config.scoring.modes
+        mode = mode or enabled[0]
+        if mode not in enabled:
+            raise ValueError(f"mode: {mode!r} is not enabled on this engine (enabled: {', '.join(enabled)})")
         if not isinstance(apply_softmax, bool):
             raise ValueError("apply_softmax: must be a boolean")
         if not isinstance(item_first, bool):
             raise ValueError("item_first: must be a boolean")
-        if item_first and mode == "packed":
-            raise ValueError("item_first: not supported in packed multi-item mode (each item would need its "
-                             "own prefix); use the batched or single mode")
         inputs = scoring.encode_inputs(self.tokenizer, query, items, label_token_ids,
                                        vocab_size=self.runner.vocab_size, limits=self.config.scoring,
                                        max_model_len=self.runner.max_model_len)
         if not inputs.items:
             return ScoreOutput([], len(inputs.query))
         if mode == "single" or item_first:
-            jobs = [((item + inputs.query) if item_first else (inputs.query + item), ()) for item in inputs.items]
+            tasks = [((item + inputs.query) if item_first else (inputs.query + item), ScoreTask((), inputs.label_ids))
+                     for item in inputs.items]
         else:
-            jobs = [(inputs.query, inputs.items)]
-        requests = []
-        loop = asyncio.get_running_loop()
+            tasks = [(inputs.query, ScoreTask(inputs.items, inputs.label_ids, mode=mode))]
+        submitted: list[tuple[Request, asyncio.Queue]] = []
         try:
-            for prompt, task_items in jobs:
-                request = Request(f"score-{next(self._ids)}", tuple(prompt), SamplingParams(max_tokens=1),
-                                  score=ScoreTask(tuple(task_items), inputs.label_ids))
-                self._score_futures[request.request_id] = loop.create_future()
-                self.scheduler.add(request)
-                requests.append(request)
-            self._wakeup.set()
-            await asyncio.gather(*[self._score_futures[r.request_id] for r in requests])
+            for prompt, task in tasks:
+                request = Request(f"score-{next(self._ids)}", tuple(prompt), SamplingParams(max_tokens=1), score=task)
+                submitted.append((request, self._submit(request)))
+            outputs = [await queue.get() for _, queue in submitted]  # a scoring request's one output: its end
         finally:
-            for request in requests:
-                self._score_futures.pop(request.request_id, None)
+            for request, _ in submitted:
+                self._queues.pop(request.request_id, None)
                 if not request.is_finished:
                     self.scheduler.abort(request.request_id)
-        for request in requests:
-            if request.finish_reason is not FinishReason.STOP:
-                raise EngineUnavailableError(request.error or f"scoring ended: {request.finish_reason.value}")
-        logprobs = [lp for r in requests for lp in r.score.label_logprobs]
+        for out in outputs:
+            if out.finish_reason is not FinishReason.STOP:
+                raise EngineUnavailableError(out.error or f"scoring ended: {out.finish_reason.value}")
+        logprobs = [lp for out in outputs for lp in out.label_logprobs]
         return ScoreOutput([scoring.label_probabilities(lp, apply_softmax) for lp in logprobs],
                            inputs.num_tokens)
 
@@ -423,8 +429,7 @@ class Engine:
                 result = await self._compute.run(self.runner.step, batch, timeout=self.config.step_timeout_s)
             except asyncio.CancelledError:
                 raise
-            except RowError as exc:  # some rows were refused: those requests fail alone
-                self.scheduler.discard(batch)
+            except RowError as exc:  # some rows were refused: those requests fail alone (nothing was applied)
                 failed = [self.scheduler.abort(rid, FinishReason.ERROR, error=str(exc), error_code="request_failed")
                           for rid in exc.request_ids]
                 self._emit([r for r in failed if r is not None])
@@ -450,36 +455,13 @@ class Engine:
 
     def _emit(self, requests: list[Request]) -> None:
         now = time.monotonic()
+        max_model_len = self.runner.max_model_len if self.runner is not None else self.config.max_model_len
         for request in requests:
-            if request.score is not None:
-                future = self._score_futures.get(request.request_id)
-                if request.is_finished and future is not None and not future.done():
-                    future.set_result(None)
-                continue
-            new_ids = request.output_ids[request.num_emitted_tokens:]
-            new_logprobs = request.output_logprobs[request.num_emitted_tokens:]
-            request.num_emitted_tokens = len(request.output_ids)
-            text = ""
-            for i, token in enumerate(new_ids):
-                ends_on_stop_token = (request.is_finished and i == len(new_ids) - 1
-                                      and request.stop_reason == token and request.finish_reason is FinishReason.STOP)
-                if not ends_on_stop_token:
-                    text += request.detokenizer.add(token)
-            if request.is_finished:
-                text += request.detokenizer.finish()
-            if request.stop_matcher is not None:
-                text, stopped = request.stop_matcher.feed(text)
-                if stopped and not request.is_finished:
-                    self.scheduler.finish(request, FinishReason.STOP, stop_reason=request.stop_matcher.stopped_by)
-                elif request.is_finished and not stopped:
-                    text += request.stop_matcher.flush()
-            self._record_metrics(request, len(new_ids), now)
-            out = RequestOutput(
-                request_id=request.request_id, text=text, token_ids=tuple(new_ids), logprobs=tuple(new_logprobs),
-                finished=request.is_finished, finish_reason=request.finish_reason,
-                stop_reason=request.stop_reason, usage=request.usage() if request.is_finished else None,
-                error=request.error, error_code=request.error_code,
-            )
+            out = next_output(request, max_model_len=max_model_len, finish=self.scheduler.finish)
+            if request.score is not None and not out.finished:
+                continue  # a scoring request's only output is its end
+            if request.score is None:
+                self._record_metrics(request, len(out.token_ids), now)
             queue = self._queues.get(request.request_id)
             if queue is not None:
                 queue.put_nowait(out)

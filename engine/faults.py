@@ -21,6 +21,7 @@ from typing import Optional
 
 import numpy as np
 
+from kvloom.engine.batch import RowError, ScheduledBatch, StepResult
 from kvloom.engine.executor import KillComputeThread
 
 KINDS = ("raise", "kill", "hang", "fail_warmup", "fail_request", "nan_request")
@@ -28,14 +29,6 @@ KINDS = ("raise", "kill", "hang", "fail_warmup", "fail_request", "nan_request")
 
 class InjectedFault(RuntimeError):
     """A fault raised on purpose by a FaultInjector."""
-
-
-class RowError(Exception):
-    """A step could not take some rows; the engine fails those requests alone and carries on."""
-
-    def __init__(self, request_ids: list[str], message: str):
-        super().__init__(message)
-        self.request_ids = request_ids
 
 
 @dataclass
@@ -110,20 +103,31 @@ class FaultInjector:
 
 
 class FaultyRunner:
-    """Wraps a runner; delegates everything, with faults around warm-up and steps."""
+    """A `Runner` (engine.batch) wrapping another: the same attributes, with faults around warm-up and steps."""
 
     def __init__(self, runner, injector: FaultInjector):
         self._runner, self._faults = runner, injector
+        inner = runner
+        self.source, self.model_config, self.vocab_size = inner.source, inner.model_config, inner.vocab_size
+        self.page_size, self.max_model_len, self.num_pages = inner.page_size, inner.max_model_len, inner.num_pages
 
-    def __getattr__(self, name):
-        return getattr(self._runner, name)
+    @property
+    def wrapped(self):
+        return self._runner
 
-    def warmup(self):
+    @property
+    def num_compiled(self) -> int:
+        return self._runner.num_compiled
+
+    def fresh(self) -> "FaultyRunner":
+        return FaultyRunner(self._runner.fresh(), self._faults)
+
+    def warmup(self) -> int:
         self._faults.before_warmup()
         return self._runner.warmup()
 
-    def step(self, batch):
-        ids = [row.request_id for row in batch.rows] + [row.request_id for row in batch.score_rows]
+    def step(self, batch: ScheduledBatch) -> StepResult:
+        ids = batch.request_ids
         self._faults.before_step(ids)
         result = self._runner.step(batch)
         if result.row_finite is None and batch.rows:

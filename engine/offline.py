@@ -2,7 +2,8 @@
 
 Each sequence of a fixed batch owns a contiguous run of pages (page 0 stays the
 padding sink). Used to check the model against transformers, prefill and decode,
-and by tools that need raw logits; the serving path is `engine.runner`.
+and by tools that need raw logits. The forward is the runner's own (`runner.forward_logits`); only the
+page assignment differs from the serving path.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 
 from kvloom.engine.config import ModelConfig
 from kvloom.engine.models import llama
+from kvloom.engine.runner import forward_logits
 
 
 class StaticBatch:
@@ -29,7 +31,7 @@ class StaticBatch:
         dtype = params["embed"].dtype
         self.kv = llama.init_kv_cache(cfg, 1 + num_seqs * self.pages_per_seq, page_size, dtype)
         self.lengths = np.zeros(num_seqs, np.int32)
-        self._step = jax.jit(partial(_step, cfg=cfg, page_size=page_size), donate_argnums=(1,))
+        self._step = jax.jit(partial(forward_logits, cfg=cfg, page_size=page_size), donate_argnums=(1,))
 
     def extend(self, token_lists: list[list[int]], last_only: bool = False) -> np.ndarray:
         """Append tokens to every sequence (ragged); returns float32 logits of all new tokens, [N, V]
@@ -59,11 +61,6 @@ class StaticBatch:
         )
         logits, self.kv = self._step(self.params, self.kv, step)
         return np.asarray(logits)
-
-
-def _step(params, kv, step, *, cfg, page_size):
-    h, kv = llama.forward(params, kv, step, cfg=cfg, page_size=page_size)
-    return llama.logits_from_hidden(params, h, cfg=cfg), kv
 
 
 def greedy_generate(cfg: ModelConfig, params, prompts: list[list[int]], max_new_tokens: int,

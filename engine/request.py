@@ -113,10 +113,6 @@ class SamplingParams:
                                  f"[0, {vocab_size})")
 
     @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    @property
     def has_penalties(self) -> bool:
         return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
                 or self.presence_penalty != 0.0)
@@ -173,24 +169,27 @@ class RequestOutput:
     usage: Optional[Usage] = None
     error: Optional[str] = None
     error_code: Optional[str] = None  # "engine_unavailable" (the engine failed) or "request_failed" (this one only)
+    label_logprobs: Optional[tuple] = None  # a finished scoring request: per item, the labels' logprobs
 
 
 @dataclass(eq=False)
 class ScoreTask:
-    """A scoring request's work: after its prompt (the query) is computed, each item is scored.
-    With no items, the prompt's own last token is scored (the single-item path)."""
+    """A scoring request's work: after its prompt (the query) is computed, each item is scored, in order,
+    by score steps of the task's `mode` ("batched" or "packed"). With no items, the prompt's own last token
+    is scored (the single-item path). Only `Scheduler.apply` records results."""
 
     items: tuple[tuple[int, ...], ...]
     label_ids: tuple[int, ...]
-    next_item: int = 0  # the first item not yet scheduled
+    mode: str = "single"
     label_logprobs: list = field(default_factory=list)  # per item, set as results come back
+    num_scored: int = 0  # items [0, num_scored) have their results
 
     def __post_init__(self):
         self.label_logprobs = [None] * max(1, len(self.items))
 
     @property
     def is_done(self) -> bool:
-        return all(v is not None for v in self.label_logprobs)
+        return self.num_scored == len(self.label_logprobs)
 
 
 @dataclass(eq=False)
@@ -227,10 +226,6 @@ class Request:
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
-    def token_at(self, index: int) -> int:
-        n = len(self.prompt_ids)
-        return self.prompt_ids[index] if index < n else self.output_ids[index - n]
-
     def tokens(self, start: int, end: int) -> tuple[int, ...]:
         n = len(self.prompt_ids)
         if end <= n:
@@ -256,7 +251,7 @@ class Request:
     @property
     def has_items_to_score(self) -> bool:
         return (self.score is not None and self.state is RequestState.RUNNING and not self.is_prefilling
-                and self.score.next_item < len(self.score.items))
+                and self.score.num_scored < len(self.score.items))
 
     def usage(self) -> Usage:
         return Usage(len(self.prompt_ids), len(self.output_ids), self.num_cached_tokens)

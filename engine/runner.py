@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from functools import partial
 from typing import Optional
 
@@ -25,7 +24,7 @@ from kvloom.engine.models import llama
 from kvloom.engine.models.loader import load_model
 from kvloom.engine.request import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
 from kvloom.engine.sampling import SamplingInput, sample
-from kvloom.engine.scheduler import ScheduledBatch, ScheduledRow, StepResult
+from kvloom.engine.batch import ScheduledBatch, ScheduledRow, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,9 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _forward_logits(params, kv, step, *, cfg, page_size):
+def forward_logits(params, kv, step, *, cfg, page_size):
+    """The model step: logits of the step's `logits_indices` and the updated KV cache. The serving step
+    (jitted with the cache donated) and the static-batch forward of `engine.offline` both run this."""
     h, kv = llama.forward(params, kv, step, cfg=cfg, page_size=page_size)
     return llama.logits_from_hidden(params, h, cfg=cfg), kv
 
@@ -53,11 +54,11 @@ def _label_logprobs(logits, label_ids):
 
 
 class ModelRunner:
+    """The real `Runner` (engine.batch): weights, the paged KV cache and the jitted step."""
+
     def __init__(self, config: EngineConfig, plan: BucketPlan, *, loaded=None):
-        t0 = time.perf_counter()
         self.config = config
         self.source, self.model_config, self.params = loaded or load_model(config.model, config.dtype)
-        self.load_seconds = time.perf_counter() - t0
         cfg = self.model_config
         self.plan = plan
         self.page_size = config.cache.page_size
@@ -67,7 +68,7 @@ class ModelRunner:
         self.vocab_size = cfg.vocab_size
         dtype = self.params["embed"].dtype
         self.kv = llama.init_kv_cache(cfg, self.num_pages, self.page_size, dtype)
-        self._forward = jax.jit(partial(_forward_logits, cfg=cfg, page_size=self.page_size), donate_argnums=(1,))
+        self._forward = jax.jit(partial(forward_logits, cfg=cfg, page_size=self.page_size), donate_argnums=(1,))
         self._sample = jax.jit(sample)
         self._labels = jax.jit(_label_logprobs)
         self.max_label_tokens = config.scoring.max_label_tokens

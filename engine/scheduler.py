@@ -1,9 +1,13 @@
 """Continuous batching: which tokens of which requests the next step computes.
 
 Pure Python on the event loop thread. Every step, `schedule()` turns the queues
-into an immutable `ScheduledBatch` (rows of token ids, positions and page ids,
-copied out of the requests); the compute thread runs it; `apply()` takes the
-`StepResult` and is the only place where requests change.
+into an immutable `ScheduledBatch` (`engine.batch`: rows of token ids, positions
+and page ids, copied out of the requests); the compute thread runs it; `apply()`
+takes the `StepResult` and is the only place where a request's tokens, results
+and score progress change. `schedule()` does own admission: moving a request
+from waiting to running with its pages and prefix-cache lock, growing a decode's
+pages, and preempting when the pool is dry; those are resource decisions, and a
+batch that is never applied (a refused row) leaves every request where it was.
 
 A request is "extended" by up to n tokens per step: the tokens of
 `all_ids[num_computed_tokens:]`. One remaining token is a decode row; more is
@@ -30,16 +34,14 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
-
-from kvloom.engine.buckets import BucketPlan, StepShape
+from kvloom.engine.batch import ScheduledBatch, ScheduledRow, ScoreRow, StepResult
+from kvloom.engine.buckets import BucketPlan
 from kvloom.engine.config import SchedulerConfig
 from kvloom.engine.pages import PageAllocator
 from kvloom.engine.radix_cache import PrefixCache
-from kvloom.engine.request import FinishReason, Request, RequestState, SamplingParams, TokenLogprob
+from kvloom.engine.request import FinishReason, Request, RequestState, TokenLogprob
 from kvloom.engine.scoring import pack_items
 
 LPM_WINDOW = 64  # waiting requests the lpm policy looks at per pick
@@ -49,74 +51,12 @@ class QueueFullError(RuntimeError):
     """The waiting queue is at its limit; try again later."""
 
 
-@dataclass(frozen=True)
-class ScheduledRow:
-    """One request's share of a step, copied out of the request."""
-
-    request_id: str
-    version: int
-    token_ids: tuple[int, ...]
-    start_pos: int
-    page_ids: tuple[int, ...]  # covers start_pos + len(token_ids) tokens
-    sample: bool  # the chunk ends at the request's last token: sample the next one
-    params: SamplingParams
-    seed: int
-    num_output_tokens: int  # the sampling counter: the same seed and count give the same draw
-    penalty_prompt_ids: tuple[int, ...] = ()  # filled only when params.has_penalties
-    penalty_output_ids: tuple[int, ...] = ()
-    label_ids: tuple[int, ...] = ()  # a scoring prefill ending here: its last logits give label logprobs
-
-
-@dataclass(frozen=True)
-class ScoreRow:
-    """Items of one scoring request extending its computed query (positions restart at past_len)."""
-
-    request_id: str
-    version: int
-    page_ids: tuple[int, ...]
-    past_len: int
-    items: tuple[tuple[int, tuple[int, ...]], ...]  # (item index, token ids)
-    label_ids: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class ScheduledBatch:
-    step_id: int
-    shape: StepShape
-    decode_rows: tuple[ScheduledRow, ...]
-    prefill_rows: tuple[ScheduledRow, ...]
-    score_rows: tuple[ScoreRow, ...] = ()
-
-    @property
-    def rows(self) -> tuple[ScheduledRow, ...]:
-        return self.decode_rows + self.prefill_rows
-
-    @property
-    def num_tokens(self) -> int:
-        items = sum(len(t) for r in self.score_rows for _, t in r.items)
-        return sum(len(r.token_ids) for r in self.rows) + items
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """Per row of the batch (decode rows first): the sampled token and its logprobs."""
-
-    step_id: int
-    token_ids: np.ndarray  # [num_rows] int
-    logprobs: Optional[np.ndarray] = None  # [num_rows] float
-    top_ids: Optional[np.ndarray] = None  # [num_rows, k] int
-    top_logprobs: Optional[np.ndarray] = None  # [num_rows, k] float
-    # Label logprobs: per row with label_ids (generation steps), or per item in order (score steps).
-    label_logprobs: Optional[np.ndarray] = None  # [n, max labels]
-    row_finite: Optional[np.ndarray] = None  # [num_rows] bool: False fails that row's request alone
-
-
 class Scheduler:
     def __init__(self, config: SchedulerConfig, plan: BucketPlan, allocator: PageAllocator,
-                 prefix_cache: PrefixCache, *, page_size: int, max_model_len: int):
+                 prefix_cache: PrefixCache, *, page_size: int):
         self.config, self.plan = config, plan
         self.allocator, self.prefix_cache = allocator, prefix_cache
-        self.page_size, self.max_model_len = page_size, max_model_len
+        self.page_size = page_size
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -193,9 +133,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self._release(request)
-        request.num_computed_tokens = 0
-        if request.score is not None and request.score.items:
-            self._preempt_score_items(request)
+        request.num_computed_tokens = 0  # a scoring request keeps its scored items; it recomputes the query
         request.version += 1
         request.num_preemptions += 1
         request.state = RequestState.WAITING
@@ -221,40 +159,39 @@ class Scheduler:
         return bool(self.waiting) or any(not r.has_items_to_score for r in self.running)
 
     def _schedule_score(self) -> ScheduledBatch:
-        """Items of running scoring requests (oldest first), as many as one score shape holds:
-        packed, several items per row (one row); batched, one item per row."""
+        """A score step of one mode, the oldest scoring request's: packed, one row of as many of its next
+        items as the longest packed shape holds; batched, one item per row, from that request and the next
+        batched ones, as many rows as a batched shape holds. Changes nothing: `apply` records results."""
         plan = self.plan
-        packed = plan.score_shapes[-1][0] == 1
-        rows: list[ScoreRow] = []
-        num_items, longest = 0, 0
-        for request in self.running:
-            if not request.has_items_to_score:
-                continue
+        scoring = [r for r in self.running if r.has_items_to_score]
+        mode = scoring[0].score.mode
+        if mode == "packed":
+            request = scoring[0]
             task = request.score
-            chosen = []
-            if packed:
-                chosen = pack_items(task.items, task.next_item, plan.score_shapes[-1][1],
-                                    plan.score_logits_rows - num_items)
-                groups = [chosen] if chosen else []
-            else:
-                for index in range(task.next_item, len(task.items)):
+            chosen = pack_items(task.items, task.num_scored, plan.max_score_row_len(mode), plan.score_logits_rows)
+            rows = [self._score_row(request, chosen)]
+        else:
+            rows, longest = [], 0
+            for request in (r for r in scoring if r.score.mode == mode):
+                task = request.score
+                for index in range(task.num_scored, len(task.items)):
                     n = max(longest, len(task.items[index]))
-                    if num_items + len(chosen) >= plan.score_logits_rows or \
-                            plan.score_shape(len(rows) + len(chosen) + 1, n) is None:
+                    if len(rows) >= plan.score_logits_rows or plan.score_shape(mode, len(rows) + 1, n) is None:
                         break
-                    chosen.append(index)
+                    rows.append(self._score_row(request, [index]))
                     longest = n
-                groups = [[i] for i in chosen]
-            for group in groups:
-                rows.append(ScoreRow(request.request_id, request.version, tuple(request.pages),
-                                     request.num_computed_tokens, tuple((i, task.items[i]) for i in group),
-                                     task.label_ids))
-            task.next_item += len(chosen)
-            num_items += len(chosen)
-            if packed or not chosen or task.next_item < len(task.items):
+                else:
+                    continue
                 break  # the shape is full
         row_len = max(sum(len(t) for _, t in row.items) for row in rows)
-        return ScheduledBatch(next(self._step_ids), plan.score_shape(len(rows), row_len), (), (), tuple(rows))
+        return ScheduledBatch(next(self._step_ids), plan.score_shape(mode, len(rows), row_len),
+                              score_rows=tuple(rows))
+
+    @staticmethod
+    def _score_row(request: Request, indices: list[int]) -> ScoreRow:
+        task = request.score
+        return ScoreRow(request.request_id, request.version, tuple(request.pages), request.num_computed_tokens,
+                        tuple((i, task.items[i]) for i in indices), task.label_ids)
 
     def _schedule_generation(self) -> Optional[ScheduledBatch]:
         budget = self.config.max_tokens_per_step
@@ -372,7 +309,9 @@ class Scheduler:
         return request
 
     def apply(self, batch: ScheduledBatch, result: StepResult) -> list[Request]:
-        """Apply a step's result; returns the requests that got a new token or finished scoring."""
+        """Apply a step's result: the only place requests change (tokens appended, label logprobs recorded,
+        a scoring request finished). Returns the requests with news; whether a generating request is done
+        (stop token, stop string, length) is decided after, by `engine.output.next_output`."""
         if batch.score_rows:
             return self._apply_score(batch, result)
         updated = []
@@ -393,6 +332,7 @@ class Scheduler:
                 self._cache_computed(request)  # later requests with this prompt prefix reuse it now
             if row.label_ids:
                 request.score.label_logprobs[0] = result.label_logprobs[i, :len(row.label_ids)].tolist()
+                request.score.num_scored = 1
                 self.finish(request, FinishReason.STOP)
                 updated.append(request)
             if not row.sample:
@@ -406,17 +346,8 @@ class Scheduler:
             if request.first_token_time is None:
                 request.first_token_time = now
             request.last_token_time = now
-            self._check_finish(request, token)
             updated.append(request)
         return updated
-
-    def discard(self, batch: ScheduledBatch) -> None:
-        """A batch that was never computed: its score items go back to be scheduled again
-        (token rows need nothing: requests only advance in apply)."""
-        for row in batch.score_rows:
-            request = self._live(row.request_id, row.version)
-            if request is not None:
-                self._preempt_score_items(request)
 
     def _apply_score(self, batch: ScheduledBatch, result: StepResult) -> list[Request]:
         updated, k = [], 0
@@ -425,25 +356,12 @@ class Scheduler:
             for index, _ in row.items:
                 if request is not None:
                     request.score.label_logprobs[index] = result.label_logprobs[k, :len(row.label_ids)].tolist()
+                    request.score.num_scored = index + 1  # items are scheduled, and scored, in order
                 k += 1
             if request is not None and request.score.is_done and not request.is_finished:
                 self.finish(request, FinishReason.STOP)
                 updated.append(request)
         return updated
-
-    def _preempt_score_items(self, request: Request) -> None:
-        """A preempted scoring request recomputes its query; items not yet scored are scheduled again."""
-        task = request.score
-        task.next_item = next((i for i, v in enumerate(task.label_logprobs) if v is None), len(task.items))
-
-    def _check_finish(self, request: Request, token: int) -> None:
-        params = request.params
-        if not params.ignore_eos and token in request.eos_token_ids:
-            self.finish(request, FinishReason.STOP, stop_reason=token)
-        elif token in params.stop_token_ids:
-            self.finish(request, FinishReason.STOP, stop_reason=token)
-        elif len(request.output_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
-            self.finish(request, FinishReason.LENGTH)
 
     # ---- introspection ------------------------------------------------------------------------
 

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Sequence
 
+from kvloom.engine.config import SCORING_MODES as MODES  # noqa: F401 - the modes, named where scoring lives
 from kvloom.engine.config import ScoringConfig
-
-MODES = ("single", "batched", "packed")
 
 
 @dataclass(frozen=True)
@@ -129,7 +128,3 @@ def pack_items(items: Sequence[tuple[int, ...]], start: int, capacity: int, max_
         used += n
     return chosen
 
-
-Query = Union[str, Sequence[int]]
-Items = Union[str, Sequence[str], Sequence[Sequence[int]]]
-Mode = Optional[str]

@@ -18,7 +18,7 @@ import numpy as np
 
 from kvloom.engine.config import ModelConfig
 from kvloom.engine.models.loader import resolve_source
-from kvloom.engine.scheduler import StepResult
+from kvloom.engine.batch import StepResult
 
 
 def fake_next_token(last: int, position: int, vocab_size: int) -> int:
@@ -26,6 +26,8 @@ def fake_next_token(last: int, position: int, vocab_size: int) -> int:
 
 
 class FakeRunner:
+    """A `Runner` (engine.batch) that records every batch it is given."""
+
     def __init__(self, config, plan, *, num_pages: Optional[int] = None,
                  before_step: Optional[Callable] = None):
         self.config = config
@@ -55,27 +57,31 @@ class FakeRunner:
         self.batches.append(batch)
         if self.before_step is not None:
             self.before_step(batch)
-        if batch.score_rows:
-            items = [(row.label_ids, t) for row in batch.score_rows for _, t in row.items]
-            return StepResult(batch.step_id, np.zeros(0, np.int64),
-                              label_logprobs=np.array([fake_label_logprobs(labels, toks) for labels, toks in items]))
-        tokens = []
-        for row in batch.rows:
-            if row.params.temperature > 0:
-                h = hash((row.seed, row.num_output_tokens)) & 0x7FFFFFFF
-                tokens.append(3 + h % (self.vocab_size - 3))
-            else:
-                tokens.append(fake_next_token(row.token_ids[-1], row.start_pos + len(row.token_ids) - 1,
-                                              self.vocab_size))
-        n = len(tokens)
-        k = 20
-        top_ids = np.tile(np.arange(k), (n, 1))
-        labels = np.zeros((n, 32))
-        for i, row in enumerate(batch.rows):
-            if row.label_ids:
-                labels[i, :len(row.label_ids)] = fake_label_logprobs(row.label_ids, row.token_ids)
-        return StepResult(batch.step_id, np.asarray(tokens, np.int64), np.full(n, -0.5),
-                          top_ids, np.full((n, k), -1.0), label_logprobs=labels)
+        return fake_result(batch, self.vocab_size)
+
+
+def fake_result(batch, vocab_size: int) -> StepResult:
+    """The fake model's result for a batch, from the batch alone."""
+    if batch.score_rows:
+        items = [(row.label_ids, t) for row in batch.score_rows for _, t in row.items]
+        return StepResult(batch.step_id, np.zeros(0, np.int64),
+                          label_logprobs=np.array([fake_label_logprobs(labels, toks) for labels, toks in items]))
+    tokens = []
+    for row in batch.rows:
+        if row.params.temperature > 0:
+            h = hash((row.seed, row.num_output_tokens)) & 0x7FFFFFFF
+            tokens.append(3 + h % (vocab_size - 3))
+        else:
+            tokens.append(fake_next_token(row.token_ids[-1], row.start_pos + len(row.token_ids) - 1, vocab_size))
+    n = len(tokens)
+    k = 20
+    top_ids = np.tile(np.arange(k), (n, 1))
+    labels = np.zeros((n, 32))
+    for i, row in enumerate(batch.rows):
+        if row.label_ids:
+            labels[i] = fake_label_logprobs(row.label_ids, row.token_ids)
+    return StepResult(batch.step_id, np.asarray(tokens, np.int64), np.full(n, -0.5),
+                      top_ids, np.full((n, k), -1.0), label_logprobs=labels)
 
 
 def fake_label_logprobs(labels, tokens) -> np.ndarray:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -29,11 +28,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from kvloom.tools.cli import use_compile_cache
 from kvloom.tools.bench_model import _best_of
-
-DEFAULT_JAX_CACHE = "~/.cache/kvloom/jax"
-PROMPT_ID_LOW, PROMPT_ID_HIGH = 100, 10000
+from kvloom.tools.command_args import parse_int_list
+from kvloom.tools.report import format_value, publish, ratio
+from kvloom.tools.workload import prompt_id_range, random_prompts
+from kvloom.tools.engine_args import (add_compile_cache_arg, add_engine_args, add_model_args,
+                                      engine_config_from_args, use_compile_cache)
 
 TARGETS = {
     "single_stream": ">= 1.5x HF single-stream",
@@ -44,32 +44,6 @@ TARGETS = {
 
 
 # ---- pure helpers -------------------------------------------------------------------------------
-
-def parse_int_list(text: str) -> list[int]:
-    values = [int(v) for v in text.split(",") if v.strip()]
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
-    return values
-
-
-def prompt_id_range(vocab_size: int) -> tuple[int, int]:
-    """[low, high) for random prompt ids: [100, 10000) clipped to the vocabulary (tiny test models)."""
-    high = min(PROMPT_ID_HIGH, vocab_size)
-    low = PROMPT_ID_LOW if high > 2 * PROMPT_ID_LOW else min(3, high - 1)
-    return low, high
-
-
-def random_prompts(rng: np.random.Generator, num_prompts: int, num_tokens: int,
-                   id_range: tuple[int, int]) -> list[list[int]]:
-    """num_prompts distinct-by-chance prompts of num_tokens ids each."""
-    return rng.integers(id_range[0], id_range[1], size=(num_prompts, num_tokens)).tolist()
-
-
-def ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:
-    if numerator is None or not denominator:
-        return None
-    return numerator / denominator
-
 
 def roofline_tokens_per_s(peak_flops: float, num_parameters: int) -> float:
     """Decode tokens/s if every token cost 2 FLOPs per parameter at the matmul peak."""
@@ -82,10 +56,6 @@ def throughput_target(concurrency: int) -> str:
 
 def ttft_target(prompt_tokens: int) -> str:
     return TARGETS["cached_ttft_1500"] if prompt_tokens == 1500 else ""
-
-
-def format_value(value: Optional[float], spec: str = ".2f", suffix: str = "") -> str:
-    return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
 # (name, width, alignment); the last column is free text.
@@ -312,32 +282,9 @@ def build_report(args, ours: dict, theirs: Optional[dict], matmul: dict) -> dict
     )
 
 
-def engine_config_from_args(args):
-    from kvloom.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-
-    def given(**values):
-        return {k: v for k, v in values.items() if v is not None}
-
-    scheduler = given(max_running=args.max_running or max(args.concurrency), chunk_size=args.chunk_size,
-                      max_tokens_per_step=args.max_tokens_per_step, max_prefill_seqs=args.max_prefill_seqs)
-    cache = given(page_size=args.page_size, num_pages=args.num_pages)
-    return EngineConfig(model=args.model, dtype="float32", max_model_len=args.max_model_len,
-                        scheduler=SchedulerConfig(**scheduler), cache=CacheConfig(**cache))
-
-
-def add_engine_size_args(parser, max_running_help: str = None):
-    """The engine-size flags every benchmark takes (None: the engine's own default)."""
-    engine = parser.add_argument_group("engine size (default: the engine's own defaults)")
-    engine.add_argument("--max-running", type=int, default=None, help=max_running_help)
-    for flag in ("--max-model-len", "--page-size", "--num-pages", "--chunk-size", "--max-tokens-per-step",
-                 "--max-prefill-seqs"):
-        engine.add_argument(flag, type=int, default=None)
-    return engine
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="checkpoint directory or .gguf file (default: SmolLM2-135M)")
+    add_model_args(p, with_dtype=False)
     p.add_argument("--concurrency", type=parse_int_list, default=[1, 8, 32],
                    help="comma-separated, e.g. 1,8,32")
     p.add_argument("--new-tokens", type=int, default=128)
@@ -351,19 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="numpy seed of the random prompts")
     p.add_argument("--matmul-sizes", type=parse_int_list, default=[2048, 3072])
     p.add_argument("--matmul-repeats", type=int, default=5)
-    p.add_argument("--jax-cache-dir", default=DEFAULT_JAX_CACHE, help="JAX persistent compilation cache")
-    add_engine_size_args(p, "default: the highest concurrency")
+    add_compile_cache_arg(p)
+    add_engine_args(p, max_running_help="default: the highest concurrency")
     return p
-
-
-def publish(report: dict, print_report, json_path) -> dict:
-    """Print a benchmark's report and, when asked, write it as JSON."""
-    print_report(report)
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(report, f, indent=2)
-        _log(f"wrote {json_path}")
-    return report
 
 
 def main(argv=None) -> dict:
@@ -371,14 +308,15 @@ def main(argv=None) -> dict:
     for name in ("new_tokens", "prompt_tokens", "long_prompt_tokens", "ttft_repeats", "matmul_repeats"):
         if getattr(args, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')}: must be positive")
-    use_compile_cache(os.path.expanduser(args.jax_cache_dir))
+    use_compile_cache(args.compile_cache)
 
-    ours = asyncio.run(bench_kvloom(engine_config_from_args(args), args))  # the engine is stopped on return
+    config = engine_config_from_args(args, dtype="float32", max_running=max(args.concurrency))
+    ours = asyncio.run(bench_kvloom(config, args))  # the engine is stopped on return
     _log("measuring the float32 matmul peak")
     matmul = measure_matmul_peak(args.matmul_sizes, args.matmul_repeats)
     theirs = bench_hf(ours["source"], ours["prompt_sets"], args.new_tokens) if args.hf else None
     report = build_report(args, ours, theirs, matmul)
-    return publish(report, print_report, args.json)
+    return publish(report, print_report, args.json, "bench_engine")
 
 
 if __name__ == "__main__":

@@ -30,16 +30,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import time
 from typing import Optional, Sequence
 
 import numpy as np
 
-from kvloom.tools.cli import use_compile_cache
-from kvloom.tools.bench_engine import (add_engine_size_args, publish, DEFAULT_JAX_CACHE, engine_config_from_args, format_row, format_value, load_hf,
-                                measure_matmul_peak, parse_int_list, prompt_id_range, random_prompts, ratio)
+from kvloom.tools.bench_engine import format_row, load_hf, measure_matmul_peak
+from kvloom.tools.command_args import parse_int_list
+from kvloom.tools.report import format_value, publish, ratio
+from kvloom.tools.workload import prompt_id_range, random_prompts
+from kvloom.tools.engine_args import (add_compile_cache_arg, add_engine_args, add_model_args,
+                                      engine_config_from_args, use_compile_cache)
 
 NUM_LABELS = 2
 
@@ -210,9 +212,6 @@ def engine_config_for(args, mode: str):
     """bench_engine's engine-size flags, plus a scoring config whose limits admit the workload."""
     from kvloom.engine.config import SchedulerConfig, ScoringConfig
 
-    # engine_config_from_args sizes max_running from the highest concurrency when --max-running is not given;
-    # keep the engine's default unless the clients need more (single mode turns each item into a request)
-    sizing = argparse.Namespace(**vars(args), concurrency=[max(args.clients, SchedulerConfig().max_running)])
     base = ScoringConfig()
     scoring = dict(mode=mode if mode != "single" else base.mode,
                    max_items=max(base.max_items, args.num_items, *args.latency_items),
@@ -223,7 +222,10 @@ def engine_config_for(args, mode: str):
         scoring["max_item_tokens"] = min(base.max_item_tokens, args.tokens_per_step)
     if args.max_items_per_step is not None:
         scoring["max_items_per_step"] = args.max_items_per_step
-    return engine_config_from_args(sizing).replace(scoring=ScoringConfig(**scoring))
+    # max_running: the engine's default unless the clients need more (single mode makes each item a request)
+    config = engine_config_from_args(args, dtype="float32",
+                                     max_running=max(args.clients, SchedulerConfig().max_running))
+    return config.replace(scoring=ScoringConfig(**scoring))
 
 
 async def bench_mode(config, mode: str, args, workload: Optional[dict], measure_latency_here: bool) -> dict:
@@ -317,7 +319,7 @@ def build_report(args, runs: dict[str, dict], theirs: Optional[dict], matmul: di
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="checkpoint directory or .gguf file (default: SmolLM2-135M)")
+    add_model_args(p, with_dtype=False)
     p.add_argument("--query-tokens", type=int, default=2000)
     p.add_argument("--num-items", type=int, default=500)
     p.add_argument("--item-tokens", type=int, default=20)
@@ -335,8 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="numpy seed of the random ids")
     p.add_argument("--matmul-sizes", type=parse_int_list, default=[2048, 3072])
     p.add_argument("--matmul-repeats", type=int, default=5)
-    p.add_argument("--jax-cache-dir", default=DEFAULT_JAX_CACHE, help="JAX persistent compilation cache")
-    add_engine_size_args(p)
+    add_compile_cache_arg(p)
+    add_engine_args(p)
     scoring = p.add_argument_group("scoring (default: the engine's own defaults)")
     scoring.add_argument("--tokens-per-step", type=int, default=None, help="item tokens in one score step")
     scoring.add_argument("--max-items-per-step", type=int, default=None)
@@ -353,7 +355,7 @@ def main(argv=None) -> dict:
             raise SystemExit(f"--{name.replace('_', '-')}: must be positive")
     args.warmup_items = min(args.warmup_items, args.num_items)
     args.hf_sample = min(args.hf_sample, args.num_items)
-    use_compile_cache(os.path.expanduser(args.jax_cache_dir))
+    use_compile_cache(args.compile_cache)
 
     runs, workload = {}, None
     for i, mode in enumerate(args.modes):  # one engine at a time, each stopped on return
@@ -363,7 +365,7 @@ def main(argv=None) -> dict:
     matmul = measure_matmul_peak(args.matmul_sizes, args.matmul_repeats)
     theirs = bench_hf(runs[args.modes[0]]["source"], workload, args.hf_sample) if args.hf else None
     report = build_report(args, runs, theirs, matmul)
-    return publish(report, print_report, args.json)
+    return publish(report, print_report, args.json, "bench_score")
 
 
 if __name__ == "__main__":

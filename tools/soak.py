@@ -2,15 +2,15 @@
 slow drift, rare errors).
 
 Data flow:
-  args -> SoakPlan (validated once; bench.UsageError -> exit 2)
+  args -> SoakPlan (validated once; UsageError -> exit 2)
   mixed_specs: an endless request stream; a --score-fraction of /v1/score requests spread evenly,
-      the rest chat completions alternating streaming and non-streaming (tools.bench.request_specs
-      makes the bodies)
-  tools.bench.run_phase: C closed-loop workers (--concurrency) until --duration passed or
+      the rest chat completions alternating streaming and non-streaming (tools.workload makes the
+      bodies)
+  tools.load.run_phase: C closed-loop workers (--concurrency) until --duration passed or
       --max-requests were sent; --time-limit is the hard wall-clock cap (requests in flight then are
       cancelled and counted as "time_limit" errors); a progress line on stderr every
       --progress-interval seconds
-  send_any: streams and scores through tools.bench.send_request; non-streaming chat here
+  tools.http_client.send_request: one request of any kind, its outcome in a RequestRecord
   tools.slo.build_summary, overall and per kind -> the stdout report and --json
 
 Kinds: "chat_stream", "chat" (non-streaming) and "score". Exit code: 0 when the error rate is at most
@@ -19,76 +19,29 @@ Kinds: "chat_stream", "chat" (non-streaming) and "score". Exit code: 0 when the 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import itertools
-import json
 import sys
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import aiohttp
 import numpy as np
-import orjson
 
-from kvloom.tools import bench
-from kvloom.tools.bench import LoadPoint, RequestSpec, SharedPrefix, UsageError, Workload
+from kvloom.tools.command_args import UsageError, options_json, parse_label_ids, require
+from kvloom.tools.http_client import base_url, discover_model, send_request
+from kvloom.tools.load import LoadPoint, run_phase
+from kvloom.tools.report import format_ms, write_json
 from kvloom.tools.slo import RequestRecord, build_summary
+from kvloom.tools.workload import (LengthDist, RequestSpec, SharedPrefix, Workload, non_streaming, prompt_id_range,
+                                   request_specs)
 
 KINDS = ("chat_stream", "chat", "score")
 
 
-# ---- one request --------------------------------------------------------------------------------
-
-async def post_json(session: aiohttp.ClientSession, base_url: str, spec: RequestSpec, rec: RequestRecord,
-                    timeout_s: float, read_ok: Callable[[aiohttp.ClientResponse, RequestRecord, float],
-                                                        Awaitable[None]]) -> None:
-    """POST spec.body and hand a 2xx response to read_ok(resp, rec, start). HTTP errors and failures
-    become rec.error with tools.bench's error types (bench.send_request reads only streams and scores,
-    so its classification is mirrored here for the readers it lacks)."""
-    start = time.perf_counter()
-    try:
-        async with session.post(base_url + spec.path, data=orjson.dumps(spec.body),
-                                headers={"Content-Type": "application/json"},
-                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-            if resp.status >= 400:
-                rec.error = await bench._http_error(resp)
-            else:
-                await read_ok(resp, rec, start)
-    except asyncio.TimeoutError:
-        rec.error = "timeout"
-    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
-        rec.error = "connection_error"
-    except aiohttp.ClientError:
-        rec.error = "client_error"
-    except (ValueError, TypeError, AttributeError):
-        rec.error = "bad_response"
-
-
-async def read_chat_response(resp: aiohttp.ClientResponse, rec: RequestRecord, start: float) -> None:
-    """A non-streaming chat (or text) completion: e2e and the server's token counts."""
-    body = await resp.json(content_type=None)
-    choices = body.get("choices") if isinstance(body, dict) else None
-    if not isinstance(choices, list) or not choices:
-        rec.error = "bad_response"
-        return
-    rec.e2e = time.perf_counter() - start
-    usage = body.get("usage")
-    if isinstance(usage, dict):
-        rec.output_tokens = usage.get("completion_tokens") or 0
-        rec.prompt_tokens = usage.get("prompt_tokens")
-
-
-async def send_any(session: aiohttp.ClientSession, base_url: str, spec: RequestSpec, rec: RequestRecord,
-                   timeout_s: float) -> None:
-    """One request of any kind; failures become rec.error, never exceptions (but cancellation)."""
-    if spec.is_stream or spec.path == "/v1/score":
-        await bench.send_request(session, base_url, spec, rec, timeout_s)
-    else:
-        await post_json(session, base_url, spec, rec, timeout_s, read_chat_response)
-
+# ---- workload -----------------------------------------------------------------------------------
 
 def kind_of(spec: RequestSpec) -> str:
     if spec.path == "/v1/score":
@@ -96,19 +49,12 @@ def kind_of(spec: RequestSpec) -> str:
     return "chat_stream" if spec.is_stream else "chat"
 
 
-def non_streaming(spec: RequestSpec) -> RequestSpec:
-    body = {k: v for k, v in spec.body.items() if k not in ("stream", "stream_options")}
-    return RequestSpec(spec.path, dict(body, stream=False), is_stream=False)
-
-
-# ---- workload -----------------------------------------------------------------------------------
-
 def mixed_specs(chat: Workload, score: Workload, score_fraction: float,
                 rng: np.random.Generator) -> Iterator[RequestSpec]:
     """Request i is a score when floor((i + 1) f) > floor(i f): the scores spread evenly at fraction f;
     the chat requests alternate streaming and non-streaming, streaming first."""
-    chats = bench.request_specs(chat, rng, SharedPrefix(0, chat.id_range))
-    scores = bench.request_specs(score, rng, SharedPrefix(1, score.id_range))
+    chats = request_specs(chat, rng, SharedPrefix(0, chat.id_range))
+    scores = request_specs(score, rng, SharedPrefix(1, score.id_range))
     num_chat = 0
     for i in itertools.count():
         if int((i + 1) * score_fraction) > int(i * score_fraction):
@@ -137,48 +83,37 @@ class SoakPlan:
     config: dict  # the options as given, for the JSON report
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise UsageError(message)
-
-
 def plan_from_args(args) -> SoakPlan:
     """Validate the options as a whole; UsageError names the option at fault."""
-    _check(args.duration > 0, "--duration must be > 0")
-    _check(args.concurrency >= 1, "--concurrency must be >= 1")
-    _check(0.0 <= args.score_fraction <= 1.0, "--score-fraction must be in [0, 1]")
-    _check(args.max_requests is None or args.max_requests >= 1, "--max-requests must be >= 1")
-    _check(min(args.max_tokens, args.input_len, args.query_tokens, args.num_items, args.item_tokens) >= 1,
+    require(args.duration > 0, "--duration must be > 0")
+    require(args.concurrency >= 1, "--concurrency must be >= 1")
+    require(0.0 <= args.score_fraction <= 1.0, "--score-fraction must be in [0, 1]")
+    require(args.max_requests is None or args.max_requests >= 1, "--max-requests must be >= 1")
+    require(min(args.max_tokens, args.input_len, args.query_tokens, args.num_items, args.item_tokens) >= 1,
            "--max-tokens, --input-len, --query-tokens, --num-items and --item-tokens must be >= 1")
-    _check(args.timeout > 0, "--timeout must be > 0")
-    _check(args.time_limit is None or args.time_limit > 0, "--time-limit must be > 0")
-    _check(args.progress_interval > 0, "--progress-interval must be > 0")
-    _check(0.0 <= args.max_error_rate <= 1.0, "--max-error-rate must be in [0, 1]")
-    _check(args.vocab_size is None or args.vocab_size > 4, "--vocab-size must be > 4")
-    try:
-        label_ids = tuple(int(v) for v in args.label_token_ids.split(","))
-    except ValueError:
-        raise UsageError(f"--label-token-ids: expected comma-separated integers, "
-                         f"got {args.label_token_ids!r}") from None
-    _check(args.vocab_size is None or all(0 <= t < args.vocab_size for t in label_ids),
+    require(args.timeout > 0, "--timeout must be > 0")
+    require(args.time_limit is None or args.time_limit > 0, "--time-limit must be > 0")
+    require(args.progress_interval > 0, "--progress-interval must be > 0")
+    require(0.0 <= args.max_error_rate <= 1.0, "--max-error-rate must be in [0, 1]")
+    require(args.vocab_size is None or args.vocab_size > 4, "--vocab-size must be > 4")
+    label_ids = parse_label_ids(args.label_token_ids)
+    require(args.vocab_size is None or all(0 <= t < args.vocab_size for t in label_ids),
            "--label-token-ids must lie in [0, --vocab-size)")
-    fixed_output = bench.LengthDist("fixed", args.max_tokens)
+    fixed_output = LengthDist("fixed", args.max_tokens)
     chat = Workload(kind="generate", api="chat", prompt_format="text",
-                    input_len=bench.LengthDist("fixed", args.input_len), output_len=fixed_output,
+                    input_len=LengthDist("fixed", args.input_len), output_len=fixed_output,
                     model=args.model)
     score = Workload(kind="score", api="completions", prompt_format="ids",
-                     input_len=bench.LengthDist("fixed", args.query_tokens),
-                     output_len=fixed_output, id_range=bench.prompt_id_range(args.vocab_size),
+                     input_len=LengthDist("fixed", args.query_tokens),
+                     output_len=fixed_output, id_range=prompt_id_range(args.vocab_size),
                      model=args.model, query_tokens=args.query_tokens, num_items=args.num_items,
                      item_tokens=args.item_tokens, label_token_ids=label_ids)
-    config = {k: v for k, v in vars(args).items()
-              if k not in ("func", "command") and isinstance(v, (str, int, float, bool, type(None)))}
-    return SoakPlan(base_url=bench._base_url(args.url), chat=chat, score=score,
+    return SoakPlan(base_url=base_url(args.url), chat=chat, score=score,
                     score_fraction=args.score_fraction, concurrency=args.concurrency,
                     duration_s=args.duration, max_requests=args.max_requests, timeout_s=args.timeout,
                     time_limit_s=args.time_limit or args.duration + args.timeout,
                     progress_interval_s=args.progress_interval, max_error_rate=args.max_error_rate,
-                    json_path=args.json, seed=args.seed, config=config)
+                    json_path=args.json, seed=args.seed, config=options_json(args))
 
 
 # ---- run ----------------------------------------------------------------------------------------
@@ -214,10 +149,6 @@ def summarize(tagged: list[tuple[str, RequestRecord]], duration_s: float) -> dic
     return report
 
 
-def _ms(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.1f}"
-
-
 def format_report(report: dict, plan: SoakPlan) -> str:
     r = report
     counts = ", ".join(f"{k} {r['by_kind'][k]['num_requests']}" for k in KINDS)
@@ -231,7 +162,7 @@ def format_report(report: dict, plan: SoakPlan) -> str:
     for kind, metric in (("chat_stream", "ttft"), ("chat_stream", "e2e"), ("chat", "e2e"), ("score", "e2e")):
         m = r["by_kind"][kind][f"{metric}_ms"]
         lines.append(f"  {kind + ' ' + metric:<20}{m['count']:>8}"
-                     + "".join(f"{_ms(m[k]):>10}" for k in ("p50", "p90", "p99")))
+                     + "".join(f"{format_ms(m[k]):>10}" for k in ("p50", "p90", "p99")))
     lines.append(f"kvloom soak: {'PASS' if r['passed'] else 'FAIL'} "
                  f"(error rate {100 * r['error_rate']:.2f}%, "
                  f"at most {100 * plan.max_error_rate:.2f}% allowed)")
@@ -250,7 +181,7 @@ async def run_soak(args) -> int:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         chat, score = plan.chat, plan.score
         if chat.model is None:
-            model = await bench.discover_model(session, plan.base_url, min(plan.timeout_s, 10.0))
+            model = await discover_model(session, plan.base_url, min(plan.timeout_s, 10.0))
             chat, score = dataclasses.replace(chat, model=model), dataclasses.replace(score, model=model)
         tally = Tally(time.perf_counter())
 
@@ -258,7 +189,7 @@ async def run_soak(args) -> int:
             kind = kind_of(spec)
             tagged.append((kind, rec))
             try:
-                await send_any(session, plan.base_url, spec, rec, plan.timeout_s)
+                await send_request(session, plan.base_url, spec, rec, plan.timeout_s)
             finally:
                 tally.num_done += 1
                 tally.num_errors += rec.error is not None or rec.e2e is None
@@ -271,7 +202,7 @@ async def run_soak(args) -> int:
 
         reporter = asyncio.ensure_future(progress())
         try:
-            phase = await bench.run_phase(send, mixed_specs(chat, score, plan.score_fraction, rng),
+            phase = await run_phase(send, mixed_specs(chat, score, plan.score_fraction, rng),
                                           LoadPoint(plan.concurrency), num_requests=plan.max_requests,
                                           duration_s=plan.duration_s, time_limit_s=plan.time_limit_s, rng=rng)
         finally:
@@ -282,55 +213,9 @@ async def run_soak(args) -> int:
     report["passed"] = report["error_rate"] <= plan.max_error_rate and report["num_requests"] > 0
     report["config"] = dict(plan.config, model=chat.model, time_limit=plan.time_limit_s)
     print(format_report(report, plan), flush=True)
-    if plan.json_path:
-        with open(plan.json_path, "w") as f:
-            json.dump(report, f, indent=2)
+    write_json(plan.json_path, report)
     return 0 if report["passed"] else 1
 
 
 def main_from_args(args) -> int:
     return asyncio.run(run_soak(args))
-
-
-# ---- options (the `kvloom soak` subparser is built in tools/cli.py) ----------------------------
-
-def add_soak_args(p: argparse.ArgumentParser) -> None:
-    target = p.add_argument_group("target")
-    target.add_argument("--url", default="http://127.0.0.1:8000",
-                        help="base URL of a kvloom (or any OpenAI-compatible, with /v1/score) server")
-    target.add_argument("--model", default=None,
-                        help="model name for the body (default: the first of /v1/models)")
-
-    work = p.add_argument_group("workload")
-    work.add_argument("--score-fraction", type=float, default=0.3,
-                      help="fraction of requests that are /v1/score, spread evenly; the rest are chat "
-                           "completions alternating streaming and non-streaming (default 0.3)")
-    work.add_argument("--input-len", type=int, default=64, help="chat: words per user message (default 64)")
-    work.add_argument("--max-tokens", type=int, default=32, help="chat: max_tokens (default 32)")
-    work.add_argument("--query-tokens", type=int, default=256, help="score: query tokens (default 256)")
-    work.add_argument("--num-items", type=int, default=20, help="score: items per request (default 20)")
-    work.add_argument("--item-tokens", type=int, default=8, help="score: tokens per item (default 8)")
-    work.add_argument("--label-token-ids", default="1,2", metavar="IDS",
-                      help="score: label ids (default 1,2)")
-    work.add_argument("--vocab-size", type=int, default=None,
-                      help="bound synthetic score token ids (default: ids in [100, 1000))")
-    work.add_argument("--seed", type=int, default=0)
-
-    load = p.add_argument_group("load")
-    load.add_argument("--concurrency", type=int, default=2,
-                      help="requests in flight, closed loop (default 2)")
-    load.add_argument("--duration", type=float, default=1800.0,
-                      help="stop sending after S seconds (default 1800)")
-    load.add_argument("--max-requests", type=int, default=None, help="stop sending after N requests")
-    load.add_argument("--timeout", type=float, default=60.0,
-                      help="per-request timeout in seconds (default 60)")
-    load.add_argument("--time-limit", type=float, default=None,
-                      help="hard wall-clock cap in seconds; requests in flight then count as time_limit "
-                           "errors (default: duration + timeout)")
-
-    out = p.add_argument_group("output")
-    out.add_argument("--progress-interval", type=float, default=10.0,
-                     help="seconds between progress lines on stderr (default 10)")
-    out.add_argument("--max-error-rate", type=float, default=0.0,
-                     help="exit 1 when the error rate is above this fraction (default 0)")
-    out.add_argument("--json", default=None, metavar="OUT.json", help="write the summary as JSON")

@@ -8,7 +8,9 @@ from kvloom.engine.config import SchedulerConfig
 from kvloom.engine.pages import PageAllocator
 from kvloom.engine.radix_cache import make_prefix_cache
 from kvloom.engine.request import FinishReason, Request, RequestState, SamplingParams
-from kvloom.engine.scheduler import QueueFullError, Scheduler, StepResult, check_fits
+from kvloom.engine.batch import StepResult
+from kvloom.engine.output import token_finish
+from kvloom.engine.scheduler import QueueFullError, Scheduler, check_fits
 
 VOCAB = 97
 
@@ -31,8 +33,9 @@ def make_scheduler(*, num_pages=64, page_size=4, max_running=4, budget=32, chunk
                           max_prefill_seqs=max_prefill, policy=policy, max_waiting=max_waiting)
     allocator = PageAllocator(num_pages)
     cache = make_prefix_cache(allocator, page_size, prefix_cache)
-    return Scheduler(cfg, BucketPlan.from_config(cfg), allocator, cache, page_size=page_size,
-                     max_model_len=max_model_len)
+    s = Scheduler(cfg, BucketPlan.from_config(cfg), allocator, cache, page_size=page_size)
+    s.max_model_len = max_model_len  # for `step` below (the engine holds it in production)
+    return s
 
 
 def make_request(rid, prompt, max_tokens=8, **params):
@@ -52,6 +55,16 @@ def compute(s: Scheduler, batch) -> StepResult:
     return StepResult(batch.step_id, np.asarray(tokens))
 
 
+def step(s: Scheduler, batch) -> list[Request]:
+    """Compute and apply one batch, then end the requests whose new token finishes them (as the engine does)."""
+    updated = s.apply(batch, compute(s, batch))
+    for request in updated:
+        decision = None if request.is_finished else token_finish(request, s.max_model_len)
+        if decision is not None:
+            s.finish(request, *decision)
+    return updated
+
+
 def run(s: Scheduler, max_steps=1000, on_step=None):
     batches = []
     while s.has_work and len(batches) < max_steps:
@@ -60,7 +73,7 @@ def run(s: Scheduler, max_steps=1000, on_step=None):
         batches.append(batch)
         if on_step:
             on_step(batch)
-        s.apply(batch, compute(s, batch))
+        step(s, batch)
     assert not s.has_work
     return batches
 
@@ -84,7 +97,7 @@ def test_continuous_batching_join_leave_and_decodes_never_stall():
     s.add(a)
     for _ in range(3):
         batch = s.schedule()
-        s.apply(batch, compute(s, batch))
+        step(s, batch)
     long_prompt = list(range(20, 60))
     b = make_request("b", long_prompt, max_tokens=3)
     s.add(b)
@@ -148,15 +161,15 @@ def test_stale_snapshot_never_overwrites_fresh_tokens():
     s.add(r)
     for _ in range(3):
         batch = s.schedule()
-        s.apply(batch, compute(s, batch))
+        step(s, batch)
     stale = s.schedule()  # a decode snapshot of r...
     stale_result = compute(s, stale)
     s._preempt(r)  # ...then r is preempted before that result comes back
     while r.num_computed_tokens < r.num_tokens - 1 or r.state is not RequestState.RUNNING:
         fresh = s.schedule()  # r is recomputed and moves on
-        s.apply(fresh, compute(s, fresh))
+        step(s, fresh)
     fresh = s.schedule()
-    s.apply(fresh, compute(s, fresh))
+    step(s, fresh)
     before = list(r.output_ids)
     assert s.apply(stale, stale_result) == []  # the stale result is dropped...
     assert r.output_ids == before  # ...and changes nothing
@@ -182,7 +195,7 @@ def test_abort_frees_pages_waiting_and_running():
     s.add(a)
     s.add(b)
     batch = s.schedule()
-    s.apply(batch, compute(s, batch))
+    step(s, batch)
     assert a.state is RequestState.RUNNING and b.state is RequestState.WAITING
     assert s.allocator.num_used_pages > 0
     s.abort("b")
@@ -202,7 +215,7 @@ def test_prefix_cache_reuse_and_stats():
     batch = s.schedule()
     # 19 computable tokens -> 16 whole pages' worth cached; 4 left to compute
     assert batch.prefill_rows[0].start_pos == 16 and second.num_cached_tokens == 16
-    s.apply(batch, compute(s, batch))
+    step(s, batch)
     run(s)
     assert second.output_ids == first.output_ids == reference(prompt, 3)
     cache = s.prefix_cache

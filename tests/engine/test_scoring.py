@@ -104,9 +104,10 @@ async def test_softmax_order_text_and_item_first(engines, tiny_checkpoints):
     ref = np.exp(hf_label_logprobs(tiny_checkpoints("qwen3"), prompts, [5, 17]))
     np.testing.assert_allclose(np.array(text.scores), ref, rtol=1e-3)
 
-    first = await engine.score(QUERY, ITEMS[:3], LABELS, item_first=True)
     ref = np.exp(hf_label_logprobs(tiny_checkpoints("qwen3"), [item + QUERY for item in ITEMS[:3]], LABELS))
-    np.testing.assert_allclose(np.array(first.scores), ref, rtol=1e-3)
+    for item_first_engine in (engine, await engines("qwen3", "packed")):  # the single path, in any default mode
+        first = await item_first_engine.score(QUERY, ITEMS[:3], LABELS, item_first=True)
+        np.testing.assert_allclose(np.array(first.scores), ref, rtol=1e-3)
     assert (await engine.score(QUERY, [], LABELS)).scores == []
 
 
@@ -123,7 +124,7 @@ async def test_invalid_inputs_name_the_field(engines):
         (dict(query=QUERY, items=[[5]] * 201, label_token_ids=[5]), r"items: 201 items exceeds the limit of 200"),
         (dict(query=QUERY, items=[[5] * 33], label_token_ids=[5]), r"items\[0\]: 33 tokens exceeds the limit"),
         (dict(query=QUERY, items=[[]], label_token_ids=[5]), r"items\[0\]: must not be empty"),
-        (dict(query=QUERY, items=ITEMS, label_token_ids=[5], item_first=True), r"item_first: not supported"),
+        (dict(query=QUERY, items=ITEMS, label_token_ids=[5], mode="batched"), r"mode: 'batched' is not enabled"),
         (dict(query=[5] * 500, items=[[5] * 20], label_token_ids=[5]), r"query: 500 tokens plus the longest"),
     ]
     for kwargs, message in cases:

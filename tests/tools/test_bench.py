@@ -1,4 +1,4 @@
-"""tools.bench: workload generation, then end-to-end runs against a kvloom server (the deterministic fake
+"""tools.bench: options into a plan and its request bodies, then end-to-end runs against a kvloom server (the deterministic fake
 runner) on loopback, in the test's event loop."""
 
 import asyncio
@@ -11,7 +11,7 @@ from aiohttp import web
 
 from kvloom.api.server import start_server
 from tests.api.conftest import fake_server  # noqa: F401 - the fixture, reused
-from kvloom.tools import bench
+from kvloom.tools import bench, workload
 from kvloom.tools.cli import build_parser
 
 pytestmark = pytest.mark.timeout(120)
@@ -29,28 +29,12 @@ def small_generation(url: str, *options: str):
 
 # ---- workload -----------------------------------------------------------------------------------
 
-def test_length_distributions():
-    rng = np.random.default_rng(0)
-    assert bench.parse_length_dist("fixed", 7).sample(rng) == 7
-    uniform = bench.parse_length_dist("uniform:64:256", 128)
-    samples = [uniform.sample(rng) for _ in range(500)]
-    assert 64 <= min(samples) and max(samples) <= 256 and len(set(samples)) > 50
-    assert bench.parse_length_dist("uniform", 100) == bench.LengthDist("uniform", 50, 150)
-    normal = bench.parse_length_dist("normal:10", 100)
-    assert normal == bench.LengthDist("normal", 100, 10)
-    assert abs(np.mean([normal.sample(rng) for _ in range(500)]) - 100) < 3
-    assert all(bench.parse_length_dist("normal:2:50", 2).sample(rng) >= 1 for _ in range(100))
-    for spec in ("uniform:9:3", "uniform:1", "normal:a", "gamma", "fixed:3"):
-        with pytest.raises(ValueError, match="length distribution"):
-            bench.parse_length_dist(spec, 10)
-
-
 def test_synthetic_prompts_share_their_prefix_and_stay_in_the_vocabulary():
     args = bench_args("http://127.0.0.1:1", "--vocab-size", "384", "--input-len", "40",
                       "--shared-prefix-ratio", "0.5", "--output-len", "3")
-    workload = bench.plan_from_args(args).workload
-    assert workload.id_range == (100, 384)
-    specs = bench.request_specs(workload, np.random.default_rng(1), bench.SharedPrefix(0, workload.id_range))
+    plan = bench.plan_from_args(args).workload
+    assert plan.id_range == (100, 384)
+    specs = workload.request_specs(plan, np.random.default_rng(1), workload.SharedPrefix(0, plan.id_range))
     bodies = [next(specs).body for _ in range(5)]
     prompts = [b["prompt"] for b in bodies]
     assert all(len(p) == 40 and all(100 <= t < 384 for t in p) for p in prompts)
@@ -64,7 +48,7 @@ def test_text_prompts_and_score_bodies():
     chat = bench.plan_from_args(bench_args("http://h:1", "--api", "chat", "--input-len", "12",
                                            "--shared-prefix-ratio", "0.25", "--model", "m")).workload
     assert chat.prompt_format == "text"
-    specs = bench.request_specs(chat, np.random.default_rng(0), bench.SharedPrefix(0, chat.id_range))
+    specs = workload.request_specs(chat, np.random.default_rng(0), workload.SharedPrefix(0, chat.id_range))
     a, b = next(specs), next(specs)
     assert a.path == "/v1/chat/completions" and a.body["model"] == "m"
     words_a, words_b = (s.body["messages"][0]["content"].split() for s in (a, b))
@@ -72,7 +56,7 @@ def test_text_prompts_and_score_bodies():
     score = bench.plan_from_args(bench_args("http://h:1/v1/", "--workload", "score", "--query-tokens", "5",
                                             "--num-items", "3", "--item-tokens", "4",
                                             "--label-token-ids", "1,2")).workload
-    spec = next(bench.request_specs(score, np.random.default_rng(0), bench.SharedPrefix(0, score.id_range)))
+    spec = next(workload.request_specs(score, np.random.default_rng(0), workload.SharedPrefix(0, score.id_range)))
     assert spec.path == "/v1/score" and not spec.is_stream and spec.num_items == 3
     assert len(spec.body["query"]) == 5 and np.shape(spec.body["items"]) == (3, 4)
     assert spec.body["label_token_ids"] == [1, 2]

@@ -7,29 +7,19 @@ import numpy as np
 import pytest
 
 from kvloom.tools import bench_engine
+from kvloom.tools.report import format_value
 
 
 def test_roofline_and_ratios():
     assert bench_engine.roofline_tokens_per_s(100e9, 50_000_000) == pytest.approx(1000.0)
-    assert bench_engine.ratio(6.0, 2.0) == 3.0
-    assert bench_engine.ratio(6.0, None) is None and bench_engine.ratio(None, 2.0) is None
     assert bench_engine.throughput_target(32) == bench_engine.TARGETS["concurrent_32"]
     assert bench_engine.throughput_target(1) == bench_engine.TARGETS["single_stream"]
     assert bench_engine.throughput_target(8) == ""
     assert bench_engine.ttft_target(1500) == bench_engine.TARGETS["cached_ttft_1500"]
 
 
-def test_prompt_ids_stay_in_the_vocabulary():
-    assert bench_engine.prompt_id_range(49152) == (100, 10000)
-    low, high = bench_engine.prompt_id_range(384)
-    assert 0 < low < high == 384
-    rng = np.random.default_rng(0)
-    prompts = bench_engine.random_prompts(rng, 3, 5, (low, high))
-    assert len(prompts) == 3 and all(len(p) == 5 and all(low <= t < high for t in p) for p in prompts)
-
-
 def test_format_row_aligns_and_shows_missing_values():
-    fmt = bench_engine.format_value
+    fmt = format_value
     row = bench_engine.format_row(("decode tok/s @1 concurrent", fmt(12.345), fmt(None), fmt(2.0, suffix="x"),
                                    "target"))
     assert row.split() == ["decode", "tok/s", "@1", "concurrent", "12.35", "-", "2.00x", "target"]

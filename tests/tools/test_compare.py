@@ -12,6 +12,7 @@ import pytest
 from kvloom.engine.models.loader import _unpermute_rope, load_model, resolve_source
 from kvloom.tools import compare
 from kvloom.tools.cli import build_parser
+from kvloom.tools.command_args import COMPARE_WORKLOADS, PEERS
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -30,7 +31,7 @@ def test_roofline_arithmetic():
     assert roof.score_items_s(128, 16, 16) == pytest.approx(1000.0 * 16 / 384)
     assert roof.to_json()["peak_gflops"] == pytest.approx(100.0)
 
-    figs = compare.figures(compare.FULL, compare.WORKLOADS, roof)
+    figs = compare.figures(compare.FULL, COMPARE_WORKLOADS, roof)
     assert [f.key for f in figs] == ["decode@1", "decode@8", "decode@32", "prefill", "shared-prefix", "score"]
     by_key = {f.key: f for f in figs}
     assert by_key["decode@8"].roofline == pytest.approx(800.0)
@@ -127,7 +128,7 @@ def test_options():
     assert sizes.concurrency == (2, 3) and sizes.new_tokens == 5
     assert sizes.prefill_tokens == compare.QUICK.prefill_tokens
     defaults = build_parser().parse_args(["compare"])
-    assert defaults.peers == compare.PEERS and compare.sizes_from_args(defaults) == compare.FULL
+    assert defaults.peers == PEERS and compare.sizes_from_args(defaults) == compare.FULL
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compare", "--peers", "hf,vllm"])
 
@@ -174,7 +175,7 @@ def test_llamacpp_in_process_with_a_fake_module(monkeypatch):
         return [len(w) for w in text.split()]
 
     prompts = compare.build_prompt_set(encode, np.random.default_rng(0), sizes)
-    out = compare.bench_llamacpp("model.gguf", prompts, sizes, compare.WORKLOADS, 2, ("a bb", [1, 2]))
+    out = compare.bench_llamacpp("model.gguf", prompts, sizes, COMPARE_WORKLOADS, 2, ("a bb", [1, 2]))
     assert set(out) == {"decode@1", "decode@4", "prefill", "shared-prefix", "score"}
     assert all(m["value"] > 0 and m["same_tokenizer"] for m in out.values())
     assert out["decode@4"]["num_tokens"] == 4 * sizes.new_tokens

@@ -30,7 +30,7 @@ def test_outcomes_and_the_table():
                     + [Outcome("timeout", 30.0)])
     assert (r.during_ok, r.during_errors, r.during_hung, r.during_other) == (5, 7, 1, 0)
     r.expect(r.during_hung == 0, "1 request hung")
-    table = fault_gate.format_table([r])
+    table = fault_gate.results_table([r])
     assert table.splitlines()[1].split()[:4] == ["raise", "10/10", "5/7/1", "engine_unavailable,timeout"]
     assert table.splitlines()[1].endswith("FAIL") and "raise: 1 request hung" in table
 

@@ -1,0 +1,71 @@
+"""From a request's new tokens to what its caller sees, and the one place that decides how a request finished.
+
+After `Scheduler.apply` appends tokens, the engine calls `next_output(request)` for
+every request with news. It detokenizes the new tokens, holds back text that might
+still become a stop string, and decides whether the request is done:
+
+    stop token   an eos id (unless ignore_eos) or one of stop_token_ids -> STOP, stop_reason = the id
+    stop string  one of params.stop appears in the text              -> STOP, stop_reason = the string
+    length       max_tokens produced, or the context is full         -> LENGTH
+
+An abort or an error is decided by its cause (the caller, the engine, a failed row)
+through `Scheduler.finish`; this module then only builds the final output. A
+scoring request has a single output, when it finishes, with its label logprobs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from kvloom.engine.request import FinishReason, Request, RequestOutput
+
+
+def token_finish(request: Request, max_model_len: int) -> Optional[tuple[FinishReason, Optional[int]]]:
+    """How the request's newest token ends it, if it does: (reason, stop token id or None)."""
+    params, token = request.params, request.output_ids[-1]
+    if not params.ignore_eos and token in request.eos_token_ids:
+        return FinishReason.STOP, token
+    if token in params.stop_token_ids:
+        return FinishReason.STOP, token
+    if len(request.output_ids) >= params.max_tokens or request.num_tokens >= max_model_len:
+        return FinishReason.LENGTH, None
+    return None
+
+
+def next_output(request: Request, *, max_model_len: int, finish: Callable) -> RequestOutput:
+    """The request's news since its last output; `finish(request, reason, stop_reason)` ends it when a stop
+    token, a stop string or the length says so."""
+    if request.score is not None:
+        return _output(request, "", (), (), label_logprobs=tuple(request.score.label_logprobs)
+                       if request.is_finished and request.score.is_done else None)
+    new_ids = request.output_ids[request.num_emitted_tokens:]
+    new_logprobs = request.output_logprobs[request.num_emitted_tokens:]
+    request.num_emitted_tokens = len(request.output_ids)
+    decision = token_finish(request, max_model_len) if new_ids and not request.is_finished else None
+    text = ""
+    for i, token in enumerate(new_ids):
+        is_stop_token = i == len(new_ids) - 1 and decision is not None and decision[1] is not None
+        if not is_stop_token:
+            text += request.detokenizer.add(token)
+    ending = request.is_finished or decision is not None
+    if ending:
+        text += request.detokenizer.finish()
+    if request.stop_matcher is not None:
+        text, stopped = request.stop_matcher.feed(text)
+        if stopped and not request.is_finished:
+            decision = (FinishReason.STOP, request.stop_matcher.stopped_by)
+        elif ending:
+            text += request.stop_matcher.flush()
+    if decision is not None and not request.is_finished:
+        finish(request, *decision)
+    return _output(request, text, tuple(new_ids), tuple(new_logprobs))
+
+
+def _output(request: Request, text: str, token_ids: tuple, logprobs: tuple, label_logprobs=None) -> RequestOutput:
+    done = request.is_finished
+    return RequestOutput(
+        request_id=request.request_id, text=text, token_ids=token_ids, logprobs=logprobs, finished=done,
+        finish_reason=request.finish_reason, stop_reason=request.stop_reason,
+        usage=request.usage() if done else None, error=request.error, error_code=request.error_code,
+        label_logprobs=label_logprobs,
+    )

@@ -1,0 +1,101 @@
+"""The `kvloom` command line: the serve path loads no benchmark module, the tools' imports form no
+cycle, and the engine flags become the config they name."""
+
+import argparse
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kvloom.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from kvloom.tools.cli import build_parser
+from kvloom.tools.engine_args import add_engine_args, engine_config_from_args
+
+pytestmark = pytest.mark.timeout(120)
+
+TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tools")
+
+# What `kvloom serve` runs up to uvloop.run: the parser, the config, the server and the engine.
+SERVE_IMPORTS = """
+import sys
+from kvloom.tools.cli import build_parser
+from kvloom.tools.engine_args import engine_config_from_args
+args = build_parser().parse_args(["serve", "--num-pages", "64", "--compile-cache", ""])
+engine_config_from_args(args, serve=True)
+import kvloom.api.server, kvloom.engine.engine, kvloom.engine.faults, uvloop
+print(" ".join(sorted(name for name in sys.modules if name.startswith("kvloom.tools."))))
+"""
+
+
+def test_serve_loads_no_benchmark_module():
+    out = subprocess.run([sys.executable, "-c", SERVE_IMPORTS], capture_output=True, text=True, timeout=100)
+    assert out.returncode == 0, out.stderr
+    loaded = set(out.stdout.split())
+    assert loaded == {"kvloom.tools.cli", "kvloom.tools.command_args", "kvloom.tools.engine_args"}
+
+
+def tools_imports() -> dict[str, set[str]]:
+    """module -> the kvloom.tools modules it imports anywhere (at the top or inside a function)."""
+    graph = {}
+    for file in sorted(os.listdir(TOOLS)):
+        if not file.endswith(".py") or file == "__init__.py":
+            continue
+        with open(os.path.join(TOOLS, file)) as f:
+            tree = ast.parse(f.read())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "kvloom.tools":
+                imported.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kvloom.tools."):
+                imported.add(node.module.split(".")[2])
+            elif isinstance(node, ast.Import):
+                imported.update(a.name.split(".")[2] for a in node.names if a.name.startswith("kvloom.tools."))
+        graph[file[:-3]] = imported
+    return graph
+
+
+def test_tools_modules_import_no_cycle():
+    graph = tools_imports()
+    assert graph["cli"] == {"command_args", "engine_args", "bench", "compare", "soak", "fault_gate"}
+    assert set().union(*graph.values()) <= set(graph), "every imported tools module exists"
+    done, path = set(), []
+
+    def visit(module: str) -> None:
+        assert module not in path, f"import cycle: {' -> '.join(path[path.index(module):] + [module])}"
+        if module in done:
+            return
+        path.append(module)
+        for other in sorted(graph[module]):
+            visit(other)
+        path.pop()
+        done.add(module)
+
+    for module in graph:
+        visit(module)
+
+
+def test_serve_flags_make_the_engine_config():
+    args = build_parser().parse_args(["serve", "--model", "m.gguf", "--dtype", "bfloat16", "--max-running", "3",
+                                      "--num-pages", "64", "--policy", "lpm", "--seed", "7", "--step-timeout",
+                                      "5", "--no-prefix-cache", "--max-model-len", "128"])
+    config = engine_config_from_args(args, serve=True)
+    assert (config.model, config.dtype, config.max_model_len, config.seed, config.step_timeout_s) == (
+        "m.gguf", "bfloat16", 128, 7, 5.0)
+    assert config.scheduler == SchedulerConfig(max_running=3, policy="lpm")
+    assert config.cache == CacheConfig(num_pages=64, enable_prefix_cache=False)
+    defaults = engine_config_from_args(build_parser().parse_args(["serve"]), serve=True)
+    assert defaults == EngineConfig()  # no flag given: the config's own defaults
+
+
+def test_benchmark_flags_fall_back_to_the_command_sizes():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seed", type=int, default=11)  # a benchmark's own prompt seed, not the engine's
+    add_engine_args(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--policy", "lpm"])  # a server flag: benchmarks do not take it
+    config = engine_config_from_args(parser.parse_args([]), dtype="float32", max_running=9)
+    assert config.scheduler.max_running == 9 and config.seed == EngineConfig().seed
+    config = engine_config_from_args(parser.parse_args(["--max-running", "2", "--page-size", "4"]), max_running=9)
+    assert config.scheduler.max_running == 2 and config.cache.page_size == 4

