@@ -96,7 +96,8 @@ class SamplingParams:
         for i, t in enumerate(self.stop_token_ids):
             _check_number(f"stop_token_ids[{i}]", t, low=0, integer=True)
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-            raise ValueError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
+            raise ValueError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, "
+                             f"got {len(self.stop_token_ids)}")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "logit_bias", _normalized_logit_bias(self.logit_bias))
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
@@ -119,6 +120,8 @@ class SamplingParams:
 
 
 def _normalized_logit_bias(value) -> tuple[tuple[int, float], ...]:
+    if not value:
+        return ()
     pairs = list(value.items()) if isinstance(value, dict) else value
     if not isinstance(pairs, (tuple, list)):
         raise ValueError(f"logit_bias: must map token ids to biases, got {value!r}")

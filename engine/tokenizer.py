@@ -265,7 +265,8 @@ class IncrementalDetokenizer:
     window's, not the sequence's. Both offsets sit on character boundaries once text is emitted.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True):
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (),
+                 skip_special_tokens: bool = True):
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
         # Only the tail of the prompt matters: it gives the first tokens their context
