@@ -64,6 +64,7 @@ class ScheduledBatch:
     decode_rows: tuple[ScheduledRow, ...] = ()
     prefill_rows: tuple[ScheduledRow, ...] = ()
     score_rows: tuple[ScoreRow, ...] = ()
+    score_mode: str = ""  # a score step: "batched" or "packed", the mode of every task in it
 
     @property
     def rows(self) -> tuple[ScheduledRow, ...]:

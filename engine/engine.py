@@ -442,6 +442,9 @@ class Engine:
                 self._fail(f"step failed: {type(exc).__name__}: {exc}")
                 return
             self.metrics.steps.inc()
+            if batch.score_rows:
+                self.metrics.record_score_step(batch.score_mode, len(batch.score_rows),
+                                               sum(len(row.items) for row in batch.score_rows))
             self._emit(self.scheduler.apply(batch, result))
 
     def _fail_all(self, message: str) -> None:

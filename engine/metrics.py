@@ -48,7 +48,16 @@ class EngineMetrics:
         self.request_errors = Counter(
             "kvloom_request_errors", "Failed requests by error type.", ["error_type"], registry=r)
         self.steps = Counter("kvloom_steps", "Engine steps run.", registry=r)
+        self.score_steps = Counter("kvloom_score_steps", "Score steps run, by scoring mode.", ["mode"], registry=r)
+        self.score_rows = Counter("kvloom_score_rows", "Rows of score steps, by scoring mode.", ["mode"], registry=r)
+        self.score_items = Counter("kvloom_score_items", "Items scored by score steps, by scoring mode.", ["mode"],
+                                   registry=r)
         r.register(_LiveCollector(read_live))
+
+    def record_score_step(self, mode: str, num_rows: int, num_items: int) -> None:
+        self.score_steps.labels(mode).inc()
+        self.score_rows.labels(mode).inc(num_rows)
+        self.score_items.labels(mode).inc(num_items)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

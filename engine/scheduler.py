@@ -185,7 +185,7 @@ class Scheduler:
                 break  # the shape is full
         row_len = max(sum(len(t) for _, t in row.items) for row in rows)
         return ScheduledBatch(next(self._step_ids), plan.score_shape(mode, len(rows), row_len),
-                              score_rows=tuple(rows))
+                              score_rows=tuple(rows), score_mode=mode)
 
     @staticmethod
     def _score_row(request: Request, indices: list[int]) -> ScoreRow:

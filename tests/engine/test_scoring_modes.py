@@ -15,7 +15,7 @@ from kvloom.engine.scheduler import Scheduler
 from tests import fake_runner
 from tests.conftest import tiny_engine_config
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(180)
 
 QUERY = list(range(10, 40))
 ITEMS = [[50 + i, 60 + i, 70 + i] for i in range(12)]  # 12 items of 3 tokens
@@ -60,6 +60,10 @@ async def test_each_mode_runs_its_own_path(both_modes):
                 assert len(labelled) == len(ITEMS)
             items_seen = [i for b in batches for row in b.score_rows for i, _ in row.items]
             assert items_seen == (list(range(len(ITEMS))) if mode != "single" else [])
+        metrics = engine.metrics.render().decode()
+        for mode in ("packed", "batched"):
+            assert f'kvloom_score_items_total{{mode="{mode}"}} {float(len(ITEMS))}' in metrics
+        assert 'kvloom_score_rows_total{mode="packed"}' in metrics and 'mode="single"' not in metrics
         np.testing.assert_allclose(results["packed"], results["single"], rtol=1e-6)
         np.testing.assert_allclose(results["batched"], results["single"], rtol=1e-6)
 
