@@ -138,7 +138,7 @@ class StreamOptions(_Strict):
 
 LogitBias = Annotated[dict[Annotated[str, Field(pattern=r"^(0|[1-9][0-9]{0,9})$")],
                            Annotated[float, Field(ge=-LOGIT_BIAS_LIMIT, le=LOGIT_BIAS_LIMIT)]],
-                      Field(max_length=MAX_LOGIT_BIAS)]
+                      Field(max_length=MAX_LOGIT_BIAS, json_schema_extra={"additionalProperties": False})]
 
 
 # ---- generation ------------------------------------------------------------------------------------
