@@ -311,8 +311,8 @@ def _items_form(v):
 
 
 ScoreItems = _one_of(("<text>", str), ("<texts>", list[str]), ("<token id lists>", list[list[TokenId]]),
-                     tag_of=_items_form, message="must be a string, an array of strings or an array of token id "
-                                                 "arrays")
+                     tag_of=_items_form,
+                     message="must be a string, an array of strings or an array of token id arrays")
 
 
 class ScoreRequest(_Strict):
