@@ -15,6 +15,7 @@ template, a prompt that fits the context) are the engine's, once, when the serve
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -129,7 +130,7 @@ Messages = Annotated[list, PlainValidator(_messages, json_schema_input_type=Anno
 
 
 class StreamOptions(_Strict):
-    include_usage: Optional[bool] = Field(None, description="A last chunk with the usage of the whole request.")
+    include_usage: Optional[bool] = Field(None, description="A last chunk: the usage of the whole request.")
     continuous_usage_stats: Optional[bool] = Field(
         None, description="vLLM extension: with include_usage, every chunk carries the usage so far.")
     include_obfuscation: Optional[bool] = Field(None, description=NO_EFFECT)
@@ -137,7 +138,7 @@ class StreamOptions(_Strict):
 
 LogitBias = Annotated[dict[Annotated[str, Field(pattern=r"^(0|[1-9][0-9]{0,9})$")],
                            Annotated[float, Field(ge=-LOGIT_BIAS_LIMIT, le=LOGIT_BIAS_LIMIT)]],
-                      Field(max_length=MAX_LOGIT_BIAS)]
+                      Field(max_length=MAX_LOGIT_BIAS, json_schema_extra={"additionalProperties": False})]
 
 
 # ---- generation ------------------------------------------------------------------------------------
@@ -328,16 +329,18 @@ def _items_form(v):
     return None
 
 
+ScoreItems = _one_of(("<text>", str), ("<texts>", list[str]), ("<token id lists>", list[list[TokenId]]),
+                     tag_of=_items_form,
+                     message="must be a string, an array of strings or an array of token id arrays")
+
+
 class ScoreRequest(_Strict):
-    """/v1/score (SGLang's shape); the semantics are SCORING.md's."""
+    """/v1/score (SGLang's shape): scores[i][j] = P(label_token_ids[j] | query ++ items[i])."""
 
     model: Optional[str] = None
-    query: _one_of(("<text>", NonEmptyText), ("<token ids>", TokenIds),
-                   tag_of=lambda v: "<text>" if isinstance(v, str) else "<token ids>" if isinstance(v, list)
-                   else None, message="must be a string or an array of token ids")
-    items: Optional[_one_of(("<text>", str), ("<texts>", list[str]), ("<token id lists>", list[list[TokenId]]),
-                            tag_of=_items_form, message="must be a string, an array of strings or an array "
-                                                        "of token id arrays")] = None
+    query: _one_of(("<string>", NonEmptyText), ("<array>", TokenIds), tag_of=_text_or_list,
+                   message="must be a string or an array of token ids")
+    items: Optional[ScoreItems] = None
     label_token_ids: TokenIds
     apply_softmax: Optional[bool] = None
     item_first: Optional[bool] = None
@@ -360,7 +363,8 @@ class TokenizeChatRequest(_Strict):
 
 # vLLM's /tokenize: a body with "messages" is a chat request, any other a prompt
 TokenizeRequest = TypeAdapter(Annotated[
-    Union[Annotated[TokenizeChatRequest, Tag("<chat>")], Annotated[TokenizeCompletionRequest, Tag("<prompt>")]],
+    Union[Annotated[TokenizeChatRequest, Tag("<chat>")],
+          Annotated[TokenizeCompletionRequest, Tag("<prompt>")]],
     Discriminator(lambda v: "<chat>" if isinstance(v, dict) and "messages" in v else "<prompt>")])
 
 
@@ -419,15 +423,16 @@ def _describe(error: dict) -> tuple[str, str]:
     kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
     if kind in _TYPE_NAMES:
         return "invalid_type", f"must be {_TYPE_NAMES[kind]}, got {_json_type(value)}"
-    bounds = {"greater_than_equal": (">=", "ge"), "less_than_equal": ("<=", "le"), "greater_than": (">", "gt"),
-              "less_than": ("<", "lt")}
+    bounds = {"greater_than_equal": (">=", "ge"), "less_than_equal": ("<=", "le"),
+              "greater_than": (">", "gt"), "less_than": ("<", "lt")}
     if kind in bounds:
         sign, key = bounds[kind]
         return "invalid_value", f"must be {sign} {ctx[key]}, got {value}"
     if kind in ("too_short", "string_too_short") and ctx.get("min_length") == 1:
         return "invalid_value", "must not be empty"
     if kind in ("too_long", "string_too_long"):
-        return "invalid_value", f"at most {ctx['max_length']} items, got {ctx.get('actual_length', len(value))}"
+        actual = ctx.get("actual_length", len(value))
+        return "invalid_value", f"at most {ctx['max_length']} items, got {actual}"
     if kind == "string_pattern_mismatch":
         return "invalid_value", f"must be a token id (a decimal integer), got {value!r}"
     if kind == "literal_error":
@@ -452,6 +457,7 @@ def api_error(exc: ValidationError) -> APIError:
                        "invalid_body")
     param = (error.get("ctx") or {}).get("param") or _param(loc)
     code, message = _describe(error)
-    if error.get("input", ...) is None and param and "." not in param and "[" not in param:
+    is_top_level = param is not None and not re.search(r"[.\[]", param)
+    if code != "unknown_field" and error.get("input", ...) is None and is_top_level:
         code, message = "missing_field", "is required"  # null in a required field (optional ones take it)
     return invalid(param, message, code)

@@ -26,6 +26,7 @@ from kvloom.api import errors
 from kvloom.api.errors import APIError
 from kvloom.api.http_common import make_error_middleware, read_body, read_json
 from kvloom.api.kv_events_route import install_kv_events
+from kvloom.api.middleware import access_log_middleware, require_api_key, send_request_id
 from kvloom.api.openapi import openapi_spec
 from kvloom.api.protocol import (GenerationRequest, TokenizeChatRequest, parse_chat, parse_completion,
                                   parse_detokenize, parse_score, parse_tokenize)
@@ -41,7 +42,8 @@ DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 
 
 def _json(data, status: int = 200, headers: Optional[dict] = None) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json", headers=headers)
+    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json",
+                        headers=headers)
 
 
 error_middleware = make_error_middleware(
@@ -51,7 +53,7 @@ _read_body, _read_json = read_body, read_json
 
 
 def _check_model(engine: Engine, model: Optional[str]) -> None:
-    if model is not None and model != engine.model_name:
+    if model is not None and model not in engine.served_model_names:
         raise errors.model_not_found(model)
 
 
@@ -170,7 +172,8 @@ class Generation:
         content = []
         for lp in out.logprobs:
             content.append({
-                "token": tok.token_text(lp.token_id), "logprob": lp.logprob, "bytes": tok.token_bytes(lp.token_id),
+                "token": tok.token_text(lp.token_id), "logprob": lp.logprob,
+                "bytes": tok.token_bytes(lp.token_id),
                 "top_logprobs": [{"token": tok.token_text(t), "logprob": v, "bytes": tok.token_bytes(t)}
                                  for t, v in lp.top],
             })
@@ -256,7 +259,8 @@ class Generation:
         return _json(body)
 
     async def stream_response(self, request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-cache"})
         await response.prepare(request)
         chat = self.req.kind == "chat"
         base = {"id": self.id, "object": "chat.completion.chunk" if chat else "text_completion",
@@ -292,7 +296,8 @@ class Generation:
                 c.text += text
             if out.finished:
                 c.finish_reason, c.usage = _finish_reason(out), out.usage
-                item = ({"index": index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason} if chat
+                item = ({"index": index, "delta": {}, "logprobs": None,
+                         "finish_reason": c.finish_reason} if chat
                         else {"index": index, "text": "", "logprobs": None, "finish_reason": c.finish_reason})
                 await send([item])
         if error is not None:
@@ -335,20 +340,22 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, parse_chat)
 
 
-def _model_card(engine: Engine) -> dict:
-    return {"id": engine.model_name, "object": "model", "created": int(engine.last_ready_at or time.time()),
+def _model_card(engine: Engine, name: str) -> dict:
+    return {"id": name, "object": "model", "created": int(engine.last_ready_at or time.time()),
             "owned_by": "kvloom", "max_model_len": engine.max_model_len if engine.runner else None}
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return _json({"object": "list", "data": [_model_card(request.app[ENGINE_KEY])]})
+    engine = request.app[ENGINE_KEY]
+    cards = [_model_card(engine, name) for name in engine.served_model_names]
+    return _json({"object": "list", "data": cards})
 
 
 async def get_model(request: web.Request) -> web.Response:
     engine = request.app[ENGINE_KEY]
     model = request.match_info["model"]
     _check_model(engine, model)
-    return _json(_model_card(engine))
+    return _json(_model_card(engine, model))
 
 
 async def score(request: web.Request) -> web.Response:
@@ -414,7 +421,8 @@ async def health(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     engine = request.app[ENGINE_KEY]
     body = {"ready": engine.is_ready, "state": engine.state.value, "detail": engine.state_detail}
-    return _json(body, status=200 if engine.is_ready else 503, headers=None if engine.is_ready else {"Retry-After": "5"})
+    return _json(body, status=200 if engine.is_ready else 503,
+                 headers=None if engine.is_ready else {"Retry-After": "5"})
 
 
 async def status(request: web.Request) -> web.Response:
@@ -461,11 +469,16 @@ async def admin_faults(request: web.Request) -> web.Response:
     return _json({"armed": body["kind"], "fired": engine.faults.num_fired})
 
 
-def create_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               enable_admin: bool = False) -> web.Application:
+def create_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, enable_admin: bool = False,
+               api_key: Optional[str] = None, access_log: bool = True) -> web.Application:
     """The app for `engine`. enable_admin adds POST /admin/restart and, when the engine has a fault
-    injector, POST /admin/faults."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=max_body_bytes)
+    injector, POST /admin/faults. With an api_key, every route but /health, /ready and /metrics needs
+    `Authorization: Bearer <api_key>`. access_log: one INFO line per request on `kvloom.access`."""
+    middlewares = [access_log_middleware(access_log), error_middleware]
+    if api_key:
+        middlewares.append(require_api_key(api_key))
+    app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
+    app.on_response_prepare.append(send_request_id)
     app[ENGINE_KEY] = engine
     app[MAX_BODY_KEY] = max_body_bytes
     app.router.add_post("/v1/completions", completions)
@@ -499,9 +512,9 @@ async def start_server(app: web.Application, host: str = "127.0.0.1", port: int 
 
 
 async def serve(engine: Engine, host: str, port: int, drain_timeout: float = 30.0,
-                enable_admin: bool = False) -> None:
+                enable_admin: bool = False, api_key: Optional[str] = None, access_log: bool = True) -> None:
     """Serve until SIGINT/SIGTERM, then drain in-flight requests (bounded) and stop."""
-    app = create_app(engine, enable_admin=enable_admin)
+    app = create_app(engine, enable_admin=enable_admin, api_key=api_key, access_log=access_log)
     runner, url = await start_server(app, host, port)
     log.info("kvloom listening on %s (model %s)", url, engine.config.model or "default")
     print(f"kvloom: listening on {url}", flush=True)

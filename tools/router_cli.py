@@ -89,8 +89,8 @@ def main_from_args(args) -> int:
         config = RouterConfig(
             replicas=tuple(args.replica) + tuple(url for _, url in children), policy=args.policy,
             seed=args.seed, tokenizer=tokenizer, enable_admin=args.enable_admin,
-            health=HealthConfig(interval_s=args.health_interval, timeout_s=args.health_timeout, fall=args.fall,
-                                rise=args.rise),
+            health=HealthConfig(interval_s=args.health_interval, timeout_s=args.health_timeout,
+                                fall=args.fall, rise=args.rise),
             proxy=ProxyConfig(read_timeout_s=args.read_timeout))
         uvloop.run(serve_router(config, args.host, args.port))
     finally:

@@ -37,7 +37,8 @@ def hf_greedy(tiny_llama):
     with torch.no_grad():
         for p in PROMPTS:
             x = torch.tensor([p])
-            gen = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NUM_TOKENS, do_sample=False,
+            gen = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NUM_TOKENS,
+                              do_sample=False,
                               eos_token_id=None, pad_token_id=0)
             out[tuple(p)] = gen[0, len(p):].tolist()
     return out
@@ -88,7 +89,8 @@ async def test_no_compilation_after_warm_up(engine):
     mixes = [
         SamplingParams(max_tokens=5, temperature=0.7, top_p=0.9, seed=1),
         SamplingParams(max_tokens=5, temperature=1.0, top_k=5, min_p=0.05, repetition_penalty=1.3, seed=2),
-        SamplingParams(max_tokens=5, temperature=0.0, logprobs=5, frequency_penalty=0.5, presence_penalty=0.3),
+        SamplingParams(max_tokens=5, temperature=0.0, logprobs=5, frequency_penalty=0.5,
+                       presence_penalty=0.3),
         SamplingParams(max_tokens=5, temperature=0.8, logit_bias={7: 3.0, 9: -100.0}, min_tokens=3, seed=3),
         GREEDY,
     ]
@@ -152,6 +154,16 @@ async def test_min_tokens_holds_back_eos_and_stop_token_ids(engine):
                           min_tokens=2)
     ids, outs = await generate_ids(engine, prompt, stop)
     assert len(ids) == 3 and 42 not in ids[:2] and ids[2] == 42 and outs[-1].stop_reason == 42
+
+
+async def test_skip_special_tokens_decides_whether_they_are_text(engine):
+    im_start = engine.tokenizer.encode("<|im_start|>", add_special_tokens=False)
+    assert len(im_start) == 1
+    forced = dict(max_tokens=2, temperature=0.0, ignore_eos=True, logit_bias={im_start[0]: 100.0})
+    _, outs = await generate_ids(engine, PROMPTS[0], SamplingParams(**forced))
+    assert "".join(o.text for o in outs) == ""
+    _, outs = await generate_ids(engine, PROMPTS[0], SamplingParams(**forced, skip_special_tokens=False))
+    assert "".join(o.text for o in outs) == "<|im_start|><|im_start|>"
 
 
 async def test_kv_cache_is_donated(engine):
