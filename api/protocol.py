@@ -305,10 +305,10 @@ def _sampling(body: _Generation, max_tokens: Optional[int], logprobs: Optional[i
 
 
 def _response_format(value) -> Optional[ResponseFormat]:
-    if isinstance(value, JsonObjectFormat) or isinstance(value, JsonSchemaFormat) and value.json_schema.schema_ is None:
-        return ResponseFormat.json_object()
-    if isinstance(value, JsonSchemaFormat):
+    if isinstance(value, JsonSchemaFormat) and value.json_schema.schema_ is not None:
         return ResponseFormat.json_schema(value.json_schema.schema_)
+    if isinstance(value, (JsonObjectFormat, JsonSchemaFormat)):  # a json_schema without a schema: any object
+        return ResponseFormat.json_object()
     return None  # text
 
 

@@ -160,7 +160,8 @@ class Engine:
         """On the compute thread: the structured-output compiler, or None (with the reason kept) when this
         tokenizer cannot have one; requests without response_format never need it."""
         try:
-            return GrammarCompiler(self.tokenizer.hf_tokenizer, self.runner.vocab_size, self.tokenizer.eos_token_ids)
+            tokenizer = self.tokenizer
+            return GrammarCompiler(tokenizer.hf_tokenizer, self.runner.vocab_size, tokenizer.eos_token_ids)
         except Exception as exc:  # noqa: BLE001 - e.g. a slow (Python) tokenizer
             log.warning("structured output is unavailable: %s", exc)
             self._grammars_unavailable = f"{type(exc).__name__}: {exc}"
@@ -340,8 +341,8 @@ class Engine:
         request.stop_matcher = StopStringMatcher(params.stop, include_stop) if params.stop else None
         if params.response_format is not None:
             if self.grammars is None:
-                raise ValueError(f"response_format: structured output is unavailable with this model's tokenizer "
-                                 f"({self._grammars_unavailable})")
+                raise ValueError(f"response_format: structured output is unavailable with this model's "
+                                 f"tokenizer ({self._grammars_unavailable})")
             request.grammar = self.grammars.matcher(params.response_format)
         return request
 

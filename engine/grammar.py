@@ -7,7 +7,7 @@ Who does what, all on the event loop (the compute thread only ever sees bitmasks
                            (a schema that cannot be compiled: ValueError naming its field)
     Scheduler.schedule     row.token_bitmask = request.grammar.bitmask()   (a read-only copy: rows are data)
     compute thread         engine.sampling.apply_token_bitmask: banned tokens' logits -> -1e30
-    Scheduler.apply        request.grammar.accept(token)                    (the only place a matcher advances)
+    Scheduler.apply        request.grammar.accept(token)                    (the one place a matcher advances)
     engine.output          request.grammar.is_complete ends the request (STOP)
 
 A bitmask is int32 [ceil(vocab_size / 32)]: bit j of word w allows token 32 * w + j. End of
@@ -87,7 +87,7 @@ class GrammarCompiler:
         self._compiled: OrderedDict[str, object] = OrderedDict()  # schema text -> a matcher at the start
 
     def matcher(self, response_format: ResponseFormat) -> GrammarMatcher:
-        """A fresh matcher for the format; ValueError naming `response_format.field` if it cannot be compiled."""
+        """A fresh matcher for the format; ValueError naming `response_format.field` if it cannot compile."""
         key = response_format.schema
         start = self._compiled.get(key)
         if start is None:

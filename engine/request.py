@@ -155,8 +155,8 @@ class SamplingParams:
                 raise ValueError("ignore_eos: cannot be true with response_format (a structured output ends "
                                  "when its JSON is complete)")
             if self.min_tokens:
-                raise ValueError("min_tokens: is not supported with response_format (a structured output ends "
-                                 "when its JSON is complete)")
+                raise ValueError("min_tokens: is not supported with response_format (a structured output "
+                                 "ends when its JSON is complete)")
 
     def check_token_ids(self, vocab_size: int) -> None:
         """Token ids that index the logits must lie in the vocabulary (the engine calls this)."""

@@ -87,7 +87,7 @@ def apply_logit_bias(logits, inp: SamplingInput):
 
 
 def apply_token_bitmask(logits, bitmask):
-    """logits [S, V], bitmask [S, ceil(V / 32)] int32 -> the logits with every token whose bit is 0 at -1e30."""
+    """logits [S, V], bitmask [S, ceil(V / 32)] int32 -> the logits, each token whose bit is 0 at -1e30."""
     s, vocab = logits.shape
     bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [S, W, 32]
     allowed = bits.reshape(s, -1)[:, :vocab] != 0

@@ -346,8 +346,8 @@ class Scheduler:
             token = int(result.token_ids[i])
             request.output_ids.append(token)
             if request.grammar is not None and not request.grammar.accept(token):
-                self.finish(request, FinishReason.ERROR, error=f"token {token} broke the response format: "
-                                                               f"{request.grammar.error}", error_code="request_failed")
+                self.finish(request, FinishReason.ERROR, error_code="request_failed",
+                            error=f"token {token} broke the response format: {request.grammar.error}")
                 updated.append(request)
                 continue
             if row.params.logprobs is not None and result.logprobs is not None:

@@ -212,7 +212,8 @@ TABLE = [
     case("response_format-unknown-type", Bad(CHAT, chat(response_format={"type": "xml"}),
                                              param="response_format", code="invalid_type")),
     case("response_format-json_schema-missing", Bad(CHAT, chat(response_format={"type": "json_schema"}),
-                                                    param="response_format.json_schema", code="missing_field")),
+                                                    param="response_format.json_schema",
+                                                    code="missing_field")),
     case("response_format-schema-not-an-object", Bad(CHAT, chat(response_format=json_schema([1, 2])),
                                                      param="response_format.json_schema.schema",
                                                      code="invalid_type")),
@@ -232,8 +233,8 @@ TABLE = [
                                               param="response_format.x", code="unknown_field")),
     case("response_format-with-ignore_eos", Bad(CHAT, chat(response_format={"type": "json_object"},
                                                            ignore_eos=True), param="ignore_eos")),
-    case("response_format-with-min_tokens", Bad(COMPLETIONS, completion(response_format={"type": "json_object"},
-                                                                        min_tokens=1), param="min_tokens")),
+    case("response_format-with-min_tokens", Bad(COMPLETIONS, completion(
+        response_format={"type": "json_object"}, min_tokens=1), param="min_tokens")),
     # ---- models, routes, methods, sizes ------------------------------------------------------------
     case("unknown-model-completions", Bad(COMPLETIONS, completion(model="nope"), status=404, param="model",
                                           code="model_not_found")),

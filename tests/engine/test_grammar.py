@@ -54,7 +54,8 @@ def test_a_valid_document_is_allowed_token_by_token_and_ends_the_grammar(compile
     assert matcher.is_complete
     assert allowed_token_ids(matcher.bitmask(), tokenizer.vocab_size).tolist() == [tokenizer.eos_token_ids[0]]
 
-    matcher = walk(compiler, tokenizer, ResponseFormat.json_object(), tokenizer.encode('{"x": [1, {"y": null}]}'))
+    nested = tokenizer.encode('{"x": [1, {"y": null}]}')
+    matcher = walk(compiler, tokenizer, ResponseFormat.json_object(), nested)
     assert matcher.is_complete
 
 

@@ -175,7 +175,8 @@ def test_token_bitmask_constrains_greedy_rows_and_leaves_unconstrained_rows_alon
         assert tokens[i] == max(allowed[i], key=lambda t: logits[i, t])
     np.testing.assert_array_equal(tokens[2:], np.asarray(plain.token_ids)[2:])
     ref = np.asarray(jax.nn.log_softmax(logits))
-    np.testing.assert_allclose(np.asarray(out.logprobs), ref[np.arange(4), tokens], rtol=1e-5)  # raw distribution
+    raw = ref[np.arange(4), tokens]
+    np.testing.assert_allclose(np.asarray(out.logprobs), raw, rtol=1e-5)  # of the raw distribution
 
 
 def test_token_bitmask_wins_over_bias_and_keeps_the_allowed_distribution():
