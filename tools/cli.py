@@ -18,16 +18,21 @@ from kvloom.tools.engine_args import (add_compile_cache_arg, add_engine_args, ad
 
 
 def cmd_chat(args) -> int:
+    from kvloom.engine.models import llama
     from kvloom.engine.models.loader import load_model
     from kvloom.engine.offline import greedy_generate
+    from kvloom.engine.sharding import make_mesh
     from kvloom.engine.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
     source, cfg, params = load_model(args.model, args.dtype)
+    mesh = make_mesh(args.tensor_parallel_size)
+    params = llama.shard_params(params, cfg, mesh)
     tokenizer = Tokenizer.load(source, extra_eos_ids=cfg.eos_token_ids)
     print(f"kvloom: loaded {source.name} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
-    out = greedy_generate(cfg, params, [prompt_ids], args.max_tokens, stop_ids=tokenizer.eos_token_ids)[0]
+    out = greedy_generate(cfg, params, [prompt_ids], args.max_tokens, stop_ids=tokenizer.eos_token_ids,
+                          mesh=mesh)[0]
     print(tokenizer.decode(out))
     return 0
 
@@ -36,19 +41,33 @@ def cmd_serve(args) -> int:
     import uvloop
 
     from kvloom.api.server import serve
+    from kvloom.engine import distributed
     from kvloom.engine.engine import Engine
     from kvloom.engine.faults import FaultInjector
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    use_compile_cache(args.compile_cache)
     config = engine_config_from_args(args, serve=True)
+    parallel, channel, runner_args = config.parallel, None, {}
+    if parallel.is_multiprocess:
+        distributed.initialize(parallel)  # before any other JAX use
+    use_compile_cache(args.compile_cache)
+    if parallel.process_id > 0:
+        return distributed.follow(config)
+    if parallel.is_multiprocess:
+        channel = distributed.LeaderChannel(parallel)
+        runner_args = dict(runner_factory=distributed.leader_runner_factory(channel))
 
     async def main():
         faults = FaultInjector() if args.enable_fault_injection else None
-        await serve(Engine(config, faults=faults), args.host, args.port, drain_timeout=args.drain_timeout,
+        engine = Engine(config, faults=faults, **runner_args)
+        await serve(engine, args.host, args.port, drain_timeout=args.drain_timeout,
                     enable_admin=args.enable_admin or args.enable_fault_injection)
 
-    uvloop.run(main())
+    try:
+        uvloop.run(main())
+    finally:
+        if channel is not None:
+            channel.close()
     return 0
 
 
@@ -84,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(chat)
     chat.add_argument("prompt", nargs="?", default="What is the capital of France? Answer in one sentence.")
     chat.add_argument("--max-tokens", type=int, default=48)
+    chat.add_argument("--tensor-parallel-size", type=int, default=1, help="devices to split the model over")
     chat.set_defaults(func=cmd_chat)
 
     serve = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible)")

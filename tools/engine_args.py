@@ -3,8 +3,9 @@ serve`, `kvloom chat`, `kvloom compare`, `python -m kvloom.tools.bench_engine | 
 one `EngineConfig` built from them.
 
     add_model_args(parser)          --model, and --dtype where the command lets the user choose
-    add_engine_args(parser)         the engine size flags; with serve=True also the server's own
-                                    (policy, queue, seed, watchdog, restarts, prefix cache)
+    add_engine_args(parser)         the engine size flags (tensor parallelism included); with serve=True
+                                    also the server's own (policy, queue, seed, watchdog, restarts,
+                                    prefix cache, warm-up, the processes of a multi-process model)
     add_compile_cache_arg(parser)   --compile-cache (alias --jax-cache-dir)
     engine_config_from_args(args)   -> EngineConfig (serve=True: with the server's flags); a flag
                                     left None takes the command's fallback, else the config's default
@@ -30,6 +31,8 @@ SIZE_FLAGS = (
     ("--chunk-size", "scheduler", "chunk_size", int, "longest prefill chunk of one request in a step"),
     ("--max-tokens-per-step", "scheduler", "max_tokens_per_step", int, "token budget of one step"),
     ("--max-prefill-seqs", "scheduler", "max_prefill_seqs", int, "prefill chunks in one step"),
+    ("--tensor-parallel-size", "parallel", "tensor_parallel_size", int,
+     "devices the weights and KV cache split over (of every process)"),
 )
 SERVE_FLAGS = (
     ("--policy", "scheduler", "policy", str, "admission order: fcfs, or lpm (longest cached prefix first)"),
@@ -38,6 +41,10 @@ SERVE_FLAGS = (
     ("--step-timeout", "engine", "step_timeout_s", float, "watchdog: seconds a step may take"),
     ("--max-restarts", "engine", "max_restarts", int, "automatic restarts after a failure"),
     ("--restart-backoff", "engine", "restart_backoff_s", float, "seconds before the first automatic restart"),
+    ("--num-processes", "parallel", "num_processes", int, "processes serving one model (jax.distributed)"),
+    ("--process-id", "parallel", "process_id", int, "this process: 0 serves the API, the others follow"),
+    ("--coordinator", "parallel", "coordinator", str,
+     "HOST:PORT of process 0's jax.distributed coordinator (its step channel: PORT + 1)"),
 )
 CHOICES = {"--policy": ("fcfs", "lpm")}
 
@@ -50,9 +57,10 @@ def add_model_args(p: argparse.ArgumentParser, with_dtype: bool = True) -> None:
 
 
 def _config_defaults() -> dict:
-    from kvloom.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from kvloom.engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 
-    return {"engine": EngineConfig(), "scheduler": SchedulerConfig(), "cache": CacheConfig()}
+    return {"engine": EngineConfig(), "scheduler": SchedulerConfig(), "cache": CacheConfig(),
+            "parallel": ParallelConfig()}
 
 
 def add_engine_args(p: argparse.ArgumentParser, serve: bool = False, max_running_help: Optional[str] = None):
@@ -69,6 +77,8 @@ def add_engine_args(p: argparse.ArgumentParser, serve: bool = False, max_running
         group.add_argument(flag, type=kind, default=None, choices=CHOICES.get(flag), help=text)
     if serve:
         group.add_argument("--no-prefix-cache", action="store_true", help="turn the radix prefix cache off")
+        group.add_argument("--no-warmup", action="store_true",
+                           help="compile each step shape when first used, not at start")
     return group
 
 
@@ -82,9 +92,9 @@ def engine_config_from_args(args: argparse.Namespace, serve: bool = False, **fal
     """The EngineConfig of the flags add_engine_args(serve=serve) declared, with --model and --dtype:
     a flag absent from args or left None takes fallbacks[config field] when given, else the config's
     own default."""
-    from kvloom.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from kvloom.engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 
-    values = {"engine": {}, "scheduler": {}, "cache": {}}
+    values = {"engine": {}, "scheduler": {}, "cache": {}, "parallel": {}}
     flags = (("--model", "engine", "model"), ("--dtype", "engine", "dtype")) + tuple(
         (flag, section, name) for flag, section, name, _, _ in SIZE_FLAGS + (SERVE_FLAGS if serve else ()))
     for flag, section, name in flags:
@@ -94,8 +104,10 @@ def engine_config_from_args(args: argparse.Namespace, serve: bool = False, **fal
             values[section][name] = value
     if serve and args.no_prefix_cache:
         values["cache"]["enable_prefix_cache"] = False
+    if serve and args.no_warmup:
+        values["engine"]["warmup"] = False
     return EngineConfig(**values["engine"], scheduler=SchedulerConfig(**values["scheduler"]),
-                        cache=CacheConfig(**values["cache"]))
+                        cache=CacheConfig(**values["cache"]), parallel=ParallelConfig(**values["parallel"]))
 
 
 def use_compile_cache(directory: str) -> None:

@@ -3,7 +3,9 @@
 A functional forward over a params pytree whose layers are stacked on a leading
 axis and run by `lax.scan`, so compile time does not grow with depth. The KV
 cache is a pair of arrays `[num_layers, num_pages * page_size, KVH, D]` that
-goes into the step and comes back out (the runner donates it).
+goes into the step and comes back out (the runner donates it). With tensor
+parallelism the params and the cache carry the shardings of the tables below
+(`shard_params`, `sharded_kv_cache`) and the same forward runs on every device.
 
 A step is a flat run of T tokens (matmuls see them as one [T, D] matrix) made
 of attention segments laid end to end: a segment is B sequences with Q query
@@ -21,8 +23,11 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from kvloom.engine import sharding
 from kvloom.engine.config import ModelConfig
+from kvloom.engine.sharding import TP_AXIS
 from kvloom.kernels.attention import prefix_extend_attention
 
 # HF parameter names -> (params key, transpose to [in, out]); per layer and global.
@@ -83,19 +88,104 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# How each params leaf (as fuse_params lays it out) is split over the tensor-parallel mesh axis TP_AXIS.
+# Per-layer leaves carry the leading layer axis. q/k/v and gate/up are column-parallel (split by KV-head
+# group and by the intermediate axis), o and down row-parallel, the embedding and the LM head split over
+# the vocabulary; norms are replicated. The KV cache is split over its KV heads.
+LAYER_SHARDING = {
+    "attn_norm": P(), "mlp_norm": P(), "q_norm": P(), "k_norm": P(),
+    "wqkv": P(None, None, TP_AXIS, None),  # [L, D, KVH, (G + 2) * hd]
+    "bqkv": P(None, TP_AXIS, None),  # [L, KVH, (G + 2) * hd]
+    "wo": P(None, TP_AXIS, None),  # [L, H * hd, D]
+    "w_gate_up": P(None, None, None, TP_AXIS),  # [L, D, 2, F]
+    "w_down": P(None, TP_AXIS, None),  # [L, F, D]
+}
+GLOBAL_SHARDING = {
+    "embed": P(TP_AXIS, None),  # [V, D]
+    "final_norm": P(),
+    "lm_head": P(None, TP_AXIS),  # [D, V]
+}
+KV_CACHE_SHARDING = P(None, None, TP_AXIS, None)  # [L, slots, KVH, hd]
+LOGITS_SHARDING = P(None, TP_AXIS)  # [S, V]
+
+
+def param_sharding(params, cfg: ModelConfig, tp: int):
+    """The PartitionSpec of every leaf of `params` (a pytree of the same structure). A vocabulary that
+    `tp` does not divide keeps the embedding and LM head whole on every device."""
+    split_vocab = cfg.vocab_size % tp == 0
+    specs = {k: (spec if split_vocab else P()) for k, spec in GLOBAL_SHARDING.items()}
+    return dict({k: specs[k] for k in params if k != "layers"},
+                layers={k: LAYER_SHARDING[k] for k in params["layers"]})
+
+
+def logits_sharding(cfg: ModelConfig, tp: int):
+    return LOGITS_SHARDING if cfg.vocab_size % tp == 0 else P()
+
+
 def fuse_params(params, cfg: ModelConfig):
     """From the loaded layout (one leaf per HF tensor) to the layout the forward runs: q, k, v fused
-    into one projection, gate and up into another (fewer, larger matmuls), and an [D, V] output
+    into one projection grouped by KV head ([D, KVH, (G + 2) * hd]: each KV head's G query heads, then
+    its key, then its value), gate and up into another ([D, 2, F]), so fewer, larger matmuls whose
+    head and intermediate axes split over devices without moving data; and an [D, V] output
     projection even for tied embeddings (the transposed read of [V, D] is the slow matmul path)."""
     layers = dict(params["layers"])
-    layers["wqkv"] = jnp.concatenate([layers.pop("wq"), layers.pop("wk"), layers.pop("wv")], axis=-1)
+    kvh, g, hd = cfg.num_kv_heads, cfg.num_query_groups, cfg.head_dim
+
+    def grouped(q, k, v):  # [..., H * hd], [..., KVH * hd] x2 -> [..., KVH, (G + 2) * hd]
+        lead = q.shape[:-1]
+        q = q.reshape(*lead, kvh, g * hd)
+        return jnp.concatenate([q, k.reshape(*lead, kvh, hd), v.reshape(*lead, kvh, hd)], axis=-1)
+
+    layers["wqkv"] = grouped(layers.pop("wq"), layers.pop("wk"), layers.pop("wv"))
     if cfg.attention_bias:
-        layers["bqkv"] = jnp.concatenate([layers.pop("bq"), layers.pop("bk"), layers.pop("bv")], axis=-1)
-    layers["w_gate_up"] = jnp.concatenate([layers.pop("w_gate"), layers.pop("w_up")], axis=-1)
+        layers["bqkv"] = grouped(layers.pop("bq"), layers.pop("bk"), layers.pop("bv"))
+    layers["w_gate_up"] = jnp.stack([layers.pop("w_gate"), layers.pop("w_up")], axis=-2)
     fused = dict(params, layers=layers)
     if cfg.tie_word_embeddings:
         fused["lm_head"] = jnp.asarray(params["embed"].T)
     return fused
+
+
+def replicate_kv_heads(params, cfg: ModelConfig, replicas: int):
+    """Copy each KV head `replicas` times in the fused q/k/v projection, each copy serving G / replicas
+    of its query heads: the same model with replicas * KVH KV heads (how KV heads split over more
+    devices than there are of them). The forward reads the KV head count from the weights."""
+    if replicas == 1:
+        return params
+    kvh, g, hd = cfg.num_kv_heads, cfg.num_query_groups, cfg.head_dim
+
+    def split(w):  # [..., KVH, (G + 2) * hd] -> [..., KVH * r, (G / r + 2) * hd]
+        lead = w.shape[:-2]
+        w = w.reshape(*lead, kvh, g + 2, hd)
+        q = w[..., :g, :].reshape(*lead, kvh, replicas, g // replicas, hd)
+        kv = jnp.broadcast_to(w[..., None, g:, :], (*lead, kvh, replicas, 2, hd))
+        return jnp.concatenate([q, kv], axis=-2).reshape(*lead, kvh * replicas, (g // replicas + 2) * hd)
+
+    layers = dict(params["layers"], wqkv=split(params["layers"]["wqkv"]))
+    if "bqkv" in layers:
+        layers["bqkv"] = split(layers["bqkv"])
+    return dict(params, layers=layers)
+
+
+def num_kv_heads_of(params) -> int:
+    """KV heads of the model as fused (more than the config's when replicated)."""
+    return params["layers"]["wqkv"].shape[-2]
+
+
+def shard_params(params, cfg: ModelConfig, mesh: Mesh):
+    """Fused params -> the same model on `mesh`: KV heads replicated as the mesh needs, every leaf
+    placed with the sharding its table declares. Raises ConfigError when the heads do not divide."""
+    tp = mesh.size
+    params = replicate_kv_heads(params, cfg, sharding.kv_head_replicas(cfg, tp))
+    return sharding.place_tree(params, sharding.named(mesh, param_sharding(params, cfg, tp)))
+
+
+def sharded_kv_cache(cfg: ModelConfig, params, num_pages: int, page_size: int, mesh: Mesh):
+    """A zero KV cache for sharded `params`, split over its KV heads."""
+    shape = kv_cache_shape(cfg, num_pages, page_size, num_kv_heads_of(params))
+    where = NamedSharding(mesh, KV_CACHE_SHARDING)
+    dtype = params["embed"].dtype
+    return sharding.zeros(shape, dtype, where), sharding.zeros(shape, dtype, where)
 
 
 @jax.tree_util.register_dataclass
@@ -154,13 +244,17 @@ def apply_rope(x, cos, sin):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def kv_cache_shape(cfg: ModelConfig, num_pages: int, page_size: int, num_kv_heads: Optional[int] = None):
+    return (cfg.num_layers, num_pages * page_size, num_kv_heads or cfg.num_kv_heads, cfg.head_dim)
+
+
 def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> tuple[jax.Array, jax.Array]:
-    shape = (cfg.num_layers, num_pages * page_size, cfg.num_kv_heads, cfg.head_dim)
+    shape = kv_cache_shape(cfg, num_pages, page_size)
     return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
-def kv_cache_bytes_per_token(cfg: ModelConfig, dtype) -> int:
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+def kv_cache_bytes_per_token(cfg: ModelConfig, dtype, num_kv_heads: Optional[int] = None) -> int:
+    return 2 * cfg.num_layers * (num_kv_heads or cfg.num_kv_heads) * cfg.head_dim * jnp.dtype(dtype).itemsize
 
 
 def forward(params, kv_cache, step: StepInput, *, cfg: ModelConfig, page_size: int):
@@ -171,7 +265,8 @@ def forward(params, kv_cache, step: StepInput, *, cfg: ModelConfig, page_size: i
     angles = step.positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
     cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
     scale = cfg.head_dim ** -0.5
-    hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    hd, nh, nkv = cfg.head_dim, cfg.num_heads, num_kv_heads_of(params)
+    g = nh // nkv
     eps = cfg.rms_norm_eps
 
     k_all, v_all = kv_cache
@@ -182,13 +277,12 @@ def forward(params, kv_cache, step: StepInput, *, cfg: ModelConfig, page_size: i
     def layer(h, xs):
         lp, index = xs
         x = rms_norm(h, lp["attn_norm"], eps)
-        qkv = jnp.einsum("td,dq->tq", x, lp["wqkv"])  # [T, (H + 2 KVH) * D]
+        qkv = jnp.einsum("td,dkq->tkq", x, lp["wqkv"])  # [T, KVH, (G + 2) * D]
         if cfg.attention_bias:
             qkv = qkv + lp["bqkv"]
-        q, k, v = jnp.split(qkv, [nh * hd, (nh + nkv) * hd], axis=-1)
-        q = q.reshape(num_tokens, nh, hd)  # q: [T, H, D]
-        k = k.reshape(num_tokens, nkv, hd)  # k, v: [T, KVH, D]
-        v = v.reshape(num_tokens, nkv, hd)
+        q, k, v = jnp.split(qkv, [g * hd, (g + 1) * hd], axis=-1)
+        q = q.reshape(num_tokens, nh, hd)  # q: [T, H, D], head h reads KV head h // G
+        # k, v: [T, KVH, D]
         if cfg.qk_norm:
             q = rms_norm(q, lp["q_norm"], eps)
             k = rms_norm(k, lp["k_norm"], eps)
@@ -210,7 +304,8 @@ def forward(params, kv_cache, step: StepInput, *, cfg: ModelConfig, page_size: i
         attn = jnp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]  # [T, H*D]
         h = h + jnp.einsum("tq,qd->td", attn, lp["wo"])
         x = rms_norm(h, lp["mlp_norm"], eps)
-        gate, up = jnp.split(jnp.einsum("td,df->tf", x, lp["w_gate_up"]), 2, axis=-1)  # [T, F] each
+        gate_up = jnp.einsum("td,dcf->tcf", x, lp["w_gate_up"])  # [T, 2, F]
+        gate, up = gate_up[:, 0], gate_up[:, 1]
         h = h + jnp.einsum("tf,fd->td", jax.nn.silu(gate) * up, lp["w_down"])
         return h, (k, v)
 

@@ -22,6 +22,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+async def wait_ready(proc, output: list) -> None:
+    """Read the server's stdout into `output` until it says the engine is READY."""
+    while True:
+        line = (await proc.stdout.readline()).decode()
+        assert line, f"the server exited during start-up: {''.join(output)}"
+        output.append(line)
+        if line.startswith("kvloom: ready"):
+            return
+
+
 async def test_sigterm_drains_then_exits(tiny_llama):
     port = free_port()
     kvloom = os.path.join(os.path.dirname(sys.executable), "kvloom")
@@ -33,15 +43,7 @@ async def test_sigterm_drains_then_exits(tiny_llama):
     url = f"http://127.0.0.1:{port}"
     output = []
     try:
-        async def ready():  # the server says so on stdout once the engine is READY
-            while True:
-                line = (await proc.stdout.readline()).decode()
-                assert line, f"the server exited during start-up: {''.join(output)}"
-                output.append(line)
-                if line.startswith("kvloom: ready"):
-                    return
-
-        await asyncio.wait_for(ready(), 180)
+        await asyncio.wait_for(wait_ready(proc, output), 180)
         async with aiohttp.ClientSession() as session:
             async with session.get(url + "/ready") as r:
                 assert r.status == 200
