@@ -15,20 +15,10 @@ from kvloom.engine.engine import Engine
 from kvloom.engine.runner import ModelRunner
 from tests.api.conftest import serve_engine
 from tests.conftest import tiny_engine_config
+from tests.schemas import PERSON
 
 pytestmark = pytest.mark.timeout(600)
 
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 12},
-        "age": {"type": "integer", "minimum": 0, "maximum": 150},
-        "role": {"enum": ["admin", "user", "guest"]},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
-    },
-    "required": ["name", "age", "role", "tags"],
-    "additionalProperties": False,
-}
 PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
 OBJECT_FORMAT = {"type": "json_object"}
 MESSAGES = [{"role": "user", "content": "A person, as JSON."}]

@@ -10,20 +10,9 @@ from kvloom.engine.grammar import GrammarCompiler, allowed_token_ids
 from kvloom.engine.models.loader import resolve_source
 from kvloom.engine.request import ResponseFormat, SamplingParams
 from kvloom.engine.tokenizer import Tokenizer
+from tests.schemas import PERSON
 
 pytestmark = pytest.mark.timeout(120)
-
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 12},
-        "age": {"type": "integer", "minimum": 0, "maximum": 150},
-        "role": {"enum": ["admin", "user", "guest"]},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
-    },
-    "required": ["name", "age", "role", "tags"],
-    "additionalProperties": False,
-}
 
 
 @pytest.fixture(scope="module")
