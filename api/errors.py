@@ -59,6 +59,22 @@ def queue_full(detail: str) -> APIError:
     return APIError(429, detail, type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
 
 
+def unauthorized() -> APIError:
+    """401, as OpenAI answers a missing or wrong key (the openai client raises AuthenticationError)."""
+    return APIError(401, "invalid or missing API key: send the header 'Authorization: Bearer <key>'",
+                    code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
 def model_not_found(model: str) -> APIError:
     return APIError(404, f"model: the model {model!r} does not exist", type="invalid_request_error",
                     param="model", code="model_not_found")
+
+
+def from_http_exception(exc: web.HTTPException, request: web.Request, max_body_bytes: int) -> APIError:
+    """aiohttp's own 4xx/5xx (no route, wrong method, body too large) in the envelope."""
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+    code = codes.get(exc.status, "http_error")
+    message = {404: f"no route for {request.method} {request.path}",
+               413: f"the request body exceeds {max_body_bytes} bytes"}.get(exc.status, exc.reason)
+    allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+    return APIError(exc.status, message, code=code, headers=allow)

@@ -23,8 +23,9 @@ def request_schema(model) -> dict:
             return node
         if "$ref" in node:
             return resolve(defs[node["$ref"].rsplit("/", 1)[-1]])
-        return {key: ({name: resolve(v) for name, v in value.items()} if key in ("properties", "patternProperties")
-                      else resolve(value)) for key, value in node.items() if key != "title"}
+        maps = ("properties", "patternProperties")
+        return {key: ({name: resolve(v) for name, v in value.items()} if key in maps else resolve(value))
+                for key, value in node.items() if key != "title"}
 
     return resolve(schema)
 
@@ -33,14 +34,16 @@ def _error_responses(*codes):
     names = {400: "Invalid request", 404: "Unknown model", 413: "Body too large", 429: "Queue full",
              500: "This request failed inside the engine (code request_failed); the engine carries on",
              501: "Not implemented", 503: "Engine not ready or unavailable"}
-    return {str(c): {"description": names[c], "content": {"application/json": {"schema": _ERROR}}} for c in codes}
+    return {str(c): {"description": names[c],
+                     "content": {"application/json": {"schema": _ERROR}}} for c in codes}
 
 
 def openapi_spec(model_name: str) -> dict:
     def post(model, summary, codes):
         return {"post": {
             "summary": summary,
-            "requestBody": {"required": True, "content": {"application/json": {"schema": request_schema(model)}}},
+            "requestBody": {"required": True,
+                            "content": {"application/json": {"schema": request_schema(model)}}},
             "responses": dict({"200": {"description": "OK (JSON, or text/event-stream when stream is true)",
                                        "content": {"application/json": {"schema": {"type": "object"}}}}},
                               **_error_responses(*codes)),
@@ -61,7 +64,8 @@ def openapi_spec(model_name: str) -> dict:
             "/v1/completions": post(CompletionRequest, "Text completion", generation_codes),
             "/v1/chat/completions": post(ChatCompletionRequest, "Chat completion", generation_codes),
             "/v1/score": post(ScoreRequest, "Multi-item scoring", (400, 404, 413, 429, 501, 503)),
-            "/v1/tokenize": post(TokenizeRequest, "Prompt or chat messages to token ids", (400, 404, 413, 503)),
+            "/v1/tokenize": post(TokenizeRequest, "Prompt or chat messages to token ids",
+                                 (400, 404, 413, 503)),
             "/v1/detokenize": post(DetokenizeRequest, "Token ids to text", (400, 404, 413, 503)),
             "/v1/models": get("Served models"),
             "/v1/models/{model}": {"get": dict(get("One model", (404,))["get"], parameters=[

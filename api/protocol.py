@@ -129,7 +129,8 @@ Messages = Annotated[list, PlainValidator(_messages, json_schema_input_type=Anno
 
 
 class StreamOptions(_Strict):
-    include_usage: Optional[bool] = Field(None, description="A last chunk with the usage of the whole request.")
+    include_usage: Optional[bool] = Field(None,
+                                          description="A last chunk with the usage of the whole request.")
     continuous_usage_stats: Optional[bool] = Field(
         None, description="vLLM extension: with include_usage, every chunk carries the usage so far.")
     include_obfuscation: Optional[bool] = Field(None, description=NO_EFFECT)
@@ -285,7 +286,8 @@ _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalt
                     "include_stop_str_in_output")
 
 
-def _sampling(body: _Generation, max_tokens: Optional[int], logprobs: Optional[int], kind: str) -> SamplingParams:
+def _sampling(body: _Generation, max_tokens: Optional[int], logprobs: Optional[int],
+              kind: str) -> SamplingParams:
     given = {name: value for name in _SAMPLING_FIELDS if (value := getattr(body, name)) is not None}
     if given.get("top_k") == -1:
         given["top_k"] = 0  # -1 and 0 both mean no top-k
@@ -358,7 +360,8 @@ class ScoreRequest(_Strict):
     query: _one_of(("<text>", NonEmptyText), ("<token ids>", TokenIds),
                    tag_of=lambda v: "<text>" if isinstance(v, str) else "<token ids>" if isinstance(v, list)
                    else None, message="must be a string or an array of token ids")
-    items: Optional[_one_of(("<text>", str), ("<texts>", list[str]), ("<token id lists>", list[list[TokenId]]),
+    items: Optional[_one_of(("<text>", str), ("<texts>", list[str]),
+                            ("<token id lists>", list[list[TokenId]]),
                             tag_of=_items_form, message="must be a string, an array of strings or an array "
                                                         "of token id arrays")] = None
     label_token_ids: TokenIds
@@ -383,7 +386,8 @@ class TokenizeChatRequest(_Strict):
 
 # vLLM's /tokenize: a body with "messages" is a chat request, any other a prompt
 TokenizeRequest = TypeAdapter(Annotated[
-    Union[Annotated[TokenizeChatRequest, Tag("<chat>")], Annotated[TokenizeCompletionRequest, Tag("<prompt>")]],
+    Union[Annotated[TokenizeChatRequest, Tag("<chat>")],
+          Annotated[TokenizeCompletionRequest, Tag("<prompt>")]],
     Discriminator(lambda v: "<chat>" if isinstance(v, dict) and "messages" in v else "<prompt>")])
 
 
@@ -442,7 +446,8 @@ def _describe(error: dict) -> tuple[str, str]:
     kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
     if kind in _TYPE_NAMES:
         return "invalid_type", f"must be {_TYPE_NAMES[kind]}, got {_json_type(value)}"
-    bounds = {"greater_than_equal": (">=", "ge"), "less_than_equal": ("<=", "le"), "greater_than": (">", "gt"),
+    bounds = {"greater_than_equal": (">=", "ge"), "less_than_equal": ("<=", "le"),
+              "greater_than": (">", "gt"),
               "less_than": ("<", "lt")}
     if kind in bounds:
         sign, key = bounds[kind]
@@ -450,7 +455,8 @@ def _describe(error: dict) -> tuple[str, str]:
     if kind in ("too_short", "string_too_short") and ctx.get("min_length") == 1:
         return "invalid_value", "must not be empty"
     if kind in ("too_long", "string_too_long"):
-        return "invalid_value", f"at most {ctx['max_length']} items, got {ctx.get('actual_length', len(value))}"
+        actual = ctx.get("actual_length", len(value))
+        return "invalid_value", f"at most {ctx['max_length']} items, got {actual}"
     if kind == "string_pattern_mismatch":
         return "invalid_value", f"must be a token id (a decimal integer), got {value!r}"
     if kind == "literal_error":

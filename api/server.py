@@ -24,6 +24,9 @@ from aiohttp import web
 
 from kvloom.api import errors
 from kvloom.api.errors import APIError
+from kvloom.api.http_common import make_error_middleware, read_body, read_json
+from kvloom.api.kv_events_route import install_kv_events
+from kvloom.api.middleware import access_log_middleware, require_api_key, send_request_id
 from kvloom.api.openapi import openapi_spec
 from kvloom.api.protocol import (GenerationRequest, TokenizeChatRequest, parse_chat, parse_completion,
                                   parse_detokenize, parse_score, parse_tokenize)
@@ -39,53 +42,18 @@ DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 
 
 def _json(data, status: int = 200, headers: Optional[dict] = None) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json", headers=headers)
+    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json",
+                        headers=headers)
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler):
-    engine = request.app[ENGINE_KEY]
-    try:
-        return await handler(request)
-    except APIError as exc:
-        engine.metrics.request_errors.labels(exc.code or exc.type).inc()
-        return exc.response()
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status, "http_error")
-        message = {404: f"no route for {request.method} {request.path}",
-                   413: f"the request body exceeds {request.app[MAX_BODY_KEY]} bytes"}.get(exc.status, exc.reason)
-        engine.metrics.request_errors.labels(code).inc()
-        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return APIError(exc.status, message, code=code, headers=allow).response()
-    except (asyncio.CancelledError, ConnectionResetError):
-        raise
-    except Exception as exc:  # noqa: BLE001 - never a bare 500 without the envelope
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        engine.metrics.request_errors.labels("internal_error").inc()
-        return APIError(500, f"internal error: {type(exc).__name__}", type="server_error",
-                        code="internal_error").response()
-
-
-async def _read_body(request: web.Request) -> bytes:
-    """The raw JSON body; api/protocol.py parses and validates it in one pass."""
-    if request.content_type != "application/json":
-        raise errors.invalid("content-type", f"must be application/json, got {request.content_type!r}",
-                             "invalid_content_type")
-    return await request.read()  # 413 past client_max_size
-
-
-async def _read_json(request: web.Request):
-    raw = await _read_body(request)
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise errors.invalid(None, f"the request body is not valid JSON: {exc}", "invalid_json") from None
+error_middleware = make_error_middleware(
+    lambda request, code: request.app[ENGINE_KEY].metrics.request_errors.labels(code).inc(),
+    lambda request: request.app[MAX_BODY_KEY])
+_read_body, _read_json = read_body, read_json
 
 
 def _check_model(engine: Engine, model: Optional[str]) -> None:
-    if model is not None and model != engine.model_name:
+    if model is not None and model not in engine.served_model_names:
         raise errors.model_not_found(model)
 
 
@@ -200,7 +168,8 @@ class Generation:
         content = []
         for lp in out.logprobs:
             content.append({
-                "token": tok.token_text(lp.token_id), "logprob": lp.logprob, "bytes": tok.token_bytes(lp.token_id),
+                "token": tok.token_text(lp.token_id), "logprob": lp.logprob,
+                "bytes": tok.token_bytes(lp.token_id),
                 "top_logprobs": [{"token": tok.token_text(t), "logprob": v, "bytes": tok.token_bytes(t)}
                                  for t, v in lp.top],
             })
@@ -265,7 +234,8 @@ class Generation:
         return _json(body)
 
     async def stream_response(self, request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-cache"})
         await response.prepare(request)
         chat = self.req.kind == "chat"
         base = {"id": self.id, "object": "chat.completion.chunk" if chat else "text_completion",
@@ -293,7 +263,8 @@ class Generation:
             c.num_tokens += len(out.token_ids)
             if out.text or out.logprobs:
                 if chat:
-                    item = {"index": index, "delta": {"content": out.text}, "logprobs": self.logprobs_chat(out),
+                    item = {"index": index, "delta": {"content": out.text},
+                            "logprobs": self.logprobs_chat(out),
                             "finish_reason": None}
                 else:
                     item = {"index": index, "text": out.text, "finish_reason": None,
@@ -302,7 +273,8 @@ class Generation:
                 await send([item])
             if out.finished:
                 c.finish_reason, c.usage = _finish_reason(out), out.usage
-                item = ({"index": index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason} if chat
+                item = ({"index": index, "delta": {}, "logprobs": None,
+                         "finish_reason": c.finish_reason} if chat
                         else {"index": index, "text": "", "logprobs": None, "finish_reason": c.finish_reason})
                 await send([item])
         if error is not None:
@@ -345,20 +317,22 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, parse_chat)
 
 
-def _model_card(engine: Engine) -> dict:
-    return {"id": engine.model_name, "object": "model", "created": int(engine.last_ready_at or time.time()),
+def _model_card(engine: Engine, name: str) -> dict:
+    return {"id": name, "object": "model", "created": int(engine.last_ready_at or time.time()),
             "owned_by": "kvloom", "max_model_len": engine.max_model_len if engine.runner else None}
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return _json({"object": "list", "data": [_model_card(request.app[ENGINE_KEY])]})
+    engine = request.app[ENGINE_KEY]
+    cards = [_model_card(engine, name) for name in engine.served_model_names]
+    return _json({"object": "list", "data": cards})
 
 
 async def get_model(request: web.Request) -> web.Response:
     engine = request.app[ENGINE_KEY]
     model = request.match_info["model"]
     _check_model(engine, model)
-    return _json(_model_card(engine))
+    return _json(_model_card(engine, model))
 
 
 async def score(request: web.Request) -> web.Response:
@@ -424,7 +398,8 @@ async def health(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     engine = request.app[ENGINE_KEY]
     body = {"ready": engine.is_ready, "state": engine.state.value, "detail": engine.state_detail}
-    return _json(body, status=200 if engine.is_ready else 503, headers=None if engine.is_ready else {"Retry-After": "5"})
+    return _json(body, status=200 if engine.is_ready else 503,
+                 headers=None if engine.is_ready else {"Retry-After": "5"})
 
 
 async def status(request: web.Request) -> web.Response:
@@ -471,11 +446,16 @@ async def admin_faults(request: web.Request) -> web.Response:
     return _json({"armed": body["kind"], "fired": engine.faults.num_fired})
 
 
-def create_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               enable_admin: bool = False) -> web.Application:
+def create_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, enable_admin: bool = False,
+               api_key: Optional[str] = None, access_log: bool = True) -> web.Application:
     """The app for `engine`. enable_admin adds POST /admin/restart and, when the engine has a fault
-    injector, POST /admin/faults."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=max_body_bytes)
+    injector, POST /admin/faults. With an api_key, every route but /health, /ready and /metrics needs
+    `Authorization: Bearer <api_key>`. access_log: one INFO line per request on `kvloom.access`."""
+    middlewares = [access_log_middleware(access_log), error_middleware]
+    if api_key:
+        middlewares.append(require_api_key(api_key))
+    app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
+    app.on_response_prepare.append(send_request_id)
     app[ENGINE_KEY] = engine
     app[MAX_BODY_KEY] = max_body_bytes
     app.router.add_post("/v1/completions", completions)
@@ -490,6 +470,7 @@ def create_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
+    install_kv_events(app, lambda a: a[ENGINE_KEY].kv_events)  # the router's feed of cache changes
     if enable_admin:
         app.router.add_post("/admin/restart", admin_restart)
         app.router.add_post("/admin/faults", admin_faults)
@@ -508,9 +489,9 @@ async def start_server(app: web.Application, host: str = "127.0.0.1", port: int 
 
 
 async def serve(engine: Engine, host: str, port: int, drain_timeout: float = 30.0,
-                enable_admin: bool = False) -> None:
+                enable_admin: bool = False, api_key: Optional[str] = None, access_log: bool = True) -> None:
     """Serve until SIGINT/SIGTERM, then drain in-flight requests (bounded) and stop."""
-    app = create_app(engine, enable_admin=enable_admin)
+    app = create_app(engine, enable_admin=enable_admin, api_key=api_key, access_log=access_log)
     runner, url = await start_server(app, host, port)
     log.info("kvloom listening on %s (model %s)", url, engine.config.model or "default")
     print(f"kvloom: listening on {url}", flush=True)

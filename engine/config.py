@@ -15,6 +15,9 @@ from typing import Any, Mapping, Optional
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 DTYPES = ("float32", "bfloat16")
+# The context length unless configured: with the default max_running it sizes the KV cache (see
+# engine/kv_sizing.py) so that several servers of a small model fit on one machine.
+DEFAULT_MAX_MODEL_LEN = 2048
 
 
 class ConfigError(ValueError):
@@ -84,7 +87,8 @@ class ModelConfig:
                 raise ConfigError(f"{name}: must be a positive integer, got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
-                f"num_key_value_heads: {self.num_kv_heads} does not divide num_attention_heads {self.num_heads}"
+                f"num_key_value_heads: {self.num_kv_heads} does not divide num_attention_heads "
+                f"{self.num_heads}"
             )
 
     @property
@@ -93,7 +97,8 @@ class ModelConfig:
 
     @property
     def num_parameters(self) -> int:
-        d, f, h, kv, hd = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
+        d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
+        h, kv = self.num_heads, self.num_kv_heads
         per_layer = d * hd * (h + 2 * kv) + h * hd * d + 3 * d * f + 2 * d
         if self.attention_bias:
             per_layer += hd * (h + 2 * kv)
@@ -111,7 +116,8 @@ class ModelConfig:
         arch = archs[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ConfigError(
-                f"architectures: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"architectures: unsupported architecture {arch!r}; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
 
         def need(key):
@@ -153,8 +159,11 @@ class CacheConfig:
     """The paged KV cache and the radix prefix cache."""
 
     page_size: int = 16
-    num_pages: Optional[int] = None  # None: sized from `memory_fraction` of available memory
-    memory_fraction: float = 0.25
+    # The size (see engine/kv_sizing.py): `num_pages` if given, else `memory_fraction` of the available
+    # memory if given, else max_running x max_model_len tokens plus `prefix_cache_headroom` of that.
+    num_pages: Optional[int] = None
+    memory_fraction: Optional[float] = None
+    prefix_cache_headroom: float = 0.125
     max_num_pages: int = 1 << 16
     enable_prefix_cache: bool = True
 
@@ -163,8 +172,10 @@ class CacheConfig:
             raise ConfigError(f"page_size: must be a positive power of two, got {self.page_size}")
         if self.num_pages is not None and self.num_pages < 2:
             raise ConfigError(f"num_pages: must be at least 2, got {self.num_pages}")
-        if not 0 < self.memory_fraction <= 0.9:
+        if self.memory_fraction is not None and not 0 < self.memory_fraction <= 0.9:
             raise ConfigError(f"memory_fraction: must be in (0, 0.9], got {self.memory_fraction}")
+        if not 0 <= self.prefix_cache_headroom <= 10:
+            raise ConfigError(f"prefix_cache_headroom: must be in [0, 10], got {self.prefix_cache_headroom}")
 
 
 @dataclass(frozen=True)
@@ -215,7 +226,8 @@ class ScoringConfig:
         for mode in self.also_enabled:
             if mode not in SCORING_MODES:
                 raise ConfigError(f"also_enabled: {mode!r} is not one of {', '.join(SCORING_MODES)}")
-        for name in ("max_items", "max_item_tokens", "max_total_tokens", "max_label_tokens", "tokens_per_step",
+        for name in ("max_items", "max_item_tokens", "max_total_tokens", "max_label_tokens",
+                     "tokens_per_step",
                      "max_items_per_step"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
@@ -266,12 +278,14 @@ class EngineConfig:
 
     model: Optional[str] = None
     dtype: str = "float32"
-    max_model_len: Optional[int] = None  # None: min(model's max positions, 4096)
+    max_model_len: Optional[int] = None  # None: min(model's max positions, DEFAULT_MAX_MODEL_LEN)
     seed: int = 0
     warmup: bool = True
     step_timeout_s: float = 120.0  # the watchdog: a step running longer fails the engine
     max_restarts: int = 0  # automatic restarts after a failure (0: stay FAILED until restart())
     restart_backoff_s: float = 1.0  # first automatic restart after this long, doubling each time
+    # names the API answers to, the first in responses; (): the model's own name
+    served_model_names: tuple[str, ...] = ()
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
@@ -286,10 +300,14 @@ class EngineConfig:
             raise ConfigError("max_restarts, restart_backoff_s: must not be negative")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ConfigError(f"max_model_len: must be positive, got {self.max_model_len}")
+        if isinstance(self.served_model_names, str) or not all(
+                isinstance(name, str) and name.strip() for name in self.served_model_names):
+            raise ConfigError(
+                f"served_model_names: must be non-empty strings, got {self.served_model_names!r}")
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
 
     def resolved_max_model_len(self, model: ModelConfig) -> int:
         limit = model.max_position_embeddings
-        return min(limit, self.max_model_len) if self.max_model_len else min(limit, 4096)
+        return min(limit, self.max_model_len) if self.max_model_len else min(limit, DEFAULT_MAX_MODEL_LEN)

@@ -46,6 +46,7 @@ from kvloom.engine.faults import FaultInjector, FaultyRunner
 from kvloom.engine.grammar import GrammarCompiler
 from kvloom.engine.metrics import EngineMetrics
 from kvloom.engine.output import next_output
+from kvloom.engine.kv_events import KVEventLog
 from kvloom.engine.pages import PageAllocator
 from kvloom.engine.radix_cache import make_prefix_cache
 from kvloom.engine.request import (FinishReason, Request, RequestOutput, SamplingParams, ScoreTask,
@@ -112,7 +113,8 @@ class Engine:
         self._queues: dict[str, asyncio.Queue] = {}  # request id -> its output channel
         self._ids = itertools.count()
         self._rng = random.Random(self.config.seed)
-        self.metrics = EngineMetrics(self._live_metrics)
+        self.metrics = EngineMetrics(self._live_metrics, lambda: self.model_name)
+        self.kv_events = KVEventLog(self.config.cache.page_size)  # outlives restarts: ids stay monotonic
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -129,7 +131,15 @@ class Engine:
 
     @property
     def model_name(self) -> str:
+        """The name responses carry: the first served name, else the model's own."""
+        if self.config.served_model_names:
+            return self.config.served_model_names[0]
         return self.runner.source.name if self.runner else (self.config.model or "default")
+
+    @property
+    def served_model_names(self) -> tuple[str, ...]:
+        """Every name a request's `model` may give."""
+        return self.config.served_model_names or (self.model_name,)
 
     @property
     def max_model_len(self) -> int:
@@ -225,8 +235,10 @@ class Engine:
     def _build_state(self) -> None:
         runner = self.runner
         allocator = PageAllocator(runner.num_pages)
-        cache = make_prefix_cache(allocator, runner.page_size, self.config.cache.enable_prefix_cache)
-        self.scheduler = Scheduler(self.config.scheduler, self.plan, allocator, cache, page_size=runner.page_size)
+        cache = make_prefix_cache(allocator, runner.page_size, self.config.cache.enable_prefix_cache,
+                                  self.kv_events)
+        self.scheduler = Scheduler(self.config.scheduler, self.plan, allocator, cache,
+                                   page_size=runner.page_size)
 
     async def _warm_up(self) -> None:
         self._set_state(EngineState.WARMING, "compiling step shapes")
@@ -237,7 +249,8 @@ class Engine:
                 await self._compute.run(self.runner.warmup)
             self.state_detail = "round-tripping one request"
             prompt = [t for t in range(min(8, self.runner.vocab_size))]
-            async for out in self._generate(prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
+            async for out in self._generate(prompt,
+                                            SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
                                             None, "warmup"):
                 if out.error:
                     raise EngineUnavailableError(out.error)
@@ -316,7 +329,8 @@ class Engine:
             raise ValueError("prompt: required")
         return validate_prompt_ids(prompt, vocab_size)
 
-    def generate(self, prompt: Union[str, Sequence[int], None] = None, params: Optional[SamplingParams] = None,
+    def generate(self, prompt: Union[str, Sequence[int], None] = None,
+                 params: Optional[SamplingParams] = None,
                  *, messages: Optional[list] = None, request_id: Optional[str] = None
                  ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs. Validation happens here, at the call: a bad prompt or parameter
@@ -372,7 +386,8 @@ class Engine:
                 self.metrics.requests_finished.labels(FinishReason.ABORT.value).inc()
                 self._wakeup.set()
 
-    async def score(self, query, items, label_token_ids, *, apply_softmax: bool = False, item_first: bool = False,
+    async def score(self, query, items, label_token_ids, *, apply_softmax: bool = False,
+                    item_first: bool = False,
                     mode: Optional[str] = None) -> ScoreOutput:
         """scores[i][j] = P(label_j | query ++ items[i]) (item_first: items[i] ++ query); see SCORING.md.
         `mode` picks the path ("single", "batched", "packed"; default: the config's) among the modes the
@@ -394,14 +409,16 @@ class Engine:
         if not inputs.items:
             return ScoreOutput([], len(inputs.query))
         if mode == "single" or item_first:
-            tasks = [((item + inputs.query) if item_first else (inputs.query + item), ScoreTask((), inputs.label_ids))
+            tasks = [((item + inputs.query) if item_first else (inputs.query + item),
+                      ScoreTask((), inputs.label_ids))
                      for item in inputs.items]
         else:
             tasks = [(inputs.query, ScoreTask(inputs.items, inputs.label_ids, mode=mode))]
         submitted: list[tuple[Request, asyncio.Queue]] = []
         try:
             for prompt, task in tasks:
-                request = Request(f"score-{next(self._ids)}", tuple(prompt), SamplingParams(max_tokens=1), score=task)
+                request = Request(f"score-{next(self._ids)}", tuple(prompt), SamplingParams(max_tokens=1),
+                                  score=task)
                 submitted.append((request, self._submit(request)))
             outputs = [await queue.get() for _, queue in submitted]  # a scoring request's one output: its end
         finally:
@@ -454,7 +471,8 @@ class Engine:
             except asyncio.CancelledError:
                 raise
             except RowError as exc:  # some rows were refused: those requests fail alone (nothing was applied)
-                failed = [self.scheduler.abort(rid, FinishReason.ERROR, error=str(exc), error_code="request_failed")
+                failed = [self.scheduler.abort(rid, FinishReason.ERROR, error=str(exc),
+                                               error_code="request_failed")
                           for rid in exc.request_ids]
                 self._emit([r for r in failed if r is not None])
                 continue
@@ -548,6 +566,7 @@ class Engine:
                 "policy": sc.policy,
                 "max_waiting": sc.max_waiting,
             },
+            "kv_cache": plan.as_dict() if (plan := getattr(runner, "kv_cache_plan", None)) else None,
             "num_running": live["num_requests_running"],
             "num_waiting": live["num_requests_waiting"],
             "kv_cache_usage": live["kv_cache_usage_ratio"],

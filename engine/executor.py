@@ -98,7 +98,8 @@ class ComputeThread:
             self._jobs.put(None)
 
     async def aclose(self, timeout: float) -> bool:
-        """Ask the thread to exit and wait up to `timeout` s without blocking the loop; True if it has exited."""
+        """Ask the thread to exit and wait up to `timeout` s without blocking the loop; True if it has
+        exited."""
         if self._closed or not self._thread.is_alive():
             self.close()
             return not self._thread.is_alive()

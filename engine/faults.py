@@ -103,13 +103,15 @@ class FaultInjector:
 
 
 class FaultyRunner:
-    """A `Runner` (engine.batch) wrapping another: the same attributes, with faults around warm-up and steps."""
+    """A `Runner` (engine.batch) wrapping another: the same attributes, with faults around warm-up and
+    steps."""
 
     def __init__(self, runner, injector: FaultInjector):
         self._runner, self._faults = runner, injector
         inner = runner
         self.source, self.model_config, self.vocab_size = inner.source, inner.model_config, inner.vocab_size
-        self.page_size, self.max_model_len, self.num_pages = inner.page_size, inner.max_model_len, inner.num_pages
+        self.page_size, self.max_model_len = inner.page_size, inner.max_model_len
+        self.num_pages = inner.num_pages
 
     @property
     def wrapped(self):

@@ -64,7 +64,8 @@ def next_output(request: Request, *, max_model_len: int, finish: Callable) -> Re
     return _output(request, text, tuple(new_ids), tuple(new_logprobs))
 
 
-def _output(request: Request, text: str, token_ids: tuple, logprobs: tuple, label_logprobs=None) -> RequestOutput:
+def _output(request: Request, text: str, token_ids: tuple, logprobs: tuple,
+            label_logprobs=None) -> RequestOutput:
     done = request.is_finished
     return RequestOutput(
         request_id=request.request_id, text=text, token_ids=token_ids, logprobs=logprobs, finished=done,

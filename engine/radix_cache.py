@@ -29,6 +29,8 @@ Contract, for `RadixCache` and `NoPrefixCache` alike:
   lock it before either runs. reset() makes every handle stale: lock() on a
   stale handle raises, unlock() ignores it.
 - Stats count every query, cumulatively (reset() keeps them).
+- Events: with a KVEventLog, every page stored, evicted or reset away is published
+  under its chain hash (see kv_events.py), and the log's snapshot lists the tree.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
 
+from kvloom.engine.kv_events import CLEARED, REMOVED, STORED, KVEventLog, page_hashes
 from kvloom.engine.pages import PageAllocator
 
 
@@ -94,13 +97,17 @@ class PrefixCache:
 
 
 class RadixCache(PrefixCache):
-    def __init__(self, allocator: PageAllocator, page_size: int):
+    def __init__(self, allocator: PageAllocator, page_size: int, events: Optional[KVEventLog] = None):
         super().__init__(page_size)
         self.allocator = allocator
         self._clock = itertools.count(1)
         self._root = _Node((), [], None, 0)
         self._num_cached_pages = 0
         self._num_locked_pages = 0  # pages in nodes with lock_count > 0
+        self.events = events
+        if events is not None:  # a new cache (first start or restart): subscribers drop what they had
+            events.attach(self.page_hashes)
+            events.publish(CLEARED)
 
     @property
     def num_cached_pages(self) -> int:
@@ -170,6 +177,8 @@ class RadixCache(PrefixCache):
                 self.allocator.incref(pages[i:])
                 node.children[key] = _Node(tokens[i * ps:], pages[i:], node, now)
                 self._num_cached_pages += len(pages) - i
+                if self.events is not None:
+                    self.events.publish(STORED, page_hashes(tokens, ps)[i:])
                 break
             n = self._num_matching_pages(child, tokens, i * ps, len(tokens))
             if n < len(child.pages) and i + n < len(pages):  # diverges inside child
@@ -187,6 +196,8 @@ class RadixCache(PrefixCache):
             leaf = heapq.heappop(heap)
             keep = max(0, len(leaf.pages) - (num_pages - num_dropped))
             dropped = leaf.pages[keep:]
+            if self.events is not None:
+                self.events.publish(REMOVED, page_hashes(self._path_tokens(leaf), ps)[-len(dropped):])
             if keep:  # the tail is enough; the prefix stays cached
                 leaf.tokens, leaf.pages = leaf.tokens[:keep * ps], leaf.pages[:keep]
             else:
@@ -209,6 +220,26 @@ class RadixCache(PrefixCache):
         self.allocator.release(pages)
         self._root = _Node((), [], None, 0)
         self._num_cached_pages = self._num_locked_pages = 0
+        if self.events is not None:
+            self.events.publish(CLEARED)
+
+    def page_hashes(self) -> list[int]:
+        """The chain hash of every cached page (what a KV-event snapshot lists)."""
+        hashes, stack = [], [(child, 0) for child in self._root.children.values()]
+        while stack:
+            node, parent_hash = stack.pop()
+            own = page_hashes(node.tokens, self.page_size, parent_hash)
+            hashes.extend(own)
+            stack.extend((child, own[-1]) for child in node.children.values())
+        return hashes
+
+    def _path_tokens(self, node: _Node) -> tuple:
+        """Every token from the root to the end of `node`."""
+        parts = []
+        while node is not self._root:
+            parts.append(node.tokens)
+            node = node.parent
+        return tuple(t for part in reversed(parts) for t in part)
 
     def _nodes(self) -> Iterator[_Node]:
         """Every node but the root."""
@@ -271,6 +302,10 @@ class NoPrefixCache(PrefixCache):
 
 
 def make_prefix_cache(
-    allocator: PageAllocator, page_size: int, enabled: bool
+    allocator: PageAllocator, page_size: int, enabled: bool, events: Optional[KVEventLog] = None
 ) -> Union[RadixCache, NoPrefixCache]:
-    return RadixCache(allocator, page_size) if enabled else NoPrefixCache(allocator, page_size)
+    """The cache; with `events`, a radix cache publishes its changes there (no cache publishes none)."""
+    if events is not None and not enabled:
+        events.attach(lambda: ())
+        events.publish(CLEARED)
+    return RadixCache(allocator, page_size, events) if enabled else NoPrefixCache(allocator, page_size)

@@ -36,7 +36,8 @@ class FinishReason(str, enum.Enum):
 
 
 def _check_number(name: str, value, *, low=None, high=None, low_open=False, integer=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or (integer and not isinstance(value, int))):
         kind = "an integer" if integer else "a number"
         raise ValueError(f"{name}: must be {kind}, got {value!r}")
     if not math.isfinite(value):
@@ -140,7 +141,8 @@ class SamplingParams:
         for i, t in enumerate(self.stop_token_ids):
             _check_number(f"stop_token_ids[{i}]", t, low=0, integer=True)
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-            raise ValueError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
+            raise ValueError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, "
+                             f"got {len(self.stop_token_ids)}")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "logit_bias", _normalized_logit_bias(self.logit_bias))
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
@@ -221,7 +223,8 @@ class RequestOutput:
     stop_reason: Optional[object] = None  # the stop string or token id that ended it
     usage: Optional[Usage] = None
     error: Optional[str] = None
-    error_code: Optional[str] = None  # "engine_unavailable" (the engine failed) or "request_failed" (this one only)
+    # "engine_unavailable" (the engine failed) or "request_failed" (this one only)
+    error_code: Optional[str] = None
     label_logprobs: Optional[tuple] = None  # a finished scoring request: per item, the labels' logprobs
 
 

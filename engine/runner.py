@@ -16,7 +16,6 @@ results are the same at every degree.
 from __future__ import annotations
 
 import logging
-import os
 from functools import partial
 from typing import Optional
 
@@ -29,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from kvloom.engine import sharding
 from kvloom.engine.buckets import BucketPlan, StepShape
 from kvloom.engine.config import EngineConfig
+from kvloom.engine.kv_sizing import KVCachePlan, available_memory_bytes, plan_kv_cache
 from kvloom.engine.models import llama
 from kvloom.engine.models.loader import load_model
 from kvloom.engine.request import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
@@ -36,17 +36,6 @@ from kvloom.engine.sampling import SamplingInput, sample
 from kvloom.engine.batch import ScheduledBatch, ScheduledRow, StepResult
 
 log = logging.getLogger(__name__)
-
-
-def available_memory_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def forward_logits(params, kv, step, *, cfg, page_size):
@@ -77,7 +66,10 @@ class ModelRunner:
         self.page_size = config.cache.page_size
         self.max_model_len = config.resolved_max_model_len(cfg)
         self.pages_per_seq = -(-self.max_model_len // self.page_size)
-        self.num_pages = self._num_pages(config)
+        self.kv_cache_plan = self._plan_kv_cache(config)
+        self.num_pages = self.kv_cache_plan.num_pages
+        log.info("KV cache: %d pages of %d tokens, %.2f GiB (%s)", self.num_pages, self.page_size,
+                 self.kv_cache_plan.num_bytes / 2**30, self.kv_cache_plan.detail)
         self.vocab_size = cfg.vocab_size
         self.kv = llama.sharded_kv_cache(cfg, self.params, self.num_pages, self.page_size, self.mesh)
         whole = NamedSharding(self.mesh, P())
@@ -99,21 +91,12 @@ class ModelRunner:
         return type(self)(self.config, self.plan, loaded=(self.source, self.model_config, self.params),
                           mesh=self.mesh)
 
-    def _num_pages(self, config: EngineConfig) -> int:
-        cache = config.cache
-        if cache.num_pages is not None:
-            num_pages = cache.num_pages
-        else:
-            per_page = llama.kv_cache_bytes_per_token(self.model_config, self.params["embed"].dtype,
-                                                      llama.num_kv_heads_of(self.params)) * self.page_size
-            num_pages = int(available_memory_bytes() * cache.memory_fraction // per_page)
-            num_pages = min(num_pages, cache.max_num_pages)
-        if (num_pages - 1) < self.pages_per_seq:
-            raise ValueError(
-                f"num_pages: {num_pages} pages of {self.page_size} tokens cannot hold one sequence of "
-                f"max_model_len {self.max_model_len}; give the cache more pages or lower max_model_len"
-            )
-        return num_pages
+    def _plan_kv_cache(self, config: EngineConfig) -> KVCachePlan:
+        bytes_per_token = llama.kv_cache_bytes_per_token(self.model_config, self.params["embed"].dtype,
+                                                         llama.num_kv_heads_of(self.params))
+        return plan_kv_cache(config.cache, max_running=config.scheduler.max_running,
+                             max_model_len=self.max_model_len, bytes_per_token=bytes_per_token,
+                             available_bytes=available_memory_bytes())
 
     @property
     def parallel_status(self) -> dict:
@@ -264,7 +247,8 @@ class ModelRunner:
             logits, self.kv = self._forward(self.params, self.kv, step)
             items = [row.label_ids for row in batch.score_rows for _ in row.items]
             labels = self._labels(logits, self._label_ids(num_logits, list(enumerate(items))))
-            return StepResult(batch.step_id, np.zeros(0, np.int64), label_logprobs=np.asarray(labels)[:len(items)])
+            return StepResult(batch.step_id, np.zeros(0, np.int64),
+                              label_logprobs=np.asarray(labels)[:len(items)])
         d = shape.num_decode_rows
         positions = list(range(len(batch.decode_rows))) + [d + j for j in range(len(batch.prefill_rows))]
         sampled = [(i, row) for i, row in zip(positions, batch.rows) if row.sample]
@@ -280,7 +264,8 @@ class ModelRunner:
         finite = np.asarray(out.finite)[index]
         if not bool(sampling.any_logprobs):
             return StepResult(batch.step_id, tokens, label_logprobs=labels, row_finite=finite)
-        return StepResult(batch.step_id, tokens, np.asarray(out.logprobs)[index], np.asarray(out.top_ids)[index],
+        return StepResult(batch.step_id, tokens, np.asarray(out.logprobs)[index],
+                          np.asarray(out.top_ids)[index],
                           np.asarray(out.top_logprobs)[index], label_logprobs=labels, row_finite=finite)
 
     def warmup(self) -> int:

@@ -159,7 +159,7 @@ def gumbel_noise(seeds, counters, vocab_size: int):
     x = x ^ (x >> 13)
     x = x * jnp.uint32(0xC2B2AE35)
     x = x ^ (x >> 16)
-    u = ((x >> 9).astype(jnp.float32) + 0.5) * (2.0 ** -23)  # uniform in (0, 1), both ends excluded in float32
+    u = ((x >> 9).astype(jnp.float32) + 0.5) * (2.0 ** -23)  # uniform in (0, 1), both ends excluded
     return -jnp.log(-jnp.log(u))
 
 

@@ -172,7 +172,8 @@ class Scheduler:
         if mode == "packed":
             request = scoring[0]
             task = request.score
-            chosen = pack_items(task.items, task.num_scored, plan.max_score_row_len(mode), plan.score_logits_rows)
+            chosen = pack_items(task.items, task.num_scored, plan.max_score_row_len(mode),
+                                plan.score_logits_rows)
             rows = [self._score_row(request, chosen)]
         else:
             rows, longest = [], 0
@@ -180,7 +181,8 @@ class Scheduler:
                 task = request.score
                 for index in range(task.num_scored, len(task.items)):
                     n = max(longest, len(task.items[index]))
-                    if len(rows) >= plan.score_logits_rows or plan.score_shape(mode, len(rows) + 1, n) is None:
+                    if (len(rows) >= plan.score_logits_rows
+                            or plan.score_shape(mode, len(rows) + 1, n) is None):
                         break
                     rows.append(self._score_row(request, [index]))
                     longest = n
@@ -194,7 +196,8 @@ class Scheduler:
     @staticmethod
     def _score_row(request: Request, indices: list[int]) -> ScoreRow:
         task = request.score
-        return ScoreRow(request.request_id, request.version, tuple(request.pages), request.num_computed_tokens,
+        return ScoreRow(request.request_id, request.version, tuple(request.pages),
+                        request.num_computed_tokens,
                         tuple((i, task.items[i]) for i in indices), task.label_ids)
 
     def _schedule_generation(self) -> Optional[ScheduledBatch]:
@@ -261,7 +264,8 @@ class Scheduler:
         return best
 
     def _admit(self, request: Request, budget: int, prefills: list[tuple[Request, int]]) -> int:
-        """Move `request` to running with its first chunk scheduled; returns the chunk, or 0 if it must wait."""
+        """Move `request` to running with its first chunk scheduled; returns the chunk, or 0 if it must
+        wait."""
         match = self.prefix_cache.match_prefix(request.all_ids, request.num_tokens - 1, count_stats=False)
         chunk = self._fit_chunk(request.num_tokens - match.num_tokens, budget, prefills)
         if not chunk:
@@ -328,7 +332,8 @@ class Scheduler:
                     or request.num_computed_tokens != row.start_pos):
                 continue  # stale: finished, aborted, preempted or advanced since the batch was built
             if result.row_finite is not None and not result.row_finite[i]:
-                self.finish(request, FinishReason.ERROR, error="the model produced non-finite logits for this "
+                self.finish(request, FinishReason.ERROR,
+                            error="the model produced non-finite logits for this "
                                                                "request", error_code="request_failed")
                 updated.append(request)
                 continue
@@ -366,7 +371,8 @@ class Scheduler:
             request = self._live(row.request_id, row.version)
             for index, _ in row.items:
                 if request is not None:
-                    request.score.label_logprobs[index] = result.label_logprobs[k, :len(row.label_ids)].tolist()
+                    label_logprobs = result.label_logprobs[k, :len(row.label_ids)]
+                    request.score.label_logprobs[index] = label_logprobs.tolist()
                     request.score.num_scored = index + 1  # items are scheduled, and scored, in order
                 k += 1
             if request is not None and request.score.is_done and not request.is_finished:

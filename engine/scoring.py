@@ -45,7 +45,8 @@ class ScoreOutput:
 def _kind(value) -> str:
     if isinstance(value, str):
         return "text"
-    if isinstance(value, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+    if isinstance(value, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                for t in value):
         return "ids"
     return "invalid"
 

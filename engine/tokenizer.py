@@ -9,11 +9,12 @@ through its own `StopStringMatcher` (holding back text that may start a stop
 string). Both hold only per-request state; a `Tokenizer` is read-only after
 `load()` and may be shared by every request of an engine.
 
-A GGUF model's tokenizer is converted by transformers from the file's metadata
-(seconds); the converted tokenizer is cached on disk under
+A GGUF model's tokenizer is built from the file's metadata by
+`engine/gguf_tokenizer.py` (with `gguf` and `tokenizers`, no PyTorch; seconds,
+mostly reading the file); the result is cached on disk under
 `$KVLOOM_CACHE_DIR/tokenizers/<key>` (default `~/.cache/kvloom`), keyed by the
 file's absolute path, size and mtime, so later loads take a fraction of a
-second. Nothing here touches the network or imports JAX.
+second. Nothing here touches the network or imports JAX or PyTorch.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import shutil
 import tempfile
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-if TYPE_CHECKING:  # the loader imports JAX; this module must not
-    from kvloom.engine.models.loader import ModelSource
+if TYPE_CHECKING:
+    from kvloom.engine.models.source import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 CACHE_DIR_ENV = "KVLOOM_CACHE_DIR"
 # How many prompt ids give context to the first generated tokens (as vLLM does).
 PROMPT_CONTEXT_IDS = 5
+GGUF_BUILDER_VERSION = 2  # bump when engine/gguf_tokenizer.py builds differently: old cache entries go stale
 _BYTE_FALLBACK_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
@@ -48,12 +50,15 @@ def cache_root() -> str:
 
 
 def gguf_cache_key(path: str) -> str:
-    """Identifies one GGUF file's converted tokenizer: absolute path, size, mtime, transformers version."""
+    """Identifies one GGUF file's built tokenizer: absolute path, size, mtime, the builder's version and
+    the versions of the libraries that write and read the cached files."""
+    import tokenizers
     import transformers
 
     path = os.path.abspath(path)
     st = os.stat(path)
-    raw = f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{transformers.__version__}"
+    raw = (f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{GGUF_BUILDER_VERSION}\0{transformers.__version__}"
+           f"\0{tokenizers.__version__}")
     return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
@@ -98,7 +103,7 @@ class Tokenizer:
             except TokenizerLoadError as exc:
                 log.warning("ignoring a broken tokenizer cache entry: %s", exc)
                 shutil.rmtree(cache_dir, ignore_errors=True)
-        hf_tokenizer = _from_pretrained(source.directory, gguf_file=os.path.basename(source.path))
+        hf_tokenizer = _from_gguf(source.path)
         _save_atomically(hf_tokenizer, cache_dir)
         return cls(hf_tokenizer, source.path, extra_eos_ids)
 
@@ -215,6 +220,32 @@ def _from_pretrained(path: str, **kwargs):
         raise TokenizerLoadError(f"{where}: cannot load the tokenizer: {exc}") from exc
 
 
+def _from_gguf(path: str):
+    """Built from the file's metadata; a vocabulary kind not built here goes through transformers'
+    converter, which needs PyTorch."""
+    from kvloom.engine.gguf_tokenizer import (UnsupportedGGUFTokenizer, build_tokenizer,
+                                              read_tokenizer_metadata)
+
+    try:
+        metadata = read_tokenizer_metadata(path)
+    except Exception as exc:  # not a GGUF file, truncated, unreadable
+        raise TokenizerLoadError(f"{path}: cannot read the GGUF metadata: {exc}") from exc
+    try:
+        return build_tokenizer(metadata)
+    except UnsupportedGGUFTokenizer as exc:
+        log.info("%s: %s; converting it with transformers (needs PyTorch)", path, exc)
+    except Exception as exc:  # missing keys, inconsistent merges
+        raise TokenizerLoadError(f"{path}: cannot build the tokenizer from the GGUF metadata: {exc}") from exc
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise TokenizerLoadError(
+            f"{path}: tokenizer.ggml.model {metadata.get('tokenizer.ggml.model')!r}: only byte-level BPE "
+            "vocabularies ('gpt2') are read without PyTorch; install torch, or serve the model's checkpoint "
+            "directory instead")
+    return _from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+
+
 def _save_atomically(hf_tokenizer, cache_dir: str) -> None:
     """Writes the tokenizer to a temp dir beside `cache_dir`, then renames it into place. A concurrent
     writer that wins the race leaves its own complete copy; failing to cache never fails a load."""
@@ -246,16 +277,9 @@ def _byte_decoder_of(hf_tokenizer) -> Optional[dict[str, int]]:
     decoders = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
     if not any(d.get("type") == "ByteLevel" for d in decoders if isinstance(d, dict)):
         return None
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
+    from kvloom.engine.gguf_tokenizer import byte_level_alphabet
+
+    return {char: byte for byte, char in byte_level_alphabet().items()}
 
 
 class IncrementalDetokenizer:
@@ -270,7 +294,8 @@ class IncrementalDetokenizer:
     window's, not the sequence's. Both offsets sit on character boundaries once text is emitted.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True):
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (),
+                 skip_special_tokens: bool = True):
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
         # Only the tail of the prompt matters: it gives the first tokens their context

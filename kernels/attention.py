@@ -18,8 +18,8 @@ Shapes (one step):
 New token i of a row sees every past token and new tokens 0..i. With
 `segment_ids` ([B, Q] int32) a row packs several independent extensions of the
 same past (multi-item scoring): token i then sees new token j only when j <= i
-and both carry the same segment id. A padding row (new_lens 0) returns zeros. Grouped-query attention: head h reads kv head
-h // (H // KVH).
+and both carry the same segment id. A padding row (new_lens 0) returns zeros.
+Grouped-query attention: head h reads kv head h // (H // KVH).
 
 `prefix_extend_attention_reference` is the pure-jnp definition: it gathers the
 whole page table. `prefix_extend_attention` is what the model runs: it walks
@@ -64,7 +64,8 @@ def prefix_extend_attention_reference(q, k_new, v_new, new_lens, k_cache, v_cach
     v_past = _gather_pages(v_cache, page_table, layer).reshape(b, num_past, kvh, d)
     k = jnp.concatenate([k_past, k_new], axis=1).astype(jnp.float32)  # [B, S + Q, KVH, D]
     v = jnp.concatenate([v_past, v_new], axis=1).astype(jnp.float32)
-    past_mask = jnp.broadcast_to(jnp.arange(num_past)[None, None, :] < past_lens[:, None, None], (b, qn, num_past))
+    past_mask = jnp.broadcast_to(jnp.arange(num_past)[None, None, :] < past_lens[:, None, None],
+                                 (b, qn, num_past))
     mask = jnp.concatenate([past_mask, _new_mask(new_lens, qn, segment_ids)], axis=-1)  # [B, Q, S + Q]
     mask = mask & (jnp.arange(qn)[None, :, None] < new_lens[:, None, None])
     scores = jnp.einsum("bqkgd,bskd->bkgqs", _group(q, kvh).astype(jnp.float32), k) * scale
@@ -100,7 +101,7 @@ def prefix_extend_attention(q, k_new, v_new, new_lens, k_cache, v_cache, page_ta
     s = jnp.where(mask, scores(k_new), _NEG_INF)
     m = jnp.max(s, axis=-1)  # [B, KVH, Q, G]
     p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
-    l = jnp.sum(p, axis=-1)
+    denom = jnp.sum(p, axis=-1)
     acc = weighted(p, v_new)
 
     num_table_pages = page_table.shape[1]
@@ -115,7 +116,7 @@ def prefix_extend_attention(q, k_new, v_new, new_lens, k_cache, v_cache, page_ta
     num_blocks = jnp.minimum((jnp.max(past_lens) + block_kv - 1) // block_kv, num_blocks_total)
 
     def body(state):
-        j, m, l, acc = state
+        j, m, denom, acc = state
         pages = jax.lax.dynamic_slice_in_dim(page_table, j * block_pages, block_pages, axis=1)  # [B, bp]
         k = _gather_pages(k_cache, pages, layer).reshape(b, block_kv, kvh, d)
         v = _gather_pages(v_cache, pages, layer).reshape(b, block_kv, kvh, d)
@@ -125,11 +126,11 @@ def prefix_extend_attention(q, k_new, v_new, new_lens, k_cache, v_cache, page_ta
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
         correction = jnp.exp(m - m_new)
-        l = l * correction + jnp.sum(p, axis=-1)
+        denom = denom * correction + jnp.sum(p, axis=-1)
         acc = acc * correction[..., None] + weighted(p, v)
-        return j + 1, m_new, l, acc
+        return j + 1, m_new, denom, acc
 
-    _, _, l, acc = jax.lax.while_loop(lambda st: st[0] < num_blocks, body, (jnp.int32(0), m, l, acc))
-    out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # [B, KVH, Q, G, D]
+    _, _, denom, acc = jax.lax.while_loop(lambda st: st[0] < num_blocks, body, (jnp.int32(0), m, denom, acc))
+    out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]  # [B, KVH, Q, G, D]
     out = jnp.where((jnp.arange(qn)[None, :] < new_lens[:, None])[:, None, :, None, None], out, 0.0)
     return jnp.transpose(out, (0, 2, 1, 3, 4)).reshape(b, qn, h, d).astype(q.dtype)

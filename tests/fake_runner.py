@@ -68,14 +68,16 @@ def fake_result(batch, vocab_size: int) -> StepResult:
     if batch.score_rows:
         items = [(row.label_ids, t) for row in batch.score_rows for _, t in row.items]
         return StepResult(batch.step_id, np.zeros(0, np.int64),
-                          label_logprobs=np.array([fake_label_logprobs(labels, toks) for labels, toks in items]))
+                          label_logprobs=np.array([fake_label_logprobs(labels, toks) for labels,
+                                                   toks in items]))
     tokens = []
     for row in batch.rows:
         if row.params.temperature > 0:
             h = hash((row.seed, row.num_output_tokens)) & 0x7FFFFFFF
             token = 3 + h % (vocab_size - 3)
         else:
-            token = fake_next_token(row.token_ids[-1], row.start_pos + len(row.token_ids) - 1, vocab_size)
+            token = fake_next_token(row.token_ids[-1], row.start_pos + len(row.token_ids) - 1,
+                                    vocab_size)
         if row.token_bitmask is not None:
             allowed = allowed_token_ids(row.token_bitmask, vocab_size)
             if token not in allowed:

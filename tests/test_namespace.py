@@ -36,7 +36,8 @@ def test_user_packages_do_not_shadow_kvloom(user_project, how):
     env.pop("PYTHONPATH", None)
     if how == "checkout":
         env["PYTHONPATH"] = ROOT  # the source tree, as the tests' subprocesses see it
-    out = subprocess.run([sys.executable, "-c", CHECK.format(cwd=str(user_project))], cwd=user_project, env=env,
+    out = subprocess.run([sys.executable, "-c", CHECK.format(cwd=str(user_project))], cwd=user_project,
+                         env=env,
                          capture_output=True, text=True, timeout=100)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok kvloom.engine.engine")
@@ -46,7 +47,8 @@ def test_kvloom_command_runs_beside_user_packages(user_project):
     kvloom = os.path.join(os.path.dirname(sys.executable), "kvloom")
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
-    out = subprocess.run([kvloom, "serve", "--help"], cwd=user_project, env=env, capture_output=True, text=True,
+    out = subprocess.run([kvloom, "serve", "--help"], cwd=user_project, env=env, capture_output=True,
+                         text=True,
                          timeout=100)
     assert out.returncode == 0, out.stderr
     assert "--model" in out.stdout

@@ -35,7 +35,8 @@ from kvloom.tools.http_client import base_url, discover_model, send_request
 from kvloom.tools.load import LoadPoint, Phase, run_phase
 from kvloom.tools.report import format_ms, write_json
 from kvloom.tools.slo import SLO, build_summary, parse_slos
-from kvloom.tools.workload import (SharedPrefix, Workload, load_prompts_file, parse_length_dist, prompt_id_range,
+from kvloom.tools.workload import (SharedPrefix, Workload, load_prompts_file, parse_length_dist,
+                                   prompt_id_range,
                                    request_specs)
 
 DEFAULT_TIME_LIMIT_S = 600.0
@@ -228,7 +229,8 @@ def format_summary(summary: dict, workload: Workload, plan: BenchPlan) -> str:
     metrics = ("e2e",) if workload.kind == "score" else ("ttft", "tpot", "itl", "e2e")
     for metric in metrics:
         m = s[f"{metric}_ms"]
-        lines.append(f"  {metric:<14}" + "".join(f"{format_ms(m[k]):>10}" for k in ("mean", "p50", "p90", "p99"))
+        lines.append(f"  {metric:<14}" + "".join(f"{format_ms(m[k]):>10}" for k in ("mean", "p50", "p90",
+                                                                                    "p99"))
                      + f"{m['count']:>8}")
     if s["slos"]:
         lines.append(f"  {'SLO':<14}{'threshold':>12}{'measured':>12}{'result':>8}{'violations':>12}")
@@ -250,7 +252,8 @@ def format_sweep(runs: Sequence[dict], workload: Workload) -> str:
     for s in runs:
         lines.append(f"{s['label']:<16}{s['request_throughput']:>8.2f}{s[throughput[1]]:>11.1f}"
                      f"{format_ms(s['ttft_ms']['p50']):>10}{format_ms(s['ttft_ms']['p99']):>10}"
-                     f"{format_ms(s['e2e_ms']['p50']):>10}{format_ms(s['e2e_ms']['p99']):>10}{s['num_errors']:>8}  "
+                     f"{format_ms(s['e2e_ms']['p50']):>10}{format_ms(s['e2e_ms']['p99']):>10}"
+                     f"{s['num_errors']:>8}  "
                      + ("-" if not s["slos"] else "pass" if s["passed"] else "FAIL"))
     return "\n".join(lines)
 

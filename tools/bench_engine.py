@@ -20,17 +20,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
+import contextlib
 import statistics
-import sys
 import time
 from typing import Optional, Sequence
 
 import numpy as np
 
-from kvloom.tools.bench_model import _best_of
+from kvloom.tools.machine import measure_matmul_peak, roofline_tokens_per_s
+from kvloom.tools.peers import TransformersSystem
 from kvloom.tools.command_args import parse_int_list
-from kvloom.tools.report import format_value, publish, ratio
+from kvloom.tools.report import format_value, log, print_figures, publish, ratio
 from kvloom.tools.workload import prompt_id_range, random_prompts
 from kvloom.tools.engine_args import (add_compile_cache_arg, add_engine_args, add_model_args,
                                       engine_config_from_args, use_compile_cache)
@@ -44,11 +44,6 @@ TARGETS = {
 
 
 # ---- pure helpers -------------------------------------------------------------------------------
-
-def roofline_tokens_per_s(peak_flops: float, num_parameters: int) -> float:
-    """Decode tokens/s if every token cost 2 FLOPs per parameter at the matmul peak."""
-    return peak_flops / (2 * num_parameters)
-
 
 def throughput_target(concurrency: int) -> str:
     return {1: TARGETS["single_stream"], 32: TARGETS["concurrent_32"]}.get(concurrency, "")
@@ -99,38 +94,27 @@ def roofline_lines(report: dict) -> list[str]:
 
 
 def print_report(report: dict, file=None) -> None:
-    file = file or sys.stdout
-    print(f"\nkvloom engine benchmark: {report['model']} ({report['dtype']}, "
-          f"{report['num_parameters'] / 1e6:.1f}M params)", file=file)
-    for row in table_rows(report):
-        print(format_row(row), file=file)
-    print(file=file)
-    for line in roofline_lines(report):
-        print(line, file=file)
+    print_figures(f"kvloom engine benchmark: {report['model']} ({report['dtype']}, "
+                  f"{report['num_parameters'] / 1e6:.1f}M params)",
+                  [format_row(row) for row in table_rows(report)], roofline_lines(report), file)
 
 
 def _log(message: str) -> None:
-    print(f"bench_engine: {message}", file=sys.stderr, flush=True)
+    log("bench_engine", message)
 
 
 # ---- measurements -------------------------------------------------------------------------------
 
-def measure_matmul_peak(sizes: Sequence[int], repeats: int) -> dict:
-    """Best float32 GFLOP/s of a jitted square jnp.dot per size, and the best over all sizes."""
-    import jax
-    import jax.numpy as jnp
+@contextlib.asynccontextmanager
+async def ready_engine(config):
+    """A started Engine, READY (else RuntimeError), with the seconds it took to start; stopped on exit."""
+    from kvloom.engine.engine import Engine
 
-    dot = jax.jit(jnp.dot)
-    by_size = {}
-    for i, n in enumerate(sizes):
-        key_a, key_b = jax.random.split(jax.random.PRNGKey(i))
-        a = jax.random.normal(key_a, (n, n), jnp.float32)  # a, b: [n, n]
-        b = jax.random.normal(key_b, (n, n), jnp.float32)
-        dot(a, b).block_until_ready()  # compile
-        seconds = _best_of(lambda: dot(a, b).block_until_ready(), repeats)
-        by_size[n] = 2 * n ** 3 / seconds / 1e9
-    return dict(sizes=list(sizes), repeats=repeats, gflops_by_size={str(n): g for n, g in by_size.items()},
-                peak_gflops=max(by_size.values()))
+    t0 = time.perf_counter()
+    async with Engine(config) as engine:
+        if not engine.is_ready:
+            raise RuntimeError(f"the engine is not ready: {engine.state_detail}")
+        yield engine, time.perf_counter() - t0
 
 
 async def run_batch(engine, prompts: list[list[int]], new_tokens: int) -> dict:
@@ -192,14 +176,8 @@ async def measure_ttft(engine, rng, id_range, prompt_tokens: int, repeats: int) 
 
 async def bench_kvloom(config, args) -> dict:
     """Start one engine; run the throughput levels, then the TTFT probes. Returns the prompts too, for HF."""
-    from kvloom.engine.engine import Engine
-
     _log("starting the engine (compiles every step shape; about a minute cold)")
-    t0 = time.perf_counter()
-    async with Engine(config) as engine:
-        if not engine.is_ready:
-            raise RuntimeError(f"the engine is not ready: {engine.state_detail}")
-        start_s = time.perf_counter() - t0
+    async with ready_engine(config) as (engine, start_s):
         rng = np.random.default_rng(args.seed)
         id_range = prompt_id_range(engine.runner.vocab_size)
         prompt_sets = {c: random_prompts(rng, c, args.prompt_tokens, id_range) for c in args.concurrency}
@@ -222,34 +200,14 @@ async def bench_kvloom(config, args) -> dict:
                     prompt_sets=prompt_sets, throughput=throughput, ttft=ttft)
 
 
-def load_hf(source):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    kwargs = dict(gguf_file=os.path.basename(source.path)) if source.is_gguf else {}
-    return AutoModelForCausalLM.from_pretrained(source.directory, dtype=torch.float32, **kwargs).eval()
-
-
 def bench_hf(source, prompt_sets: dict[int, list[list[int]]], new_tokens: int) -> dict[int, dict]:
-    """Greedy `generate` of each concurrency's prompts as one batch (equal lengths: no padding)."""
-    import torch
-
-    _log("loading the model in transformers")
-    model = load_hf(source)
+    """Greedy `generate` of each concurrency's prompts as one batch (tools.peers.TransformersSystem)."""
+    hf = TransformersSystem(source)
     out = {}
-    with torch.inference_mode():
-        for c, prompts in prompt_sets.items():
-            ids = torch.tensor(prompts, dtype=torch.long)  # ids: [C, prompt_tokens]
-            gen = dict(attention_mask=torch.ones_like(ids), do_sample=False,
-                       eos_token_id=None, pad_token_id=0)
-            model.generate(ids, max_new_tokens=2, min_new_tokens=2, **gen)  # warm-up
-            t0 = time.perf_counter()
-            tokens = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **gen)
-            wall_s = time.perf_counter() - t0
-            if tokens.shape != (c, ids.shape[1] + new_tokens):
-                raise RuntimeError(f"transformers generated shape {tuple(tokens.shape)} for batch {c}")
-            out[c] = dict(wall_s=wall_s, tok_s=c * new_tokens / wall_s)
-            _log(f"transformers @{c}: {out[c]['tok_s']:.1f} tok/s")
+    for c, prompts in prompt_sets.items():
+        m = asyncio.run(hf.batch(prompts, new_tokens))
+        out[c] = dict(wall_s=m["wall_s"], tok_s=m["value"])
+        _log(f"transformers @{c}: {out[c]['tok_s']:.1f} tok/s")
     return out
 
 
@@ -299,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matmul-sizes", type=parse_int_list, default=[2048, 3072])
     p.add_argument("--matmul-repeats", type=int, default=5)
     add_compile_cache_arg(p)
-    add_engine_args(p, max_running_help="default: the highest concurrency")
+    add_engine_args(p, defaults_shown={"--max-running": "the highest concurrency"})
     return p
 
 

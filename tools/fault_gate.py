@@ -48,7 +48,8 @@ import aiohttp
 import orjson
 
 from kvloom.tools.command_args import FAULT_SCENARIOS, UsageError, options_json
-from kvloom.tools.http_client import (base_url, discover_model, read_stream, request_json, send_request, sse_data,
+from kvloom.tools.http_client import (base_url, discover_model, read_stream, request_json, send_request,
+                                      sse_data,
                                       stream_error)
 from kvloom.tools.report import format_table, write_json
 from kvloom.tools.slo import RequestRecord
@@ -203,7 +204,8 @@ class Client:
         as soon as its first event names it; (its outcome, whether the fault was armed)."""
         rec, armed = RequestRecord(), []
 
-        async def read(resp: aiohttp.ClientResponse, rec: RequestRecord, spec: RequestSpec, start: float) -> None:
+        async def read(resp: aiohttp.ClientResponse, rec: RequestRecord, spec: RequestSpec,
+                       start: float) -> None:
             event = None
             while event is None:
                 line = await resp.content.readline()
@@ -220,7 +222,8 @@ class Client:
             await read_stream(resp, rec, spec, start)
 
         start = time.perf_counter()
-        await send_request(self.session, self.url, self.spec(True, max_tokens), rec, self.plan.timeout_s, read)
+        await send_request(self.session, self.url, self.spec(True, max_tokens), rec, self.plan.timeout_s,
+                           read)
         return Outcome(rec.error, time.perf_counter() - start, is_target=True), bool(armed and armed[0])
 
     async def get(self, path: str) -> tuple[Optional[int], dict]:

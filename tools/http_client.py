@@ -70,7 +70,8 @@ def stream_error(event: dict) -> Optional[str]:
     return _with_code("stream_error", error_code(error)) if error else None
 
 
-async def read_stream(resp: aiohttp.ClientResponse, rec: RequestRecord, spec: RequestSpec, start: float) -> None:
+async def read_stream(resp: aiohttp.ClientResponse, rec: RequestRecord, spec: RequestSpec,
+                      start: float) -> None:
     chunk_times: list[float] = []
     usage_tokens = None
     buffer = b""
@@ -115,7 +116,8 @@ async def _read_body(resp: aiohttp.ClientResponse, rec: RequestRecord, field: st
     tokens recorded, the body returned; else rec.error and None."""
     body = await resp.json(content_type=None)
     values = body.get(field) if isinstance(body, dict) else None
-    is_ok = isinstance(values, list) and (bool(values) if expected_len is None else len(values) == expected_len)
+    is_ok = isinstance(values,
+                       list) and (bool(values) if expected_len is None else len(values) == expected_len)
     if not is_ok:
         rec.error = "bad_response"
         return None
@@ -127,7 +129,8 @@ async def _read_body(resp: aiohttp.ClientResponse, rec: RequestRecord, field: st
     return body
 
 
-async def read_score(resp: aiohttp.ClientResponse, rec: RequestRecord, spec: RequestSpec, start: float) -> None:
+async def read_score(resp: aiohttp.ClientResponse, rec: RequestRecord, spec: RequestSpec,
+                     start: float) -> None:
     if await _read_body(resp, rec, "scores", spec.num_items, start) is not None:
         rec.num_items = spec.num_items
 
@@ -172,7 +175,8 @@ async def request_json(session: aiohttp.ClientSession, method: str, url: str, bo
     """(status, JSON object body, {} when the body is not one) of one request; (None, {}) when there
     is no answer within timeout_s."""
     try:
-        async with session.request(method, url, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+        async with session.request(method, url, json=body,
+                                   timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             answer = await resp.json(content_type=None)
             return resp.status, answer if isinstance(answer, dict) else {}
     except (asyncio.TimeoutError, aiohttp.ClientError, ValueError):

@@ -58,11 +58,16 @@ async def run_phase(send: Callable, specs: Iterator[RequestSpec], load: LoadPoin
     start = time.perf_counter()
     stop_sending_at = start + duration_s if duration_s else math.inf
 
+    num_sent = 0  # counted here, not from records: an open loop behind its clock hands out several
+    # specs before their tasks start
+
     def next_spec() -> Optional[RequestSpec]:
-        if num_requests is not None and len(records) >= num_requests:
+        nonlocal num_sent
+        if num_requests is not None and num_sent >= num_requests:
             return None
         if time.perf_counter() >= stop_sending_at:
             return None
+        num_sent += 1
         return next(specs)
 
     async def one(spec: RequestSpec) -> None:

@@ -27,8 +27,22 @@ def format_table(cells: Sequence[Sequence[str]], num_left: int = 1) -> list[str]
     """Rows of cells, columns as wide as their widest cell, two spaces apart; the first num_left
     columns left-aligned, the others right-aligned."""
     widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
-    return ["  ".join(c.ljust(w) if i < num_left else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+    return ["  ".join(c.ljust(w) if i < num_left else c.rjust(w) for i, (c, w) in enumerate(zip(line,
+                                                                                                widths)))
             .rstrip() for line in cells]
+
+
+def log(tool: str, message: str) -> None:
+    """A progress line on stderr, prefixed with the tool's name."""
+    print(f"{tool}: {message}", file=sys.stderr, flush=True)
+
+
+def print_figures(title: str, rows: Sequence[str], notes: Sequence[str], file=None) -> None:
+    """A benchmark's printout: a blank line and the title, the table's rows, a blank line, the notes."""
+    file = file or sys.stdout
+    print(f"\n{title}", file=file)
+    for line in list(rows) + [""] + list(notes):
+        print(line, file=file)
 
 
 def write_json(path: Optional[str], report: dict) -> None:
@@ -43,5 +57,5 @@ def publish(report: dict, print_report: Callable[[dict], None], json_path: Optio
     print_report(report)
     if json_path:
         write_json(json_path, report)
-        print(f"{tool}: wrote {json_path}", file=sys.stderr, flush=True)
+        log(tool, f"wrote {json_path}")
     return report

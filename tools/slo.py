@@ -202,6 +202,20 @@ def evaluate_slos(slos: Sequence[SLO], records: Sequence[RequestRecord]) -> list
     return [evaluate_slo(slo, records) for slo in slos]
 
 
+def meets_latency_slos(record: RequestRecord, slos: Sequence[SLO]) -> bool:
+    """A completed request whose own figures are within every latency SLO's threshold (every gap for
+    itl; a figure it has none of, such as tpot of a one-token answer, does not count against it)."""
+    if not record.is_ok:
+        return False
+    for slo in slos:
+        if not slo.is_latency:
+            continue
+        values = record.itls if slo.metric == "itl" else [getattr(record, slo.metric)]
+        if any(v is not None and v > slo.threshold for v in values):
+            return False
+    return True
+
+
 # ---- summary ------------------------------------------------------------------------------------
 
 def _per_second(count: float, duration_s: float) -> float:
@@ -224,6 +238,8 @@ def build_summary(records: Sequence[RequestRecord], duration_s: float, slos: Seq
         "error_rate": error_rate(records),
         "duration_s": duration_s,
         "request_throughput": _per_second(len(ok), duration_s),
+        # completed requests per second that met every latency SLO on their own (all of them without SLOs)
+        "goodput": _per_second(sum(meets_latency_slos(r, slos) for r in ok), duration_s),
         "output_throughput": _per_second(output_tokens, duration_s),
         "input_tokens": sum(r.prompt_tokens or 0 for r in ok),
         "output_tokens": output_tokens,

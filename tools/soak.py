@@ -35,7 +35,8 @@ from kvloom.tools.http_client import base_url, discover_model, send_request
 from kvloom.tools.load import LoadPoint, run_phase
 from kvloom.tools.report import format_ms, write_json
 from kvloom.tools.slo import RequestRecord, build_summary
-from kvloom.tools.workload import (LengthDist, RequestSpec, SharedPrefix, Workload, non_streaming, prompt_id_range,
+from kvloom.tools.workload import (LengthDist, RequestSpec, SharedPrefix, Workload, non_streaming,
+                                   prompt_id_range,
                                    request_specs)
 
 KINDS = ("chat_stream", "chat", "score")

@@ -7,6 +7,7 @@ import pytest_asyncio
 from kvloom.api.server import create_app, start_server
 from kvloom.engine.engine import Engine
 from tests import fake_runner
+from tests.api.router_helpers import fleet  # noqa: F401 - the router tests' fixture
 from tests.conftest import tiny_engine_config
 
 

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.timeout(300)
 
 
 async def test_64_streaming_clients_match_sequential(tiny_llama):
-    config = tiny_engine_config(tiny_llama, scheduler=dict(max_running=8, max_tokens_per_step=128, chunk_size=64,
+    config = tiny_engine_config(tiny_llama,
+                                scheduler=dict(max_running=8, max_tokens_per_step=128, chunk_size=64,
                                                            max_prefill_seqs=4))
     served, cleanup = await serve_engine(Engine(config))
     rng = np.random.default_rng(3)

@@ -46,7 +46,8 @@ async def test_streaming_with_usage(fake_server):
     messages = [{"role": "user", "content": "Stream please"}]
     prompt_ids = engine.tokenizer.apply_chat_template(messages)
     async with client(fake_server) as c:
-        stream = await c.chat.completions.create(model="llama", messages=messages, max_tokens=7, temperature=0,
+        stream = await c.chat.completions.create(model="llama", messages=messages, max_tokens=7,
+                                                 temperature=0,
                                                  stream=True, stream_options={"include_usage": True})
         chunks = [chunk async for chunk in stream]
         assert chunks[0].choices[0].delta.role == "assistant"
@@ -57,7 +58,8 @@ async def test_streaming_with_usage(fake_server):
         assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 7
         assert chunks[-1].usage.prompt_tokens == len(prompt_ids)
 
-        stream = await c.completions.create(model="llama", prompt="Hello", max_tokens=5, temperature=0, stream=True)
+        stream = await c.completions.create(model="llama", prompt="Hello", max_tokens=5, temperature=0,
+                                            stream=True)
         text = "".join([ch.choices[0].text async for ch in stream])
         assert text == expected_text(engine, engine.tokenizer.encode("Hello"), 5)
 
@@ -65,8 +67,10 @@ async def test_streaming_with_usage(fake_server):
 async def test_n_choices_and_seeds(fake_server):
     async with client(fake_server) as c:
         greedy = await c.completions.create(model="llama", prompt="Hello", max_tokens=4, temperature=0, n=3)
-        assert len({ch.text for ch in greedy.choices}) == 1 and [ch.index for ch in greedy.choices] == [0, 1, 2]
-        sampled = await c.completions.create(model="llama", prompt="Hello", max_tokens=4, temperature=1.0, n=3,
+        assert len({ch.text for ch in greedy.choices}) == 1
+        assert [ch.index for ch in greedy.choices] == [0, 1, 2]
+        sampled = await c.completions.create(model="llama", prompt="Hello", max_tokens=4, temperature=1.0,
+                                             n=3,
                                              seed=11)
         again = await c.completions.create(model="llama", prompt="Hello", max_tokens=4, temperature=1.0, n=3,
                                            seed=11)
@@ -87,7 +91,8 @@ async def test_stop_strings(fake_server):
     full = expected_text(engine, engine.tokenizer.encode("Hello"), 10)
     stop = full[3:5]
     async with client(fake_server) as c:
-        out = await c.completions.create(model="llama", prompt="Hello", max_tokens=10, temperature=0, stop=[stop])
+        out = await c.completions.create(model="llama", prompt="Hello", max_tokens=10, temperature=0,
+                                         stop=[stop])
         assert out.choices[0].text == full[:full.index(stop)]
         assert out.choices[0].finish_reason == "stop"
 
@@ -99,7 +104,8 @@ async def test_logprobs(fake_server):
         content = chat.choices[0].logprobs.content
         assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
         assert all(t.logprob == -0.5 for t in content)  # the fake runner's value
-        comp = await c.completions.create(model="llama", prompt="Hello", max_tokens=3, temperature=0, logprobs=1)
+        comp = await c.completions.create(model="llama", prompt="Hello", max_tokens=3, temperature=0,
+                                          logprobs=1)
         lp = comp.choices[0].logprobs
         assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 3
         assert "".join(lp.tokens) == comp.choices[0].text
@@ -153,16 +159,19 @@ async def test_health_status_metrics(fake_server):
         assert status["state"] == "ready" and status["model"] == "llama"
         async with s.get(fake_server.url + "/metrics") as r:
             text = await r.text()
-        for name in ("kvloom_time_to_first_token_seconds_bucket", "kvloom_inter_token_latency_seconds",
-                     "kvloom_e2e_request_latency_seconds", "kvloom_num_requests_running",
-                     "kvloom_num_requests_waiting", "kvloom_kv_cache_usage_ratio", "kvloom_prefix_cache_hits",
-                     "kvloom_prefix_cache_queries", "kvloom_prompt_tokens_total", "kvloom_generation_tokens_total",
-                     'kvloom_requests_finished_total{finish_reason="length"}'):
+        for name in ("vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds",
+                     "vllm:e2e_request_latency_seconds", 'vllm:num_requests_running{model_name="llama"}',
+                     "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:prefix_cache_hits_total",
+                     "vllm:prefix_cache_queries_total", "vllm:prompt_tokens_total",
+                     "vllm:generation_tokens_total",
+                     'vllm:request_success_total{finished_reason="length",model_name="llama"}'):
             assert name in text, name
         async with s.post(fake_server.url + "/v1/completions", json={"prompt": "x", "temperature": 9}) as r:
             assert r.status == 400
         async with s.get(fake_server.url + "/metrics") as r:
-            assert 'kvloom_request_errors_total{error_type="invalid_value"}' in await r.text()
+            errors = 'kvloom_request_errors_total{error_type="invalid_value",model_name="llama"}'
+            assert errors in await r.text()
         async with s.get(fake_server.url + "/openapi.json") as r:
             spec = await r.json()
-        assert {"/v1/completions", "/v1/chat/completions", "/v1/score", "/health", "/ready"} <= set(spec["paths"])
+        assert {"/v1/completions", "/v1/chat/completions", "/v1/score", "/health", "/ready"} \
+            <= set(spec["paths"])

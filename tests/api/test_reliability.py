@@ -51,7 +51,8 @@ async def one_request(session, url, i, stream):
 
 async def load(url, n=12, offset=0):
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        return await asyncio.gather(*[one_request(session, url, offset + i, stream=bool(i % 2)) for i in range(n)])
+        return await asyncio.gather(*[one_request(session, url, offset + i, stream=bool(i % 2))
+                                      for i in range(n)])
 
 
 async def get_status(url, path):
@@ -118,7 +119,8 @@ async def test_one_bad_request_among_fifty_fails_alone(tiny_llama):
         faults.arm("nan_request", request_id="r33")
 
         async def run(i):
-            outs = [o async for o in engine.generate([5 + i, 6, 7], SamplingParams(max_tokens=8, temperature=0,
+            outs = [o async for o in engine.generate([5 + i, 6, 7],
+                                                     SamplingParams(max_tokens=8, temperature=0,
                                                                                    ignore_eos=True),
                                                      request_id=f"r{i}")]
             return outs[-1]
@@ -158,7 +160,8 @@ async def test_graceful_drain_then_stop(tiny_llama):
         await wait_until(lambda: engine.scheduler.num_running > 0)
         assert await engine.drain(30)  # in-flight requests finish...
         assert await in_flight == ["ok"] * 4
-        assert await load(served.url, n=2, offset=50) == ["error:engine_unavailable"] * 2  # ...new ones are refused
+        assert await load(served.url, n=2,
+                          offset=50) == ["error:engine_unavailable"] * 2  # ...new ones are refused
     finally:
         await cleanup()
     assert engine.state is EngineState.STOPPED and engine.join_compute_thread(10)

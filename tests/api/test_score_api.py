@@ -39,7 +39,8 @@ async def test_score_and_chat_together(tiny_llama):
             alone = await chat()
             body = {"model": "llama", "query": QUERY, "items": ITEMS, "label_token_ids": LABELS}
             results = await asyncio.gather(score(body), chat(), score(dict(body, apply_softmax=True)), chat(),
-                                           score(dict(body, items=[])), score(dict(body, label_token_ids=[999])))
+                                           score(dict(body, items=[])),
+                                           score(dict(body, label_token_ids=[999])))
         (s1, plain), c1, (s2, soft), c2, (s3, empty), (s4, bad) = results
         assert s1 == s2 == s3 == 200 and c1 == c2 == alone
         assert plain["object"] == "scoring" and plain["model"] == "llama"

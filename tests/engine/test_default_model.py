@@ -1,4 +1,5 @@
-"""The real default model (SmolLM2-135M-Instruct, GGUF): greedy tokens equal transformers' on the same weights."""
+"""The real default model (SmolLM2-135M-Instruct, GGUF): greedy tokens equal transformers' on the same
+weights."""
 
 import os
 
@@ -24,18 +25,21 @@ def test_greedy_tokens_match_transformers():
     source = resolve_source(None)
     gguf_file = os.path.basename(source.path)
     tok = AutoTokenizer.from_pretrained(source.directory, gguf_file=gguf_file)
-    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                       tokenize=True)
                for p in PROMPTS]
     prompts = [list(p["input_ids"]) if hasattr(p, "keys") else list(p) for p in prompts]
 
-    hf = AutoModelForCausalLM.from_pretrained(source.directory, gguf_file=gguf_file, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(source.directory, gguf_file=gguf_file,
+                                              dtype=torch.float32).eval()
     expected = []
     with torch.no_grad():
         for ids in prompts:
             # The attention mask is explicit: the pad id (2) also closes each chat turn, and generate
             # would otherwise mask those prompt tokens out.
             x = torch.tensor([ids])
-            out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NUM_TOKENS, do_sample=False,
+            out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NUM_TOKENS,
+                              do_sample=False,
                               eos_token_id=None, pad_token_id=tok.eos_token_id)
             expected.append(out[0, len(ids):].tolist())
     del hf

@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from kvloom.engine.engine import Engine, EngineNotReadyError, EngineState, EngineUnavailableError, QueueFullError
+from kvloom.engine.engine import (Engine, EngineNotReadyError, EngineState, EngineUnavailableError,
+                                  QueueFullError)
 from kvloom.engine.request import FinishReason, SamplingParams
 from tests import fake_runner
 from tests.conftest import tiny_engine_config
@@ -51,7 +52,8 @@ async def test_generate_streams_deltas_and_usage(config):
 async def test_chat_messages_use_the_template(config):
     async with Engine(config, runner_factory=fake_runner.factory()) as engine:
         messages = [{"role": "user", "content": "Hi there"}]
-        outs, _, ids = await collect(engine, None, SamplingParams(max_tokens=3, temperature=0), messages=messages)
+        outs, _, ids = await collect(engine, None, SamplingParams(max_tokens=3, temperature=0),
+                                     messages=messages)
         prompt = engine.tokenizer.apply_chat_template(messages)
         assert outs[-1].usage.prompt_tokens == len(prompt)
         assert ids == fake_runner.fake_greedy(prompt, 3, engine.runner.vocab_size)
@@ -97,7 +99,8 @@ async def test_stop_string_across_token_boundaries(config):
         cut = next(i for i in range(2, len(full) - 2) if len(pieces[i]) - len(pieces[i - 1]) >= 2)
         start = len(pieces[cut]) - 1
         stop = text[start:start + 3]
-        outs, got, _ = await collect(engine, "Hello world", SamplingParams(max_tokens=12, temperature=0, stop=[stop]))
+        outs, got, _ = await collect(engine, "Hello world",
+                                     SamplingParams(max_tokens=12, temperature=0, stop=[stop]))
         assert got == text[:text.index(stop)]
         assert outs[-1].finish_reason is FinishReason.STOP and outs[-1].stop_reason == stop
 
@@ -235,7 +238,8 @@ async def test_two_engines_at_once(config, tiny_checkpoints):
     async with Engine(config, runner_factory=fake_runner.factory()) as a, \
             Engine(other, runner_factory=fake_runner.factory()) as b:
         params = SamplingParams(max_tokens=5, temperature=0)
-        (_, _, ia), (_, _, ib) = await asyncio.gather(collect(a, [5, 6, 7], params), collect(b, [5, 6, 7], params))
+        (_, _, ia), (_, _, ib) = await asyncio.gather(collect(a, [5, 6, 7], params),
+                                                      collect(b, [5, 6, 7], params))
         assert ia == ib == fake_runner.fake_greedy([5, 6, 7], 5, a.runner.vocab_size)
         assert a.scheduler is not b.scheduler and a.metrics.registry is not b.metrics.registry
 

@@ -47,22 +47,26 @@ def test_unknown_architecture(checkpoint_copy):
     cfg = json.loads((checkpoint_copy / "config.json").read_text())
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (checkpoint_copy / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match=r"config\.json: architectures: unsupported architecture 'GPT2LMHeadModel'"):
+    with pytest.raises(ModelLoadError,
+                       match=r"config\.json: architectures: unsupported architecture 'GPT2LMHeadModel'"):
         load_model(str(checkpoint_copy))
 
 
 def test_missing_tensor(checkpoint_copy):
     _rewrite_tensors(checkpoint_copy, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(ModelLoadError, match=r"model\.safetensors: missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+    with pytest.raises(ModelLoadError,
+                       match=r"model\.safetensors: missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
         load_model(str(checkpoint_copy))
 
 
 def test_shape_mismatch(checkpoint_copy):
     def edit(t):
-        t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:, :-1].copy()
+        name = "model.layers.0.self_attn.k_proj.weight"
+        t[name] = t[name][:, :-1].copy()
 
     _rewrite_tensors(checkpoint_copy, edit)
-    with pytest.raises(ModelLoadError, match=r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' "
+    with pytest.raises(ModelLoadError,
+                       match=r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' "
                                              r"has shape \(32, 63\), expected \(32, 64\)"):
         load_model(str(checkpoint_copy))
 
@@ -110,3 +114,24 @@ def test_default_model_is_found():
     assert path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and os.path.isfile(path)
     source = resolve_source(None)
     assert source.is_gguf and source.name == "SmolLM2-135M-Instruct"
+
+
+def test_gguf_weights_equal_the_checkpoint(tiny_checkpoints, tmp_path):
+    import numpy as np
+
+    from tests import tiny_models
+
+    checkpoint = tiny_checkpoints("llama_untied")
+    path = tiny_models.build_gguf(str(tmp_path / "tiny.gguf"), checkpoint)
+    _, want_cfg, want = load_model(checkpoint)
+    source, cfg, got = load_model(path)
+    assert source.is_gguf and source.name == "tiny"
+    for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                  "tie_word_embeddings", "eos_token_ids"):
+        assert getattr(cfg, field) == getattr(want_cfg, field), field
+    import jax
+
+    want_leaves, got_leaves = jax.tree_util.tree_leaves_with_path(want), jax.tree_util.tree_leaves(got)
+    assert len(want_leaves) == len(got_leaves)
+    for (key, a), b in zip(want_leaves, got_leaves):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(key))

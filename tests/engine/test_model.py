@@ -15,7 +15,8 @@ TOL = 1e-4
 
 def _sequences(seed=0):
     rng = np.random.default_rng(seed)
-    return [rng.integers(3, tiny_models.VOCAB_SIZE, size=n + NUM_DECODE_STEPS).tolist() for n in PROMPT_LENGTHS]
+    return [rng.integers(3, tiny_models.VOCAB_SIZE,
+                         size=n + NUM_DECODE_STEPS).tolist() for n in PROMPT_LENGTHS]
 
 
 @pytest.fixture(scope="module")

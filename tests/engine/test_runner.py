@@ -37,7 +37,8 @@ def hf_greedy(tiny_llama):
     with torch.no_grad():
         for p in PROMPTS:
             x = torch.tensor([p])
-            gen = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NUM_TOKENS, do_sample=False,
+            gen = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NUM_TOKENS,
+                              do_sample=False,
                               eos_token_id=None, pad_token_id=0)
             out[tuple(p)] = gen[0, len(p):].tolist()
     return out
@@ -88,7 +89,8 @@ async def test_no_compilation_after_warm_up(engine):
     mixes = [
         SamplingParams(max_tokens=5, temperature=0.7, top_p=0.9, seed=1),
         SamplingParams(max_tokens=5, temperature=1.0, top_k=5, min_p=0.05, repetition_penalty=1.3, seed=2),
-        SamplingParams(max_tokens=5, temperature=0.0, logprobs=5, frequency_penalty=0.5, presence_penalty=0.3),
+        SamplingParams(max_tokens=5, temperature=0.0, logprobs=5, frequency_penalty=0.5,
+                       presence_penalty=0.3),
         SamplingParams(max_tokens=5, temperature=0.8, logit_bias={7: 3.0, 9: -100.0}, min_tokens=3, seed=3),
         GREEDY,
     ]

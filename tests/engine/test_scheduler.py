@@ -56,7 +56,8 @@ def compute(s: Scheduler, batch) -> StepResult:
 
 
 def step(s: Scheduler, batch) -> list[Request]:
-    """Compute and apply one batch, then end the requests whose new token finishes them (as the engine does)."""
+    """Compute and apply one batch, then end the requests whose new token finishes them (as the engine
+    does)."""
     updated = s.apply(batch, compute(s, batch))
     for request in updated:
         decision = None if request.is_finished else token_finish(request, s.max_model_len)
@@ -141,7 +142,8 @@ def test_queue_full():
 @pytest.mark.parametrize("prefix_cache", [True, False])
 def test_preemption_loses_and_duplicates_nothing(prefix_cache):
     # 12 usable pages of 4 tokens: four requests of 8 + 24 tokens cannot all fit.
-    s = make_scheduler(num_pages=13, page_size=4, max_running=4, budget=32, chunk=16, prefix_cache=prefix_cache)
+    s = make_scheduler(num_pages=13, page_size=4, max_running=4, budget=32, chunk=16,
+                       prefix_cache=prefix_cache)
     requests = [make_request(f"r{i}", list(range(3 + i, 11 + i)), max_tokens=24) for i in range(4)]
     for r in requests:
         s.add(r)
@@ -245,7 +247,8 @@ def test_finish_conditions():
     assert stop_on.output_ids == expected[:3]
     assert stop_on.finish_reason is FinishReason.STOP and stop_on.stop_reason == expected[2]
 
-    eos = Request("eos", tuple(prompt), SamplingParams(max_tokens=8, temperature=0.0), eos_token_ids=(expected[1],))
+    eos = Request("eos", tuple(prompt), SamplingParams(max_tokens=8, temperature=0.0),
+                  eos_token_ids=(expected[1],))
     ignore = Request("ignore", tuple(prompt), SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
                      eos_token_ids=(expected[1],))
     s.add(eos)

@@ -33,7 +33,8 @@ async def engines(tiny_checkpoints):
 
     async def get(family, mode):
         if (family, mode) not in made:
-            config = tiny_engine_config(tiny_checkpoints(family), max_model_len=512, scoring=scoring_config(mode))
+            config = tiny_engine_config(tiny_checkpoints(family), max_model_len=512,
+                                        scoring=scoring_config(mode))
             engine = Engine(config)
             await engine.start()
             made[family, mode] = engine
@@ -105,7 +106,8 @@ async def test_softmax_order_text_and_item_first(engines, tiny_checkpoints):
     np.testing.assert_allclose(np.array(text.scores), ref, rtol=1e-3)
 
     ref = np.exp(hf_label_logprobs(tiny_checkpoints("qwen3"), [item + QUERY for item in ITEMS[:3]], LABELS))
-    for item_first_engine in (engine, await engines("qwen3", "packed")):  # the single path, in any default mode
+    for item_first_engine in (engine,
+                              await engines("qwen3", "packed")):  # the single path, in any default mode
         first = await item_first_engine.score(QUERY, ITEMS[:3], LABELS, item_first=True)
         np.testing.assert_allclose(np.array(first.scores), ref, rtol=1e-3)
     assert (await engine.score(QUERY, [], LABELS)).scores == []
@@ -119,12 +121,16 @@ async def test_invalid_inputs_name_the_field(engines):
         (dict(query=QUERY, items=ITEMS, label_token_ids=[]), r"label_token_ids: must be a non-empty"),
         (dict(query=[], items=ITEMS, label_token_ids=[5]), r"query: must not be empty"),
         (dict(query="", items=["a"], label_token_ids=[5]), r"query: must not be empty"),
-        (dict(query=QUERY, items=["text"], label_token_ids=[5]), r"items: text and token ids must not be mixed"),
+        (dict(query=QUERY, items=["text"], label_token_ids=[5]),
+         r"items: text and token ids must not be mixed"),
         (dict(query=QUERY, items=[[1, 2], "x"], label_token_ids=[5]), r"items: text and token ids"),
-        (dict(query=QUERY, items=[[5]] * 201, label_token_ids=[5]), r"items: 201 items exceeds the limit of 200"),
-        (dict(query=QUERY, items=[[5] * 33], label_token_ids=[5]), r"items\[0\]: 33 tokens exceeds the limit"),
+        (dict(query=QUERY, items=[[5]] * 201, label_token_ids=[5]),
+         r"items: 201 items exceeds the limit of 200"),
+        (dict(query=QUERY, items=[[5] * 33], label_token_ids=[5]),
+         r"items\[0\]: 33 tokens exceeds the limit"),
         (dict(query=QUERY, items=[[]], label_token_ids=[5]), r"items\[0\]: must not be empty"),
-        (dict(query=QUERY, items=ITEMS, label_token_ids=[5], mode="batched"), r"mode: 'batched' is not enabled"),
+        (dict(query=QUERY, items=ITEMS, label_token_ids=[5], mode="batched"),
+         r"mode: 'batched' is not enabled"),
         (dict(query=[5] * 500, items=[[5] * 20], label_token_ids=[5]), r"query: 500 tokens plus the longest"),
     ]
     for kwargs, message in cases:

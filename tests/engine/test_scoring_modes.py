@@ -23,7 +23,8 @@ LABELS = [5, 7]
 
 
 def scoring(**overrides):
-    return ScoringConfig(**{**dict(tokens_per_step=64, max_item_tokens=32, max_items_per_step=16), **overrides})
+    return ScoringConfig(**{**dict(tokens_per_step=64, max_item_tokens=32, max_items_per_step=16),
+                            **overrides})
 
 
 def score_batches(runner) -> list[ScheduledBatch]:
@@ -61,16 +62,20 @@ async def test_each_mode_runs_its_own_path(both_modes):
             items_seen = [i for b in batches for row in b.score_rows for i, _ in row.items]
             assert items_seen == (list(range(len(ITEMS))) if mode != "single" else [])
         metrics = engine.metrics.render().decode()
+        name = engine.model_name
         for mode in ("packed", "batched"):
-            assert f'kvloom_score_items_total{{mode="{mode}"}} {float(len(ITEMS))}' in metrics
-        assert 'kvloom_score_rows_total{mode="packed"}' in metrics and 'mode="single"' not in metrics
+            sample = f'kvloom_score_items_total{{mode="{mode}",model_name="{name}"}} {float(len(ITEMS))}'
+            assert sample in metrics
+        assert f'kvloom_score_rows_total{{mode="packed",model_name="{name}"}}' in metrics
+        assert 'mode="single"' not in metrics
         np.testing.assert_allclose(results["packed"], results["single"], rtol=1e-6)
         np.testing.assert_allclose(results["batched"], results["single"], rtol=1e-6)
 
 
 async def test_default_mode_and_refused_modes(tiny_llama):
     make = fake_runner.factory()
-    async with Engine(tiny_engine_config(tiny_llama, scoring=scoring(mode="batched")), runner_factory=make) as engine:
+    async with Engine(tiny_engine_config(tiny_llama, scoring=scoring(mode="batched")),
+                      runner_factory=make) as engine:
         assert engine.plan.score_modes == ("batched",)  # only the enabled mode's shapes are compiled
         await engine.score(QUERY, ITEMS, LABELS)
         assert all(len(row.items) == 1 for b in score_batches(make.made[-1]) for row in b.score_rows)
@@ -90,7 +95,8 @@ async def test_item_first_runs_in_packed_default(tiny_llama):
         for b in make.made[-1].batches:
             for row in b.rows:
                 prompts.setdefault(row.request_id, []).extend(row.token_ids)
-        assert sorted(p for p in prompts.values() if p[-len(QUERY):] == QUERY) == sorted(i + QUERY for i in ITEMS[:3])
+        item_first = sorted(p for p in prompts.values() if p[-len(QUERY):] == QUERY)
+        assert item_first == sorted(i + QUERY for i in ITEMS[:3])
 
 
 def test_bucket_plan_compiles_only_enabled_modes():
@@ -112,7 +118,8 @@ def test_schedule_changes_no_request(mode):
     s = Scheduler(cfg, BucketPlan.from_config(cfg, scoring(mode=mode)), allocator,
                   make_prefix_cache(allocator, 4, True), page_size=4)
     request = Request("s", tuple(QUERY), SamplingParams(max_tokens=1),
-                      score=ScoreTask(tuple((50 + i, 60 + i, 70 + i) for i in range(30)), tuple(LABELS), mode=mode))
+                      score=ScoreTask(tuple((50 + i, 60 + i, 70 + i) for i in range(30)), tuple(LABELS),
+                                      mode=mode))
     s.add(request)
     while not request.has_items_to_score:  # prefill the query
         batch = s.schedule()

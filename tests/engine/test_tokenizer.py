@@ -1,12 +1,15 @@
 """Tokenizer, chat template, incremental detokenizer and stop strings, on the tiny byte-level BPE
-tokenizer of tests/tiny_models.py; one slow test loads the default GGUF model's tokenizer."""
+tokenizer of tests/tiny_models.py; GGUF tokenizers built without PyTorch equal transformers' on tiny GGUF
+files and (slow) on the default model's."""
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
-from kvloom.engine.models.loader import ModelSource, resolve_source
+from kvloom.engine.models.source import ModelSource, resolve_source
 from kvloom.engine.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 from tests import tiny_models
 
@@ -318,3 +321,150 @@ def test_default_gguf_tokenizer_is_cached(tmp_path, monkeypatch):
     text = "héllo wörld ✓ 日本語 🙂"
     deltas, rest = _stream(second, second.encode(text, add_special_tokens=False), ids)
     assert "".join(deltas) + rest == text
+
+
+# ---- GGUF tokenizers, built without PyTorch ----------------------------------------------------------
+
+MIXED_TEXTS = TEXTS + [
+    "Numbers 0 1 12 123 1234 3.14159 -42 1e10 and 2+2=4",
+    "def f(x):\n    return x ** 2  # code\n\tindented\r\nwindows line",
+    "<|im_start|>user\nspecial tokens inside text<|im_end|>\n<|endoftext|>",
+    "It's, we're, they'll, I'd, you've: contractions; CAPS and MiXeD case",
+    "Ελληνικά, русский, العربية, עברית, हिन्दी, 한국어, ไทย",
+    "    many     spaces   \n\n\n blank lines",
+    "URLs https://example.com/a?b=c&d=e and emails a.b@example.org",
+    "zero-width\u200bjoiner\u200d and combining e\u0301 and NBSP\u00a0here",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_ggufs(tiny_checkpoints, tmp_path_factory):
+    """name -> path of tiny GGUF files: no BOS and the default GPT-2 split; BOS and the Llama 3 split."""
+    root = tmp_path_factory.mktemp("tiny_gguf")
+    checkpoint = tiny_checkpoints("llama")
+    return {
+        "plain": tiny_models.build_gguf(str(root / "plain.gguf"), checkpoint),
+        "bos_llama3": tiny_models.build_gguf(str(root / "bos_llama3.gguf"), checkpoint, add_bos_token=True,
+                                             pre="llama-bpe"),
+    }
+
+
+def assert_same_tokenizer(ours, reference):
+    """Same vocabulary, merges, special tokens, pipeline and template, and the same ids and text."""
+    ours_json = json.loads(ours.backend_tokenizer.to_str())
+    ref_json = json.loads(reference.backend_tokenizer.to_str())
+    for part in ("model", "added_tokens", "normalizer", "pre_tokenizer", "post_processor", "decoder"):
+        assert ours_json[part] == ref_json[part], part
+    assert ours.special_tokens_map == reference.special_tokens_map
+    assert ours.chat_template == reference.chat_template and ours.chat_template
+    assert len(ours) == len(reference)
+    for text in MIXED_TEXTS:
+        ids = reference.encode(text)
+        assert ours.encode(text) == ids, text
+        assert ours.decode(ids) == reference.decode(ids)
+        assert ours.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": MIXED_TEXTS[1]}]
+    assert (ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            == reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+
+def _transformers_gguf_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                         local_files_only=True)
+
+
+@pytest.mark.parametrize("name", ["plain", "bos_llama3"])
+def test_tiny_gguf_tokenizer_equals_transformers(tiny_ggufs, name):
+    from kvloom.engine.gguf_tokenizer import build_tokenizer, read_tokenizer_metadata
+
+    path = tiny_ggufs[name]
+    ours = build_tokenizer(read_tokenizer_metadata(path))
+    assert_same_tokenizer(ours, _transformers_gguf_tokenizer(path))
+    # with add_bos_token, <|im_start|> (1, the file's BOS) comes first
+    first_id = 1 if name == "bos_llama3" else ours.encode("Hi", add_special_tokens=False)[0]
+    assert ours.encode("Hi")[0] == first_id
+
+
+def test_unsupported_gguf_vocabulary_is_named(tiny_ggufs):
+    from kvloom.engine.gguf_tokenizer import (UnsupportedGGUFTokenizer, build_tokenizer,
+                                              read_tokenizer_metadata)
+
+    metadata = read_tokenizer_metadata(tiny_ggufs["plain"])
+    with pytest.raises(UnsupportedGGUFTokenizer, match=r"^tokenizer\.ggml\.model: 'bert'"):
+        build_tokenizer({**metadata, "tokenizer.ggml.model": "bert"})
+
+
+# Loads a GGUF model the way `kvloom serve` does, in a process where `import torch` fails, then reports
+# the ids of a chat prompt and whether torch was ever imported.
+_NO_TORCH_SCRIPT = """
+import json, sys
+sys.modules["torch"] = None  # as if PyTorch were not installed: `import torch` raises ImportError
+from kvloom.engine.models.source import resolve_source
+from kvloom.engine.tokenizer import Tokenizer
+path = sys.argv[1] or None
+if sys.argv[2] == "weights":
+    from kvloom.engine.models.loader import load_model
+    load_model(path)
+tok = Tokenizer.load(resolve_source(path))
+ids = tok.apply_chat_template([{"role": "user", "content": sys.argv[3]}])
+print(json.dumps({"ids": ids, "cached": tok.loaded_from_cache, "torch": sys.modules.get("torch") is not None,
+                  "jax": "jax" in sys.modules}))
+"""
+
+
+def load_without_torch(path, tmp_path, prompt, weights=False):
+    env = dict(os.environ, KVLOOM_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", _NO_TORCH_SCRIPT, path or "", "weights" if weights else "",
+                          prompt], env=env, capture_output=True, text=True, timeout=280)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_tiny_gguf_model_loads_without_torch(tiny_ggufs, tmp_path):
+    prompt = MIXED_TEXTS[1]
+    reference = _transformers_gguf_tokenizer(tiny_ggufs["plain"])
+    want = reference.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    want = list(want["input_ids"]) if hasattr(want, "keys") else list(want)
+    first = load_without_torch(tiny_ggufs["plain"], tmp_path, prompt, weights=True)
+    assert first == {"ids": want, "cached": False, "torch": False, "jax": True}
+    second = load_without_torch(tiny_ggufs["plain"], tmp_path, prompt)
+    assert second == {"ids": want, "cached": True, "torch": False, "jax": False}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_default_gguf_tokenizer_equals_transformers():
+    from kvloom.engine.gguf_tokenizer import build_tokenizer, read_tokenizer_metadata
+
+    path = resolve_source(None).path
+    assert_same_tokenizer(build_tokenizer(read_tokenizer_metadata(path)), _transformers_gguf_tokenizer(path))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_default_tokenizer_loads_without_torch(tmp_path):
+    got = load_without_torch(None, tmp_path, "What is 2+2? héllo 日本語 🙂")
+    reference = _transformers_gguf_tokenizer(resolve_source(None).path)
+    want = reference.apply_chat_template([{"role": "user", "content": "What is 2+2? héllo 日本語 🙂"}],
+                                         add_generation_prompt=True)
+    want = list(want["input_ids"]) if hasattr(want, "keys") else list(want)
+    assert got == {"ids": want, "cached": False, "torch": False, "jax": False}
+
+
+def test_other_gguf_vocabularies_without_torch_name_the_way_out(tiny_ggufs, tmp_path, monkeypatch):
+    import importlib.util
+
+    from kvloom.engine import gguf_tokenizer
+    from kvloom.engine.tokenizer import TokenizerLoadError
+
+    metadata = gguf_tokenizer.read_tokenizer_metadata(tiny_ggufs["plain"])
+    monkeypatch.setenv("KVLOOM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(gguf_tokenizer, "read_tokenizer_metadata",
+                        lambda path: {**metadata, "tokenizer.ggml.model": "llama"})
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else find_spec(name, *a))
+    with pytest.raises(TokenizerLoadError, match=r"plain\.gguf: tokenizer\.ggml\.model 'llama': only "):
+        Tokenizer.load(ModelSource(tiny_ggufs["plain"], True, "plain"))

@@ -38,7 +38,8 @@ def test_blocked_matches_reference(dtype, tol, page_size, qn):
         fn = jax.jit(lambda *a: prefix_extend_attention(*a, scale=0.25, layer=1, block_pages=block_pages))
         out = fn(*args)
         assert out.dtype == dtype
-        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=tol)
+        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol,
+                                   rtol=tol)
     assert np.all(np.asarray(ref, np.float32)[-1] == 0)  # the padding row
 
 

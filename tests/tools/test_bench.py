@@ -1,5 +1,5 @@
-"""tools.bench: options into a plan and its request bodies, then end-to-end runs against a kvloom server (the deterministic fake
-runner) on loopback, in the test's event loop."""
+"""tools.bench: options into a plan and its request bodies, then end-to-end runs against a kvloom server
+(the deterministic fake runner) on loopback, in the test's event loop."""
 
 import asyncio
 import json
@@ -56,7 +56,8 @@ def test_text_prompts_and_score_bodies():
     score = bench.plan_from_args(bench_args("http://h:1/v1/", "--workload", "score", "--query-tokens", "5",
                                             "--num-items", "3", "--item-tokens", "4",
                                             "--label-token-ids", "1,2")).workload
-    spec = next(workload.request_specs(score, np.random.default_rng(0), workload.SharedPrefix(0, score.id_range)))
+    spec = next(workload.request_specs(score, np.random.default_rng(0), workload.SharedPrefix(0,
+                                                                                              score.id_range)))
     assert spec.path == "/v1/score" and not spec.is_stream and spec.num_items == 3
     assert len(spec.body["query"]) == 5 and np.shape(spec.body["items"]) == (3, 4)
     assert spec.body["label_token_ids"] == [1, 2]

@@ -7,13 +7,13 @@ import jax
 import numpy as np
 import pytest
 
-from kvloom.tools import bench_score
+from kvloom.tools import bench_score, machine
 
 
 def test_roofline_items_per_s():
     # 2 FLOPs x 1M params x (100 + 10 x 10) tokens = 400 MFLOP per request of 10 items
     assert bench_score.total_tokens(100, 10, 10) == 200
-    assert bench_score.roofline_items_per_s(400e6, 1_000_000, 100, 10, 10) == pytest.approx(10.0)
+    assert machine.roofline_items_per_s(400e6, 1_000_000, 100, 10, 10) == pytest.approx(10.0)
 
 
 def test_latency_summary_and_relative_error():

@@ -1,5 +1,6 @@
-"""The `kvloom` command line: the serve path loads no benchmark module, the tools' imports form no
-cycle, and the engine flags become the config they name."""
+"""The `kvloom` command line: `kvloom chat` answers through the Engine as transformers does, the serve
+path loads no benchmark module, the tools' imports form no cycle, and the engine flags become the
+config they name."""
 
 import argparse
 import ast
@@ -12,6 +13,7 @@ import pytest
 from kvloom.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from kvloom.tools.cli import build_parser
 from kvloom.tools.engine_args import add_engine_args, engine_config_from_args
+from tests.conftest import _JAX_CACHE
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -33,7 +35,8 @@ def test_serve_loads_no_benchmark_module():
     out = subprocess.run([sys.executable, "-c", SERVE_IMPORTS], capture_output=True, text=True, timeout=100)
     assert out.returncode == 0, out.stderr
     loaded = set(out.stdout.split())
-    assert loaded == {"kvloom.tools.cli", "kvloom.tools.command_args", "kvloom.tools.engine_args"}
+    assert loaded == {"kvloom.tools.cli", "kvloom.tools.command_args", "kvloom.tools.engine_args",
+                      "kvloom.tools.serve_args", "kvloom.tools.tune_args", "kvloom.tools.flag_file"}
 
 
 def tools_imports() -> dict[str, set[str]]:
@@ -51,14 +54,16 @@ def tools_imports() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kvloom.tools."):
                 imported.add(node.module.split(".")[2])
             elif isinstance(node, ast.Import):
-                imported.update(a.name.split(".")[2] for a in node.names if a.name.startswith("kvloom.tools."))
+                imported.update(alias.name.split(".")[2] for alias in node.names
+                                if alias.name.startswith("kvloom.tools."))
         graph[file[:-3]] = imported
     return graph
 
 
 def test_tools_modules_import_no_cycle():
     graph = tools_imports()
-    assert graph["cli"] == {"command_args", "engine_args", "bench", "compare", "soak", "fault_gate"}
+    assert graph["cli"] == {"command_args", "engine_args", "serve_args", "tune_args", "flag_file", "bench",
+                            "compare", "soak", "fault_gate", "tune", "router_cli"}
     assert set().union(*graph.values()) <= set(graph), "every imported tools module exists"
     done, path = set(), []
 
@@ -77,7 +82,8 @@ def test_tools_modules_import_no_cycle():
 
 
 def test_serve_flags_make_the_engine_config():
-    args = build_parser().parse_args(["serve", "--model", "m.gguf", "--dtype", "bfloat16", "--max-running", "3",
+    args = build_parser().parse_args(["serve", "--model", "m.gguf", "--dtype", "bfloat16", "--max-running",
+                                      "3",
                                       "--num-pages", "64", "--policy", "lpm", "--seed", "7", "--step-timeout",
                                       "5", "--no-prefix-cache", "--max-model-len", "128"])
     config = engine_config_from_args(args, serve=True)
@@ -97,5 +103,30 @@ def test_benchmark_flags_fall_back_to_the_command_sizes():
         parser.parse_args(["--policy", "lpm"])  # a server flag: benchmarks do not take it
     config = engine_config_from_args(parser.parse_args([]), dtype="float32", max_running=9)
     assert config.scheduler.max_running == 9 and config.seed == EngineConfig().seed
-    config = engine_config_from_args(parser.parse_args(["--max-running", "2", "--page-size", "4"]), max_running=9)
+    config = engine_config_from_args(parser.parse_args(["--max-running", "2", "--page-size", "4"]),
+                                     max_running=9)
     assert config.scheduler.max_running == 2 and config.cache.page_size == 4
+
+
+def test_chat_answers_greedily_as_transformers_does(tiny_llama):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kvloom.engine.models.loader import resolve_source
+    from kvloom.engine.tokenizer import Tokenizer
+
+    kvloom = os.path.join(os.path.dirname(sys.executable), "kvloom")
+    out = subprocess.run([kvloom, "chat", "Name a colour.", "--model", tiny_llama, "--max-tokens", "6",
+                          "--max-model-len", "128", "--page-size", "4", "--compile-cache", _JAX_CACHE],
+                         capture_output=True, text=True, timeout=100)
+    assert out.returncode == 0, out.stderr
+    assert "kvloom: loaded" in out.stderr
+
+    tokenizer = Tokenizer.load(resolve_source(tiny_llama))
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Name a colour."}])
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ids = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    answer = ids[0, len(prompt):].tolist()
+    assert out.stdout == tokenizer.decode(answer) + "\n"
+

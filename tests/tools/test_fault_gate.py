@@ -11,9 +11,9 @@ from tests.api.conftest import serve_engine
 from tests.conftest import tiny_engine_config
 from kvloom.tools import fault_gate
 from kvloom.tools.cli import build_parser
+from kvloom.tools.fault_gate import Outcome, ScenarioResult
 
 pytestmark = pytest.mark.timeout(180)
-from kvloom.tools.fault_gate import Outcome, ScenarioResult
 
 
 def gate_args(url: str, *options: str):

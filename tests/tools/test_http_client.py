@@ -29,13 +29,15 @@ async def stub_url():
             events.append({"error": {"message": "engine failed", "type": "server_error",
                                      "code": "engine_unavailable"}})
         if not body.get("cut"):
-            events += [{"id": "r", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 7}}, b"[DONE]"]
+            events += [{"id": "r", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 7}},
+                       b"[DONE]"]
         return web.Response(body=sse(*events), content_type="text/event-stream")
 
     async def completion(request):
         body = await request.json()
         if body.get("bad"):
-            return web.json_response({"error": {"message": "bad", "type": "invalid_request_error"}}, status=400)
+            return web.json_response({"error": {"message": "bad", "type": "invalid_request_error"}},
+                                     status=400)
         return web.json_response({"choices": [{"message": {"content": "hi"}}],
                                   "usage": {"prompt_tokens": 4, "completion_tokens": 2}})
 
@@ -68,7 +70,8 @@ async def test_streams(stub_url):
     assert 0 < rec.ttft <= rec.e2e
     assert (await send(stub_url, RequestSpec("/stream", {"fail": True}, is_stream=True))).error == \
         "stream_error:engine_unavailable"
-    assert (await send(stub_url, RequestSpec("/stream", {"cut": True}, is_stream=True))).error == "incomplete_stream"
+    assert (await send(stub_url, RequestSpec("/stream", {"cut": True},
+                                             is_stream=True))).error == "incomplete_stream"
 
 
 async def test_bodies_and_http_errors(stub_url):

@@ -13,13 +13,15 @@ def test_values_and_ratios():
     assert report.format_value(12.345) == "12.35" and report.format_value(None) == "-"
     assert report.format_value(2.0, ".1f", "x") == "2.0x" and report.format_ms(3.14159) == "3.1"
     assert report.ratio(6.0, 2.0) == 3.0
-    assert report.ratio(6.0, None) is None and report.ratio(None, 2.0) is None and report.ratio(1.0, 0.0) is None
+    assert report.ratio(6.0, None) is None and report.ratio(None, 2.0) is None and report.ratio(1.0,
+                                                                                                0.0) is None
 
 
 def test_format_table_aligns_columns():
     cells = [["figure", "a", "b"], ["decode", "1.0", "12.50"], ["x", "-", "3"]]
     assert report.format_table(cells) == ["figure    a      b", "decode  1.0  12.50", "x         -      3"]
-    assert report.format_table(cells, num_left=3) == ["figure  a    b", "decode  1.0  12.50", "x       -    3"]
+    assert report.format_table(cells, num_left=3) == ["figure  a    b", "decode  1.0  12.50",
+                                                      "x       -    3"]
 
 
 def test_publish_prints_and_writes_json(tmp_path, capsys):

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from kvloom.tools.slo import (RequestRecord, build_summary, evaluate_slo, metric_samples, parse_slos, percentile,
+from kvloom.tools.slo import (RequestRecord, build_summary, evaluate_slo, metric_samples, parse_slos,
+                              percentile,
                        stat, summarize_ms)
 
 
@@ -139,3 +140,12 @@ def test_summary_of_scoring_and_of_nothing():
     assert s["slos"] == [] and s["passed"] is True
     empty = build_summary([], duration_s=0.0)
     assert empty["num_requests"] == 0 and empty["request_throughput"] == 0.0 and empty["error_rate"] == 0.0
+
+
+def test_goodput_counts_the_requests_within_every_latency_slo():
+    records = _records()  # ttft 10..100 ms, e2e 90..180 ms, gaps of 20 ms
+    slos = parse_slos("ttft_p99=50ms,e2e_p50=170ms,itl_p99=20ms,error_rate=1%")
+    s = build_summary(records, duration_s=2.0, slos=slos)
+    assert s["goodput"] == pytest.approx(5 / 2.0)  # ttft <= 50 ms: requests 1..5 (their e2e <= 130 ms)
+    assert build_summary(records, 2.0, parse_slos("itl_p50=19ms"))["goodput"] == 0.0
+    assert build_summary(records, 2.0)["goodput"] == pytest.approx(5.0)  # no SLOs: every completed request

@@ -35,17 +35,22 @@ def test_prompt_ids_stay_in_the_vocabulary():
 
 def test_score_bodies_and_non_streaming_chat():
     score = workload.Workload(kind="score", api="completions", prompt_format="ids",
-                              input_len=workload.LengthDist("fixed", 6), output_len=workload.LengthDist("fixed", 1),
-                              id_range=(10, 20), model="m", extra_body={"model": "other", "x": 1}, query_tokens=6,
+                              input_len=workload.LengthDist("fixed", 6),
+                              output_len=workload.LengthDist("fixed", 1),
+                              id_range=(10, 20), model="m", extra_body={"model": "other", "x": 1},
+                              query_tokens=6,
                               num_items=2, item_tokens=3, label_token_ids=(4, 5))
     spec = next(workload.request_specs(score, np.random.default_rng(0), workload.SharedPrefix(0, (10, 20))))
     assert spec.path == "/v1/score" and spec.num_items == 2 and not spec.is_stream
     assert spec.body["model"] == "m" and spec.body["x"] == 1  # the tool's fields win over --extra-body
     assert np.shape(spec.body["items"]) == (2, 3) and len(spec.body["query"]) == 6
     chat = workload.Workload(kind="generate", api="chat", prompt_format="text",
-                             input_len=workload.LengthDist("fixed", 4), output_len=workload.LengthDist("fixed", 2))
-    streamed = next(workload.request_specs(chat, np.random.default_rng(0), workload.SharedPrefix(0, (10, 20))))
+                             input_len=workload.LengthDist("fixed", 4),
+                             output_len=workload.LengthDist("fixed", 2))
+    streamed = next(workload.request_specs(chat, np.random.default_rng(0), workload.SharedPrefix(0, (10,
+                                                                                                     20))))
     answered = workload.non_streaming(streamed)
     assert streamed.is_stream and streamed.body["stream_options"] == {"include_usage": True}
-    assert not answered.is_stream and answered.body["stream"] is False and "stream_options" not in answered.body
+    assert not answered.is_stream and answered.body["stream"] is False
+    assert "stream_options" not in answered.body
     assert answered.body["messages"] == streamed.body["messages"] and answered.body["max_tokens"] == 2

@@ -1,0 +1,69 @@
+"""tools.compare_report: figures with their roofline bounds, rows of kvloom beside each peer, the table."""
+
+import pytest
+
+from kvloom.tools import compare_report, compare_workloads
+from kvloom.tools.command_args import COMPARE_WORKLOADS
+from kvloom.tools.machine import Roofline
+from kvloom.tools.report import format_table
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_figures_and_their_roofline():
+    roof = Roofline(peak_flops=100e9, bandwidth=20e9, num_parameters=50_000_000)
+    figs = compare_report.figures(compare_workloads.FULL, COMPARE_WORKLOADS, roof)
+    assert [f.key for f in figs] == ["decode@1", "decode@8", "decode@32", "prefill", "shared-prefix", "score"]
+    by_key = {f.key: f for f in figs}
+    assert by_key["decode@8"].roofline == pytest.approx(800.0)
+    assert by_key["prefill"].roofline == pytest.approx(1000.0) and "512-tok" in by_key["prefill"].label
+    assert by_key["shared-prefix"].roofline == pytest.approx(1000.0)  # 16 x 100 > compute
+    assert "16x 400+32" in by_key["shared-prefix"].label and by_key["score"].unit == "items/s"
+    assert [f.key for f in compare_report.figures(compare_workloads.QUICK, ["prefill"], roof)] == ["prefill"]
+
+
+def test_rows_pair_each_peer_with_kvloom_in_its_own_mode():
+    roof = Roofline(peak_flops=100e9, bandwidth=20e9, num_parameters=50_000_000)
+    figs = compare_report.figures(compare_workloads.FULL, ["decode", "score"], roof)
+    measurements = {
+        "kvloom": {"decode@1": {"value": 50.0}, "decode@8": {"value": 400.0}, "score": {"value": 20.0}},
+        "kvloom-http": {"decode@1": {"value": 40.0}},
+        "hf": {"decode@1": {"value": 25.0}, "decode@8": {"value": 100.0}, "score": {"value": 10.0}},
+        "llamacpp-server": {"decode@1": {"value": 80.0}},
+    }
+    rows = compare_report.build_rows(figs, measurements, ["hf", "llamacpp", "llamacpp-server"])
+    assert [(r["key"], r["mode"]) for r in rows] == [
+        ("decode@1", "in process"), ("decode@1", "HTTP"), ("decode@8", "in process"), ("score", "in process")]
+    first, http = rows[0], rows[1]
+    assert first["peers"] == {"hf": 25.0, "llamacpp": None, "llamacpp-server": None}
+    assert first["kvloom_over_peer"]["hf"] == pytest.approx(2.0)
+    assert first["kvloom_over_peer"]["llamacpp"] is None
+    assert first["kvloom_over_roofline"] == pytest.approx(0.5)  # 50 of 100 tok/s
+    assert http["peers"] == {"hf": None, "llamacpp": None, "llamacpp-server": 80.0}
+    assert http["kvloom_over_peer"]["llamacpp-server"] == pytest.approx(0.5)
+    assert rows[2]["kvloom_over_roofline"] == pytest.approx(0.5)  # 400 of 800
+
+    cells = compare_report.table_cells(rows, {"hf": "transformers",
+                                              "llamacpp-server": "llama.cpp-server F32"})
+    assert cells[0] == ["figure", "kvloom", "transformers", "llama.cpp-server F32", "kvloom/transformers",
+                        "kvloom/llama.cpp-server F32", "kvloom/roofline", "roofline"]
+    assert cells[1] == ["decode tok/s @1 (in process)", "50.0", "25.0", "-", "2.00x", "-", "50.0%", "100.0"]
+    assert cells[2][2:6] == ["-", "80.0", "-", "0.50x"]
+    lines = format_table(cells)
+    assert len({len(line) for line in lines}) == 1  # right-aligned columns end together
+    assert lines[1].startswith("decode tok/s @1 (in process)  ")
+    assert lines[1].split()[-2:] == ["50.0%", "100.0"]
+
+
+def test_report_lines_list_skipped_peers():
+    roof = Roofline(peak_flops=100e9, bandwidth=20e9, num_parameters=50_000_000)
+    report = dict(model="m", num_parameters=50_000_000, cpu_count=2, roofline=roof.to_json(),
+                  rows=compare_report.build_rows(compare_report.figures(compare_workloads.QUICK, ["prefill"],
+                                                                        roof),
+                                          {"kvloom": {"prefill": {"value": 10.0}}}, ["llamacpp"]),
+                  peers={"llamacpp": dict(label="llama.cpp", mode="in process", status="skipped",
+                                          message="llama-cpp-python is not installed")})
+    lines = compare_report.report_lines(report)
+    assert "skipped: llama.cpp: llama-cpp-python is not installed" in lines
+    header = next(line for line in lines if line.startswith("figure"))
+    assert "llama.cpp" not in header  # a skipped peer gets no column

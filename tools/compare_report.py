@@ -1,0 +1,108 @@
+"""The `kvloom compare` report: figures with their roofline bounds, rows of kvloom beside each peer
+in the same mode, the printed table.
+
+    figures(sizes, workloads, roofline) -> Figure per measured key ("decode@8", "prefill", ...)
+    build_rows(figures, measurements, peers) -> one row per figure and mode (in process, HTTP) that has
+        any value: kvloom's, each peer's, kvloom/peer and kvloom/roofline
+    report_lines(report) -> the printed text
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from kvloom.tools.compare_workloads import Sizes
+from kvloom.tools.machine import Roofline
+from kvloom.tools.report import format_table, format_value, ratio
+
+IN_PROCESS, HTTP = "in process", "HTTP"
+PEER_MODES = {"hf": IN_PROCESS, "llamacpp": IN_PROCESS, "llamacpp-server": HTTP}
+
+
+@dataclass(frozen=True)
+class Figure:
+    key: str  # "decode@8", "prefill", "shared-prefix", "score": the measurements' key
+    workload: str
+    label: str
+    unit: str
+    roofline: float  # same unit
+
+
+def figures(sizes: Sizes, workloads: Sequence[str], roof: Roofline) -> list[Figure]:
+    out = []
+    if "decode" in workloads:
+        out += [Figure(f"decode@{c}", "decode", f"decode tok/s @{c}", "tok/s", roof.decode_tok_s(c))
+                for c in sizes.concurrency]
+    if "prefill" in workloads:
+        out.append(Figure("prefill", "prefill", f"prefill tok/s ({sizes.prefill_tokens}-tok prompt)", "tok/s",
+                          roof.compute_tok_s))
+    if "shared-prefix" in workloads:
+        label = (f"shared-prefix tok/s ({sizes.num_shared_requests}x "
+                 f"{sizes.prefix_tokens}+{sizes.unique_tokens})")
+        out.append(Figure("shared-prefix", "shared-prefix", label, "tok/s",
+                          roof.decode_tok_s(sizes.num_shared_requests)))
+    if "score" in workloads:
+        label = f"score items/s ({sizes.num_items}x{sizes.item_tokens}, q{sizes.query_tokens})"
+        out.append(Figure("score", "score", label, "items/s",
+                          roof.score_items_s(sizes.query_tokens, sizes.num_items, sizes.item_tokens)))
+    return out
+
+
+def peer_label(peer: str, gguf_tag: str = "") -> str:
+    base = {"hf": "transformers", "llamacpp": "llama.cpp", "llamacpp-server": "llama.cpp-server"}[peer]
+    return f"{base} {gguf_tag}".strip()
+
+
+def build_rows(figs: Sequence[Figure], measurements: dict, peers: Sequence[str]) -> list[dict]:
+    """One row per figure and mode that has any value: kvloom's, each peer's in the same mode (None for
+    the other mode and for a peer that did not run), the ratios kvloom/peer and kvloom/roofline."""
+    rows = []
+    for fig in figs:
+        for mode, kvloom_system in ((IN_PROCESS, "kvloom"), (HTTP, "kvloom-http")):
+            kvloom = measurements.get(kvloom_system, {}).get(fig.key, {}).get("value")
+            values = {p: measurements.get(p, {}).get(fig.key, {}).get("value") for p in peers
+                      if PEER_MODES[p] == mode}
+            values.update({p: None for p in peers if p not in values})
+            if kvloom is None and all(v is None for v in values.values()):
+                continue
+            rows.append(dict(figure=f"{fig.label} ({mode})", key=fig.key, workload=fig.workload, mode=mode,
+                             unit=fig.unit, kvloom=kvloom, peers=values,
+                             kvloom_over_peer={p: ratio(kvloom, v) for p, v in values.items()},
+                             roofline=fig.roofline, kvloom_over_roofline=ratio(kvloom, fig.roofline)))
+    return rows
+
+
+def table_cells(rows: Sequence[dict], labels: dict[str, str]) -> list[list[str]]:
+    """Header + one line of cells per row; `labels`: the peers shown, name -> column title."""
+    header = ["figure", "kvloom", *labels.values(), *[f"kvloom/{t}" for t in labels.values()],
+              "kvloom/roofline", "roofline"]
+    cells = [header]
+    for row in rows:
+        fraction = row["kvloom_over_roofline"]
+        cells.append([row["figure"], format_value(row["kvloom"], ".1f"),
+                      *[format_value(row["peers"].get(p), ".1f") for p in labels],
+                      *[format_value(row["kvloom_over_peer"].get(p), ".2f", "x") for p in labels],
+                      format_value(None if fraction is None else 100 * fraction, ".1f", "%"),
+                      format_value(row["roofline"], ".1f")])
+    return cells
+
+
+def report_lines(report: dict) -> list[str]:
+    roof = report["roofline"]
+    shown = {p: s["label"] for p, s in report["peers"].items() if s["status"] == "ok"}
+    lines = [f"kvloom compare: {report['model']} ({report['num_parameters'] / 1e6:.1f}M params, float32, "
+             f"{report['cpu_count']} CPUs)",
+             f"machine: float32 matmul peak {roof['peak_gflops']:.1f} GFLOP/s, memory bandwidth "
+             f"{roof['bandwidth_gb_s']:.2f} GB/s",
+             f"roofline: compute {roof['compute_tok_s']:.1f} tok/s (peak / 2 x params); decode at batch B "
+             f"also <= B x {roof['memory_tok_s_batch1']:.1f} tok/s (bandwidth / params x 4 B)",
+             ""]
+    lines += format_table(table_cells(report["rows"], shown))
+    for peer, status in report["peers"].items():
+        if status["status"] != "ok":
+            lines.append(f"{status['status']}: {status['label']}: {status['message']}")
+    if "llamacpp" in shown or "llamacpp-server" in shown:
+        lines.append("note: llama-cpp-python runs one sequence at a time: its @C figures are C requests "
+                     "in turn")
+    return lines
