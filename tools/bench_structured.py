@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="runs of each kind at each concurrency")
     p.add_argument("--json", default=None, help="write every figure to this file")
     add_compile_cache_arg(p)
-    add_engine_args(p, max_running_help="default: the highest concurrency")
+    add_engine_args(p, defaults_shown={"--max-running": "the highest concurrency"})
     return p
 
 
