@@ -23,8 +23,8 @@ def request_schema(model) -> dict:
             return node
         if "$ref" in node:
             return resolve(defs[node["$ref"].rsplit("/", 1)[-1]])
-        maps = ("properties", "patternProperties")
-        return {key: ({name: resolve(v) for name, v in value.items()} if key in maps else resolve(value))
+        named = ("properties", "patternProperties")  # maps of field names, not schema keywords
+        return {key: ({name: resolve(v) for name, v in value.items()} if key in named else resolve(value))
                 for key, value in node.items() if key != "title"}
 
     return resolve(schema)

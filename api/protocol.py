@@ -15,6 +15,7 @@ template, a prompt that fits the context) are the engine's, once, when the serve
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -129,8 +130,7 @@ Messages = Annotated[list, PlainValidator(_messages, json_schema_input_type=Anno
 
 
 class StreamOptions(_Strict):
-    include_usage: Optional[bool] = Field(None,
-                                          description="A last chunk with the usage of the whole request.")
+    include_usage: Optional[bool] = Field(None, description="A last chunk: the usage of the whole request.")
     continuous_usage_stats: Optional[bool] = Field(
         None, description="vLLM extension: with include_usage, every chunk carries the usage so far.")
     include_obfuscation: Optional[bool] = Field(None, description=NO_EFFECT)
@@ -174,7 +174,7 @@ RESPONSE_FORMAT_DOC = (
 
 LogitBias = Annotated[dict[Annotated[str, Field(pattern=r"^(0|[1-9][0-9]{0,9})$")],
                            Annotated[float, Field(ge=-LOGIT_BIAS_LIMIT, le=LOGIT_BIAS_LIMIT)]],
-                      Field(max_length=MAX_LOGIT_BIAS)]
+                      Field(max_length=MAX_LOGIT_BIAS, json_schema_extra={"additionalProperties": False})]
 
 
 # ---- generation ------------------------------------------------------------------------------------
@@ -353,17 +353,18 @@ def _items_form(v):
     return None
 
 
+ScoreItems = _one_of(("<text>", str), ("<texts>", list[str]), ("<token id lists>", list[list[TokenId]]),
+                     tag_of=_items_form,
+                     message="must be a string, an array of strings or an array of token id arrays")
+
+
 class ScoreRequest(_Strict):
-    """/v1/score (SGLang's shape); the semantics are SCORING.md's."""
+    """/v1/score (SGLang's shape): scores[i][j] = P(label_token_ids[j] | query ++ items[i])."""
 
     model: Optional[str] = None
-    query: _one_of(("<text>", NonEmptyText), ("<token ids>", TokenIds),
-                   tag_of=lambda v: "<text>" if isinstance(v, str) else "<token ids>" if isinstance(v, list)
-                   else None, message="must be a string or an array of token ids")
-    items: Optional[_one_of(("<text>", str), ("<texts>", list[str]),
-                            ("<token id lists>", list[list[TokenId]]),
-                            tag_of=_items_form, message="must be a string, an array of strings or an array "
-                                                        "of token id arrays")] = None
+    query: _one_of(("<string>", NonEmptyText), ("<array>", TokenIds), tag_of=_text_or_list,
+                   message="must be a string or an array of token ids")
+    items: Optional[ScoreItems] = None
     label_token_ids: TokenIds
     apply_softmax: Optional[bool] = None
     item_first: Optional[bool] = None
@@ -447,8 +448,7 @@ def _describe(error: dict) -> tuple[str, str]:
     if kind in _TYPE_NAMES:
         return "invalid_type", f"must be {_TYPE_NAMES[kind]}, got {_json_type(value)}"
     bounds = {"greater_than_equal": (">=", "ge"), "less_than_equal": ("<=", "le"),
-              "greater_than": (">", "gt"),
-              "less_than": ("<", "lt")}
+              "greater_than": (">", "gt"), "less_than": ("<", "lt")}
     if kind in bounds:
         sign, key = bounds[kind]
         return "invalid_value", f"must be {sign} {ctx[key]}, got {value}"
@@ -481,6 +481,7 @@ def api_error(exc: ValidationError) -> APIError:
                        "invalid_body")
     param = (error.get("ctx") or {}).get("param") or _param(loc)
     code, message = _describe(error)
-    if error.get("input", ...) is None and param and "." not in param and "[" not in param:
+    is_top_level = param is not None and not re.search(r"[.\[]", param)
+    if code != "unknown_field" and error.get("input", ...) is None and is_top_level:
         code, message = "missing_field", "is required"  # null in a required field (optional ones take it)
     return invalid(param, message, code)

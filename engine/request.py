@@ -174,6 +174,8 @@ class SamplingParams:
 
 
 def _normalized_logit_bias(value) -> tuple[tuple[int, float], ...]:
+    if not value:
+        return ()
     pairs = list(value.items()) if isinstance(value, dict) else value
     if not isinstance(pairs, (tuple, list)):
         raise ValueError(f"logit_bias: must map token ids to biases, got {value!r}")

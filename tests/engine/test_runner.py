@@ -156,6 +156,16 @@ async def test_min_tokens_holds_back_eos_and_stop_token_ids(engine):
     assert len(ids) == 3 and 42 not in ids[:2] and ids[2] == 42 and outs[-1].stop_reason == 42
 
 
+async def test_skip_special_tokens_decides_whether_they_are_text(engine):
+    im_start = engine.tokenizer.encode("<|im_start|>", add_special_tokens=False)
+    assert len(im_start) == 1
+    forced = dict(max_tokens=2, temperature=0.0, ignore_eos=True, logit_bias={im_start[0]: 100.0})
+    _, outs = await generate_ids(engine, PROMPTS[0], SamplingParams(**forced))
+    assert "".join(o.text for o in outs) == ""
+    _, outs = await generate_ids(engine, PROMPTS[0], SamplingParams(**forced, skip_special_tokens=False))
+    assert "".join(o.text for o in outs) == "<|im_start|><|im_start|>"
+
+
 async def test_kv_cache_is_donated(engine):
     old = engine.runner.kv[0]
     await generate_ids(engine, PROMPTS[0], SamplingParams(max_tokens=1, temperature=0.0))

@@ -265,6 +265,21 @@ def test_nothing_after_stop_is_emitted():
     assert matcher.stopped_by == "END"
 
 
+def test_include_stop_emits_text_through_the_stop_string():
+    matcher = StopStringMatcher(["END", "ENDING"], include_stop=True)
+    assert matcher.feed("one EN") == ("one ", False)
+    assert matcher.feed("D two") == ("END", True)
+    assert matcher.feed("three") == ("", True) and matcher.stopped_by == "END"
+
+
+def test_detokenizer_keeps_special_tokens_when_asked(tok):
+    ids = tok.encode("<|im_start|>Hi<|im_end|>", add_special_tokens=False)
+    kept = IncrementalDetokenizer(tok, skip_special_tokens=False)
+    skipped = IncrementalDetokenizer(tok)
+    assert "".join(kept.add(i) for i in ids) + kept.finish() == "<|im_start|>Hi<|im_end|>"
+    assert "".join(skipped.add(i) for i in ids) + skipped.finish() == "Hi"
+
+
 def test_no_stop_strings_pass_through():
     matcher = StopStringMatcher([])
     assert matcher.feed("anything") == ("anything", False)
