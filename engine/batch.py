@@ -17,7 +17,7 @@ engine builds it, not in the middle of a step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
 import numpy as np
@@ -42,6 +42,9 @@ class ScheduledRow:
     penalty_prompt_ids: tuple[int, ...] = ()  # filled only when params.has_penalties
     penalty_output_ids: tuple[int, ...] = ()
     label_ids: tuple[int, ...] = ()  # a scoring prefill ending here: its last logits give label logprobs
+    # A structured output's allowed next tokens (engine.grammar), set only when the row samples:
+    # int32 [ceil(vocab_size / 32)], bit j of word w allows token 32 * w + j; None allows every token.
+    token_bitmask: Optional[np.ndarray] = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

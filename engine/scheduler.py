@@ -27,6 +27,10 @@ operation, mixed in one step under a token budget:
 Stale results: each row carries the request's `version` and start position; a
 result whose request was preempted, aborted or advanced since is dropped, so a
 stale snapshot can never overwrite or duplicate tokens.
+
+Structured outputs: a sampling row of a request with a grammar carries the bitmask of the tokens its
+grammar allows next (`engine.grammar`), read from the request's matcher here; `apply()` advances the
+matcher with each token it appends, so the matcher always stands after the request's last output token.
 """
 
 from __future__ import annotations
@@ -291,19 +295,21 @@ class Scheduler:
         params = request.params
         ends = start + n == request.num_tokens
         scores_prompt = request.score is not None and not request.score.items
+        sample = ends and request.score is None
         return ScheduledRow(
             request_id=request.request_id,
             version=request.version,
             token_ids=request.tokens(start, start + n),
             start_pos=start,
             page_ids=tuple(request.pages[:self._num_pages_for(start + n)]),
-            sample=ends and request.score is None,
+            sample=sample,
             params=params,
             seed=request.seed,
             num_output_tokens=len(request.output_ids),
             penalty_prompt_ids=request.prompt_ids if params.has_penalties else (),
             penalty_output_ids=tuple(request.output_ids) if params.has_penalties else (),
             label_ids=request.score.label_ids if ends and scores_prompt else (),
+            token_bitmask=request.grammar.bitmask() if sample and request.grammar is not None else None,
         )
 
     def _live(self, request_id: str, version: int) -> Optional[Request]:
@@ -344,6 +350,11 @@ class Scheduler:
                 continue
             token = int(result.token_ids[i])
             request.output_ids.append(token)
+            if request.grammar is not None and not request.grammar.accept(token):
+                self.finish(request, FinishReason.ERROR, error_code="request_failed",
+                            error=f"token {token} broke the response format: {request.grammar.error}")
+                updated.append(request)
+                continue
             if row.params.logprobs is not None and result.logprobs is not None:
                 k = row.params.logprobs
                 top = tuple(zip(result.top_ids[i, :k].tolist(), result.top_logprobs[i, :k].tolist()))
