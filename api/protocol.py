@@ -25,7 +25,7 @@ from pydantic_core import PydanticCustomError
 
 from kvloom.api.errors import APIError, from_value_error, invalid
 from kvloom.engine.request import (LOGIT_BIAS_LIMIT, MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, MAX_TOP_LOGPROBS,
-                                   SamplingParams)
+                                   ResponseFormat, SamplingParams)
 from kvloom.engine.tokenizer import CHAT_ROLES
 
 MAX_N = 16
@@ -136,6 +136,42 @@ class StreamOptions(_Strict):
     include_obfuscation: Optional[bool] = Field(None, description=NO_EFFECT)
 
 
+class JsonSchemaSpec(_Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = Field(
+        description="The schema's name (letters, digits, _ and -, at most 64).")
+    description: Optional[str] = Field(None, description=NO_EFFECT)
+    schema_: Optional[dict[str, Any]] = Field(
+        None, alias="schema", description="A JSON schema (an object); the output is an instance of it. "
+                                          "Absent: any JSON object.")
+    strict: Optional[bool] = Field(None, description="Always enforced on this server.")
+
+
+class TextFormat(_Strict):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Strict):
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(_Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormatField = _one_of(
+    ("<text>", TextFormat), ("<json_object>", JsonObjectFormat), ("<json_schema>", JsonSchemaFormat),
+    tag_of=lambda v: f"<{v.get('type')}>" if isinstance(v, dict) and v.get("type") in (
+        "text", "json_object", "json_schema") else None,
+    message='must be an object with "type" text, json_object or json_schema')
+RESPONSE_FORMAT_DOC = (
+    "Structured output. json_object: the output is one JSON object; json_schema: an instance of "
+    "json_schema.schema. JSON is written with \", \" and \": \" separators and no other whitespace. The "
+    "output always parses unless it is cut short: by max_tokens (then finish_reason is \"length\" and the "
+    "JSON may be incomplete) or by a stop string. A schema this server cannot compile is a 400 naming "
+    "response_format.json_schema.schema.")
+
+
 LogitBias = Annotated[dict[Annotated[str, Field(pattern=r"^(0|[1-9][0-9]{0,9})$")],
                            Annotated[float, Field(ge=-LOGIT_BIAS_LIMIT, le=LOGIT_BIAS_LIMIT)]],
                       Field(max_length=MAX_LOGIT_BIAS, json_schema_extra={"additionalProperties": False})]
@@ -170,6 +206,7 @@ class _Generation(_Strict):
     stop_token_ids: Optional[Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)]] = None
     skip_special_tokens: Optional[bool] = None
     include_stop_str_in_output: Optional[bool] = None
+    response_format: Optional[ResponseFormatField] = Field(None, description=RESPONSE_FORMAT_DOC)
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -209,9 +246,6 @@ class ChatCompletionRequest(_Generation):
     max_completion_tokens: Optional[Annotated[int, Field(ge=1)]] = None
     logprobs: Optional[bool] = None
     top_logprobs: Optional[Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]] = None
-    response_format: _supported_only(Annotated[dict, Field(json_schema_extra={
-        "properties": {"type": {"enum": ["text"]}}, "required": ["type"], "additionalProperties": False})],
-        lambda v: v == {"type": "text"}, 'only {"type": "text"} is supported') = None
     tools: _supported_only(Annotated[list, Field(max_length=0)], lambda v: v == []) = None
     tool_choice: _supported_only(Literal["none"], lambda v: v == "none") = None
     functions: _supported_only(Annotated[list, Field(max_length=0)], lambda v: v == []) = None
@@ -279,9 +313,18 @@ def _sampling(body: _Generation, max_tokens: Optional[int], logprobs: Optional[i
             stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
             stop_token_ids=tuple(body.stop_token_ids or ()),
             logit_bias={int(token): bias for token, bias in (body.logit_bias or {}).items()},
+            response_format=_response_format(body.response_format),
             **given)
     except ValueError as exc:
         raise from_value_error(exc) from None
+
+
+def _response_format(value) -> Optional[ResponseFormat]:
+    if isinstance(value, JsonSchemaFormat) and value.json_schema.schema_ is not None:
+        return ResponseFormat.json_schema(value.json_schema.schema_)
+    if isinstance(value, (JsonObjectFormat, JsonSchemaFormat)):  # a json_schema without a schema: any object
+        return ResponseFormat.json_object()
+    return None  # text
 
 
 def _generation(body: _Generation, req: GenerationRequest, max_tokens: Optional[int]) -> GenerationRequest:

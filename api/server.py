@@ -469,6 +469,23 @@ async def admin_faults(request: web.Request) -> web.Response:
     return _json({"armed": body["kind"], "fired": engine.faults.num_fired})
 
 
+ROUTES = (
+    ("POST", "/v1/completions", completions),
+    ("POST", "/v1/chat/completions", chat_completions),
+    ("POST", "/v1/score", score),
+    ("POST", "/v1/tokenize", tokenize),
+    ("POST", "/v1/detokenize", detokenize),
+    ("GET", "/v1/models", list_models),
+    ("GET", "/v1/models/{model}", get_model),
+    ("GET", "/health", health),
+    ("GET", "/ready", ready),
+    ("GET", "/status", status),
+    ("GET", "/metrics", metrics),
+    ("GET", "/openapi.json", openapi),
+)
+ADMIN_ROUTES = (("POST", "/admin/restart", admin_restart), ("POST", "/admin/faults", admin_faults))
+
+
 def create_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, enable_admin: bool = False,
                api_key: Optional[str] = None, access_log: bool = True) -> web.Application:
     """The app for `engine`. enable_admin adds POST /admin/restart and, when the engine has a fault
@@ -481,22 +498,12 @@ def create_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, 
     app.on_response_prepare.append(send_request_id)
     app[ENGINE_KEY] = engine
     app[MAX_BODY_KEY] = max_body_bytes
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/score", score)
-    app.router.add_post("/v1/tokenize", tokenize)
-    app.router.add_post("/v1/detokenize", detokenize)
-    app.router.add_get("/v1/models", list_models)
-    app.router.add_get("/v1/models/{model}", get_model)
-    app.router.add_get("/health", health)
-    app.router.add_get("/ready", ready)
-    app.router.add_get("/status", status)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/openapi.json", openapi)
+    for method, path, handler in ROUTES + (ADMIN_ROUTES if enable_admin else ()):
+        if method == "GET":
+            app.router.add_get(path, handler)  # HEAD too, as probes expect
+        else:
+            app.router.add_route(method, path, handler)
     install_kv_events(app, lambda a: a[ENGINE_KEY].kv_events)  # the router's feed of cache changes
-    if enable_admin:
-        app.router.add_post("/admin/restart", admin_restart)
-        app.router.add_post("/admin/faults", admin_faults)
     return app
 
 

@@ -17,7 +17,7 @@ engine builds it, not in the middle of a step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
 import numpy as np
@@ -45,6 +45,9 @@ class ScheduledRow:
     # Prompt logprobs wanted: prompt_targets[i] is the prompt token after token_ids[i] (a prefix of the row:
     # the prompt's last token has none); its logprob and params.prompt_logprobs alternatives come back.
     prompt_targets: tuple[int, ...] = ()
+    # A structured output's allowed next tokens (engine.grammar), set only when the row samples:
+    # int32 [ceil(vocab_size / 32)], bit j of word w allows token 32 * w + j; None allows every token.
+    token_bitmask: Optional[np.ndarray] = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,10 @@ it and wakes the engine loop; the loop runs one step at a time:
     updated = scheduler.apply(batch, result)           # requests change only here
     _emit(updated)                                     # engine.output.next_output: text, finish -> queue
 
+A structured output (`SamplingParams.response_format`) gets its grammar matcher here, compiled
+by the engine's `GrammarCompiler` (engine.grammar, built at start); the scheduler reads its bitmask
+into each row and advances it in `apply`.
+
 Every request, generated or scored, has one output channel: an asyncio queue
 that `_emit` feeds. `generate()` streams it; `score()` waits for each of its
 requests' final output, which carries the label logprobs.
@@ -39,6 +43,7 @@ from kvloom.engine.buckets import BucketPlan
 from kvloom.engine.config import EngineConfig
 from kvloom.engine.executor import ComputeThread
 from kvloom.engine.faults import FaultInjector, FaultyRunner
+from kvloom.engine.grammar import GrammarCompiler
 from kvloom.engine.metrics import EngineMetrics
 from kvloom.engine.output import next_output
 from kvloom.engine.kv_events import KVEventLog
@@ -96,6 +101,8 @@ class Engine:
         self.last_ready_at: Optional[float] = None
         self.num_compiled_at_ready: Optional[int] = None
         self.tokenizer: Optional[Tokenizer] = None
+        self.grammars: Optional[GrammarCompiler] = None
+        self._grammars_unavailable = "the engine is not started"  # why grammars is None
         self.runner = None
         self.scheduler: Optional[Scheduler] = None
         self._compute: Optional[ComputeThread] = None
@@ -150,6 +157,7 @@ class Engine:
             self.runner = await self._compute.run(self._make_runner)
             self.tokenizer = await self._compute.run(
                 Tokenizer.load, self.runner.source, self.runner.model_config.eos_token_ids)
+            self.grammars = await self._compute.run(self._grammar_compiler)
         except BaseException:
             self._compute.close()
             self._set_state(EngineState.STOPPED, "loading failed")
@@ -157,6 +165,17 @@ class Engine:
         self._build_state()
         self._loop_task = asyncio.get_running_loop().create_task(self._run_loop(), name="kvloom-engine-loop")
         await self._warm_up()
+
+    def _grammar_compiler(self) -> Optional[GrammarCompiler]:
+        """On the compute thread: the structured-output compiler, or None (with the reason kept) when this
+        tokenizer cannot have one; requests without response_format never need it."""
+        try:
+            tokenizer = self.tokenizer
+            return GrammarCompiler(tokenizer.hf_tokenizer, self.runner.vocab_size, tokenizer.eos_token_ids)
+        except Exception as exc:  # noqa: BLE001 - e.g. a slow (Python) tokenizer
+            log.warning("structured output is unavailable: %s", exc)
+            self._grammars_unavailable = f"{type(exc).__name__}: {exc}"
+            return None
 
     def _make_runner(self, previous=None):
         """On the compute thread: a new runner, or a fresh one sharing `previous`'s weights."""
@@ -334,6 +353,11 @@ class Engine:
         request.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
         include_stop = params.include_stop_str_in_output
         request.stop_matcher = StopStringMatcher(params.stop, include_stop) if params.stop else None
+        if params.response_format is not None:
+            if self.grammars is None:
+                raise ValueError(f"response_format: structured output is unavailable with this model's "
+                                 f"tokenizer ({self._grammars_unavailable})")
+            request.grammar = self.grammars.matcher(params.response_format)
         return request
 
     def _generate(self, prompt, params, messages, request_id) -> AsyncIterator[RequestOutput]:

@@ -6,6 +6,7 @@ still become a stop string, and decides whether the request is done:
 
     stop token   an eos id (unless ignore_eos) or one of stop_token_ids -> STOP, stop_reason = the id
     stop string  one of params.stop appears in the text              -> STOP, stop_reason = the string
+    grammar      a structured output's JSON is complete (engine.grammar) -> STOP, stop_reason None
     length       max_tokens produced, or the context is full         -> LENGTH
                  (max_tokens 0: as soon as the prompt is computed)
 
@@ -30,6 +31,8 @@ def token_finish(request: Request, max_model_len: int) -> Optional[tuple[FinishR
         return FinishReason.STOP, token
     if token in params.stop_token_ids:
         return FinishReason.STOP, token
+    if request.grammar is not None and request.grammar.is_complete:
+        return FinishReason.STOP, None
     if len(request.output_ids) >= params.max_tokens or request.num_tokens >= max_model_len:
         return FinishReason.LENGTH, None
     return None

@@ -10,6 +10,7 @@ from an older snapshot is recognised as stale and dropped.
 from __future__ import annotations
 
 import enum
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -48,6 +49,46 @@ def _check_number(name: str, value, *, low=None, high=None, low_open=False, inte
 
 
 @dataclass(frozen=True)
+class ResponseFormat:
+    """Structured output, as OpenAI's response_format: the output is one JSON object, of any shape
+    (`json_object()`) or an instance of a JSON schema (`json_schema(schema)`), written with ", " and ": "
+    separators and no other whitespace between tokens of JSON. The engine compiles it against the
+    vocabulary (`engine.grammar`) when the request is submitted; a schema it cannot compile is refused
+    there, with `field` named. The output can still be cut short by max_tokens or a stop string."""
+
+    type: str  # "json_object" or "json_schema"
+    schema: str = '{"type": "object"}'  # the JSON schema, as JSON text (key order is the output's)
+
+    @classmethod
+    def json_object(cls) -> "ResponseFormat":
+        return cls("json_object")
+
+    @classmethod
+    def json_schema(cls, schema) -> "ResponseFormat":
+        """`schema`: a dict, or its JSON text."""
+        return cls("json_schema", schema if isinstance(schema, str) else json.dumps(schema))
+
+    def __post_init__(self):
+        if self.type not in ("json_object", "json_schema"):
+            raise ValueError(f"response_format.type: must be json_object or json_schema, got {self.type!r}")
+        if self.type == "json_object" and self.schema != '{"type": "object"}':
+            raise ValueError("response_format: a json_object format takes no schema")
+        if not isinstance(self.schema, str):
+            raise ValueError(f"{self.field}: must be JSON text, got {type(self.schema).__name__}")
+        try:
+            parsed = json.loads(self.schema)
+        except ValueError as exc:
+            raise ValueError(f"{self.field}: not valid JSON: {exc}") from None
+        if not isinstance(parsed, dict):
+            raise ValueError(f"{self.field}: must be a JSON object, got {type(parsed).__name__}")
+
+    @property
+    def field(self) -> str:
+        """The request field that holds the schema (OpenAI's path), named in errors."""
+        return "response_format.json_schema.schema" if self.type == "json_schema" else "response_format"
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters.
 
@@ -55,7 +96,9 @@ class SamplingParams:
     -100 all but bans it); min_tokens bans the end-of-sequence and stop token ids until that many
     tokens are out. skip_special_tokens and include_stop_str_in_output shape the text only.
     prompt_logprobs scores the prompt itself (what evaluation harnesses ask for); with it, max_tokens
-    may be 0: the prompt is computed and scored, and nothing is generated."""
+    may be 0: the prompt is computed and scored, and nothing is generated.
+    response_format constrains the output to JSON (`ResponseFormat`); such a request ends when its JSON is
+    complete, so it takes neither ignore_eos nor min_tokens."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -76,6 +119,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), sorted; a dict is accepted too
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    response_format: Optional[ResponseFormat] = None
 
     def __post_init__(self):
         _check_number("max_tokens", self.max_tokens, low=0, integer=True)
@@ -114,6 +158,15 @@ class SamplingParams:
                 raise ValueError(f"{name}: must be a boolean, got {getattr(self, name)!r}")
         if self.logprobs is not None:
             _check_number("logprobs", self.logprobs, low=0, high=MAX_TOP_LOGPROBS, integer=True)
+        if self.response_format is not None:
+            if not isinstance(self.response_format, ResponseFormat):
+                raise ValueError(f"response_format: must be a ResponseFormat, got {self.response_format!r}")
+            if self.ignore_eos:
+                raise ValueError("ignore_eos: cannot be true with response_format (a structured output ends "
+                                 "when its JSON is complete)")
+            if self.min_tokens:
+                raise ValueError("min_tokens: is not supported with response_format (a structured output "
+                                 "ends when its JSON is complete)")
 
     def check_token_ids(self, vocab_size: int) -> None:
         """Token ids that index the logits must lie in the vocabulary (the engine calls this)."""
@@ -237,9 +290,10 @@ class Request:
     last_token_time: Optional[float] = None
     last_emit_time: Optional[float] = None
     score: Optional[ScoreTask] = None  # set for scoring requests, which never decode
-    # Set by the engine: per-request text state (detokenizer, stop matcher) and its output channel.
+    # Set by the engine: per-request text state (detokenizer, stop matcher, grammar matcher).
     detokenizer: object = None
     stop_matcher: object = None
+    grammar: object = None  # engine.grammar.GrammarMatcher of a structured output; advanced only by apply
     num_emitted_tokens: int = 0
 
     @property

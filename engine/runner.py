@@ -92,6 +92,7 @@ class ModelRunner:
         # min_tokens bans these until enough tokens are out (with the request's stop_token_ids)
         self.eos_token_ids = tuple(cfg.eos_token_ids)
         self.bias_width = MAX_LOGIT_BIAS + MAX_STOP_TOKEN_IDS + len(self.eos_token_ids)  # one sampler shape
+        self.bitmask_words = -(-self.vocab_size // 32)  # structured outputs' token bitmasks (engine.grammar)
 
     def fresh(self) -> "ModelRunner":
         """A new runner with the same weights: a new KV cache and new compiled functions (restart)."""
@@ -215,15 +216,20 @@ class ModelRunner:
                 prompt_ids[i, :len(row.penalty_prompt_ids)] = row.penalty_prompt_ids
                 output_ids[i, :len(row.penalty_output_ids)] = row.penalty_output_ids
         bias_ids, bias_values = self._bias_table(num_logits, rows)
+        bitmask = np.full((num_logits, self.bitmask_words), -1, np.int32)  # all ones: every token allowed
+        constrained = [(i, row.token_bitmask) for i, row in rows if row.token_bitmask is not None]
+        for i, row_mask in constrained:
+            bitmask[i] = row_mask[:self.bitmask_words]
         return SamplingInput(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=rep, frequency_penalty=freq, presence_penalty=pres,
             seeds=seeds, counters=counters, prompt_ids=prompt_ids, output_ids=output_ids,
-            bias_ids=bias_ids, bias_values=bias_values,
+            bias_ids=bias_ids, bias_values=bias_values, token_bitmask=bitmask,
             any_sampled=np.bool_(any(row.params.temperature > 0 for _, row in rows)),
             any_penalties=np.bool_(any_penalties),
             any_logprobs=np.bool_(any(row.params.logprobs is not None for _, row in rows)),
             any_bias=np.bool_((bias_ids >= 0).any()),
+            any_bitmask=np.bool_(bool(constrained)),
         )
 
     def _bias_table(self, num_logits: int, rows: list[tuple[int, ScheduledRow]]):

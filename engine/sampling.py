@@ -2,7 +2,9 @@
 
 Per row: the logit bias table (OpenAI's logit_bias added, and the tokens that
 min_tokens bans set to -inf-like), penalties (repetition on prompt and output
-tokens, frequency and presence on output tokens), then greedy argmax at temperature 0, else
+tokens, frequency and presence on output tokens), the token bitmask of a
+structured output (tokens its grammar bans set to -inf-like, after everything
+else, so nothing brings one back), then greedy argmax at temperature 0, else
 temperature, the top-k / top-p / min-p filters and one Gumbel-max draw with a
 per-row noise from a hash of (seed, num_output_tokens, token id): the same seed and
 prompt give the same tokens whatever else shares the batch.
@@ -13,7 +15,7 @@ whenever top_k <= 256 and the nucleus lies within them; when a row's nucleus
 is wider, a bisection over the whole vocabulary finds the exact threshold, and
 only batches that need it pay for it. Optional work (penalties, sampling,
 logprobs) sits behind `lax.cond`, so greedy batches pay for an argmax only.
-The bias table has one fixed width per runner, so no request recompiles it.
+The bias table and the bitmask have one fixed width per runner, so no request recompiles them.
 Logprobs are always those of the raw model distribution.
 """
 
@@ -48,10 +50,12 @@ class SamplingInput:
     output_ids: jax.Array  # [S, L] int32
     bias_ids: jax.Array  # [S, K] int32, padded with -1
     bias_values: jax.Array  # [S, K] float32: added to the logit; -inf bans the token
+    token_bitmask: jax.Array  # [S, ceil(V / 32)] int32: bit j of word w allows token 32w + j; all ones: any
     any_sampled: jax.Array  # bool scalars: which optional parts run
     any_penalties: jax.Array
     any_logprobs: jax.Array
     any_bias: jax.Array
+    any_bitmask: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -82,6 +86,14 @@ def apply_logit_bias(logits, inp: SamplingInput):
     return logits.at[rows, bans].set(_NEG_INF, mode="drop")
 
 
+def apply_token_bitmask(logits, bitmask):
+    """logits [S, V], bitmask [S, ceil(V / 32)] int32 -> the logits, each token whose bit is 0 at -1e30."""
+    s, vocab = logits.shape
+    bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [S, W, 32]
+    allowed = bits.reshape(s, -1)[:, :vocab] != 0
+    return jnp.where(allowed, logits, _NEG_INF)
+
+
 def apply_penalties(logits, inp: SamplingInput):
     vocab = logits.shape[-1]
     seen = (_counts(inp.prompt_ids, vocab) + _counts(inp.output_ids, vocab)) > 0
@@ -94,8 +106,10 @@ def apply_penalties(logits, inp: SamplingInput):
 
 def _top_p_threshold_exact(z, lse, top_p, iterations=40):
     """Per row, the largest t with mass(z >= t) >= top_p, by bisection on t over the full vocabulary."""
-    lo = jnp.min(z, axis=-1)
     hi = jnp.max(z, axis=-1)
+    # Tokens more than 64 below the best hold no mass (e^-64 each), and banned ones sit at -1e30: starting
+    # there would spend the bisection's precision on nothing.
+    lo = jnp.maximum(jnp.min(z, axis=-1), hi - 64.0)
     probs = jnp.exp(z - lse[:, None])
 
     def body(_, bounds):
@@ -160,6 +174,7 @@ def sample(logits, inp: SamplingInput) -> SamplingOutput:
     """logits: [S, V] float32 -> one token per row."""
     x = jax.lax.cond(inp.any_bias, lambda: apply_logit_bias(logits, inp), lambda: logits)
     x = jax.lax.cond(inp.any_penalties, lambda: apply_penalties(x, inp), lambda: x)
+    x = jax.lax.cond(inp.any_bitmask, lambda: apply_token_bitmask(x, inp.token_bitmask), lambda: x)
     greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
 
     def sampled():

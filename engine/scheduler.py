@@ -34,6 +34,10 @@ the request computes its prompt, samples nothing and ends (`engine.output`).
 Stale results: each row carries the request's `version` and start position; a
 result whose request was preempted, aborted or advanced since is dropped, so a
 stale snapshot can never overwrite or duplicate tokens.
+
+Structured outputs: a sampling row of a request with a grammar carries the bitmask of the tokens its
+grammar allows next (`engine.grammar`), read from the request's matcher here; `apply()` advances the
+matcher with each token it appends, so the matcher always stands after the request's last output token.
 """
 
 from __future__ import annotations
@@ -312,13 +316,14 @@ class Scheduler:
         # the row's tokens are followed by prompt tokens whose logprobs are not recorded yet
         wants_targets = (request.wants_prompt_logprobs and not request.has_all_prompt_logprobs
                          and start + n > len(request.prompt_logprobs))
+        sample = ends and request.score is None and params.max_tokens > 0
         return ScheduledRow(
             request_id=request.request_id,
             version=request.version,
             token_ids=request.tokens(start, start + n),
             start_pos=start,
             page_ids=tuple(request.pages[:self._num_pages_for(start + n)]),
-            sample=ends and request.score is None and params.max_tokens > 0,
+            sample=sample,
             params=params,
             seed=request.seed,
             num_output_tokens=len(request.output_ids),
@@ -326,6 +331,7 @@ class Scheduler:
             penalty_output_ids=tuple(request.output_ids) if params.has_penalties else (),
             label_ids=request.score.label_ids if ends and scores_prompt else (),
             prompt_targets=request.prompt_ids[start + 1:start + n + 1] if wants_targets else (),
+            token_bitmask=request.grammar.bitmask() if sample and request.grammar is not None else None,
         )
 
     def _live(self, request_id: str, version: int) -> Optional[Request]:
@@ -372,6 +378,11 @@ class Scheduler:
                 continue
             token = int(result.token_ids[i])
             request.output_ids.append(token)
+            if request.grammar is not None and not request.grammar.accept(token):
+                self.finish(request, FinishReason.ERROR, error_code="request_failed",
+                            error=f"token {token} broke the response format: {request.grammar.error}")
+                updated.append(request)
+                continue
             if row.params.logprobs is not None and result.logprobs is not None:
                 k = row.params.logprobs
                 top = tuple(zip(result.top_ids[i, :k].tolist(), result.top_logprobs[i, :k].tolist()))

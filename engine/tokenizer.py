@@ -110,6 +110,11 @@ class Tokenizer:
     # ---- text <-> ids --------------------------------------------------------------------------
 
     @property
+    def hf_tokenizer(self) -> Any:
+        """The transformers tokenizer itself (the grammar compiler reads its vocabulary)."""
+        return self._tok
+
+    @property
     def chat_template(self) -> Optional[str]:
         template = getattr(self._tok, "chat_template", None)
         if isinstance(template, dict):  # named templates: the default one

@@ -5,7 +5,7 @@ The repository keeps its fixed top-level folders (`engine/`, `api/`, `kernels/`,
 and `kvloom.tools`, so a user's own `engine/` or `tools/` package never shadows
 them. This package exports what an embedding program needs:
 
-    from kvloom import Engine, EngineConfig, SamplingParams, create_app
+    from kvloom import Engine, EngineConfig, ResponseFormat, SamplingParams, create_app
 """
 
 import os as _os
@@ -17,7 +17,7 @@ if not _os.path.isdir(_os.path.join(_here, "engine")):
 
 from kvloom.engine.config import EngineConfig  # noqa: E402
 from kvloom.engine.engine import Engine  # noqa: E402
-from kvloom.engine.request import SamplingParams  # noqa: E402
+from kvloom.engine.request import ResponseFormat, SamplingParams  # noqa: E402
 
 
 def create_app(engine, **options):
@@ -27,4 +27,4 @@ def create_app(engine, **options):
     return _create_app(engine, **options)
 
 
-__all__ = ["Engine", "EngineConfig", "SamplingParams", "create_app"]
+__all__ = ["Engine", "EngineConfig", "ResponseFormat", "SamplingParams", "create_app"]

@@ -5,6 +5,8 @@ The next token of a row depends only on the row's last token and its position:
     sampled:  3 + hash(seed, num_output_tokens) % (vocab - 3)
 so ids 0..2 (the tiny tokenizer's special tokens, eos among them) never appear.
 A prompt token's logprob depends only on the token and its position (`fake_prompt_logprob`).
+A structured output's row (a token bitmask) takes that token when its grammar allows it, else the
+allowed token at index (that token % the number allowed), eos included when the JSON may end there.
 Tests pass hooks to pause a step or make one fail.
 """
 
@@ -18,6 +20,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from kvloom.engine.config import ModelConfig
+from kvloom.engine.grammar import allowed_token_ids
 from kvloom.engine.models.loader import resolve_source
 from kvloom.engine.batch import StepResult
 
@@ -72,10 +75,15 @@ def fake_result(batch, vocab_size: int) -> StepResult:
     for row in batch.rows:
         if row.params.temperature > 0:
             h = hash((row.seed, row.num_output_tokens)) & 0x7FFFFFFF
-            tokens.append(3 + h % (vocab_size - 3))
+            token = 3 + h % (vocab_size - 3)
         else:
-            tokens.append(fake_next_token(row.token_ids[-1], row.start_pos + len(row.token_ids) - 1,
-                                          vocab_size))
+            token = fake_next_token(row.token_ids[-1], row.start_pos + len(row.token_ids) - 1,
+                                    vocab_size)
+        if row.token_bitmask is not None:
+            allowed = allowed_token_ids(row.token_bitmask, vocab_size)
+            if token not in allowed:
+                token = int(allowed[token % len(allowed)])
+        tokens.append(token)
     n = len(tokens)
     k = 20
     top_ids = np.tile(np.arange(k), (n, 1))

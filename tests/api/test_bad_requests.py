@@ -59,6 +59,10 @@ def chat(**fields) -> dict:
     return dict({"model": "llama", "messages": messages, "max_tokens": 2}, **fields)
 
 
+def json_schema(schema, name: str = "thing") -> dict:
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
+
+
 def without(body: dict, name: str) -> dict:
     return {k: v for k, v in body.items() if k != name}
 
@@ -213,8 +217,33 @@ TABLE = [
                                               "function": {"name": "f", "parameters": {}}}]),
                            param="tools", code="unsupported")),
     case("chat-tool_choice", Bad(CHAT, chat(tool_choice="auto"), param="tool_choice", code="unsupported")),
-    case("chat-response_format-json_object", Bad(CHAT, chat(response_format={"type": "json_object"}),
-                                                 param="response_format", code="unsupported")),
+    # ---- response_format ---------------------------------------------------------------------------
+    case("response_format-unknown-type", Bad(CHAT, chat(response_format={"type": "xml"}),
+                                             param="response_format", code="invalid_type")),
+    case("response_format-json_schema-missing", Bad(CHAT, chat(response_format={"type": "json_schema"}),
+                                                    param="response_format.json_schema",
+                                                    code="missing_field")),
+    case("response_format-schema-not-an-object", Bad(CHAT, chat(response_format=json_schema([1, 2])),
+                                                     param="response_format.json_schema.schema",
+                                                     code="invalid_type")),
+    case("response_format-schema-bad-type", Bad(CHAT, chat(response_format=json_schema({"type": "strin"})),
+                                                param="response_format.json_schema.schema")),
+    case("response_format-schema-unsatisfiable", Bad(COMPLETIONS, completion(response_format=json_schema(
+        {"type": "integer", "minimum": 5, "maximum": 3})), param="response_format.json_schema.schema")),
+    case("response_format-schema-unimplemented", Bad(CHAT, chat(response_format=json_schema(
+        {"not": {"type": "string"}})), param="response_format.json_schema.schema")),
+    case("response_format-schema-remote-ref", Bad(CHAT, chat(response_format=json_schema(
+        {"$ref": "https://example.com/s.json"})), param="response_format.json_schema.schema")),
+    case("response_format-schema-bad-pattern", Bad(COMPLETIONS, completion(response_format=json_schema(
+        {"type": "string", "pattern": "(("})), param="response_format.json_schema.schema")),
+    case("response_format-name-invalid", Bad(CHAT, chat(response_format=json_schema({}, name="a b")),
+                                             param="response_format.json_schema.name")),
+    case("response_format-unknown-field", Bad(CHAT, chat(response_format={"type": "json_object", "x": 1}),
+                                              param="response_format.x", code="unknown_field")),
+    case("response_format-with-ignore_eos", Bad(CHAT, chat(response_format={"type": "json_object"},
+                                                           ignore_eos=True), param="ignore_eos")),
+    case("response_format-with-min_tokens", Bad(COMPLETIONS, completion(
+        response_format={"type": "json_object"}, min_tokens=1), param="min_tokens")),
     # ---- models, routes, methods, sizes ------------------------------------------------------------
     case("unknown-model-completions", Bad(COMPLETIONS, completion(model="nope"), status=404, param="model",
                                           code="model_not_found")),

@@ -12,8 +12,10 @@ _sample = jax.jit(sample)
 
 
 def make_input(n, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, rep=1.0, freq=0.0, pres=0.0,
-               seeds=None, counters=None, prompt_ids=None, output_ids=None, logprobs=False, bias=None):
-    """bias: per row, a list of (token id, bias) entries (-inf bans the token)."""
+               seeds=None, counters=None, prompt_ids=None, output_ids=None, logprobs=False, bias=None,
+               bitmask=None):
+    """bias: per row, a list of (token id, bias) entries (-inf bans the token); bitmask: [n, ceil(V / 32)]
+    int32 allowed tokens (None: all)."""
     full = lambda v, dt=np.float32: np.full(n, v, dt)  # noqa: E731
     pad = np.full((n, 8), -1, np.int32)
     bias_ids, bias_values = np.full((n, 6), -1, np.int32), np.zeros((n, 6), np.float32)
@@ -28,8 +30,10 @@ def make_input(n, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, rep=1.0, fr
         prompt_ids=pad if prompt_ids is None else prompt_ids,
         output_ids=pad if output_ids is None else output_ids,
         bias_ids=bias_ids, bias_values=bias_values,
+        token_bitmask=np.full((n, -(-V // 32)), -1, np.int32) if bitmask is None else bitmask,
         any_sampled=np.bool_(temperature > 0), any_penalties=np.bool_(rep != 1.0 or freq or pres),
         any_logprobs=np.bool_(logprobs), any_bias=np.bool_((bias_ids >= 0).any()),
+        any_bitmask=np.bool_(bitmask is not None),
     )
 
 
@@ -136,3 +140,52 @@ def test_logit_bias_steers_greedy_and_sampled_draws_but_not_logprobs():
     row[[5, 6]] = 0.0
     banned = draws(row, n=500, bias=[[(5, -np.inf)]] * 500)
     assert set(banned) == {6}
+
+
+def packed(allowed_rows) -> np.ndarray:
+    """Per row, the set of allowed token ids (None: all) -> the packed int32 bitmask [n, ceil(V / 32)]."""
+    bits = np.zeros((len(allowed_rows), -(-V // 32) * 32), np.uint8)
+    for i, allowed in enumerate(allowed_rows):
+        bits[i, list(range(V)) if allowed is None else sorted(allowed)] = 1
+    return np.packbits(bits, axis=1, bitorder="little").view(np.int32)
+
+
+def test_token_bitmask_unpacks_bit_j_of_word_w_as_token_32w_plus_j():
+    from kvloom.engine.sampling import apply_token_bitmask
+
+    rng = np.random.default_rng(5)
+    allowed = [set(rng.choice(V, size=k, replace=False).tolist()) for k in (1, 31, 32, 33, 599)] + [None]
+    logits = rng.standard_normal((len(allowed), V)).astype(np.float32)
+    got = np.asarray(jax.jit(apply_token_bitmask)(logits, packed(allowed)))
+    for i, row in enumerate(allowed):
+        keep = np.zeros(V, bool)
+        keep[list(range(V)) if row is None else sorted(row)] = True
+        np.testing.assert_array_equal(got[i, keep], logits[i, keep])
+        assert (got[i, ~keep] <= -1e29).all() and np.isfinite(got[i]).all()
+
+
+def test_token_bitmask_constrains_greedy_rows_and_leaves_unconstrained_rows_alone():
+    rng = np.random.default_rng(6)
+    logits = rng.standard_normal((4, V)).astype(np.float32)
+    allowed = [{3, 64, 599}, set(range(500, 600)), None, None]
+    out = _sample(logits, make_input(4, temperature=0.0, logprobs=True, bitmask=packed(allowed)))
+    plain = _sample(logits, make_input(4, temperature=0.0, logprobs=True))
+    tokens = np.asarray(out.token_ids)
+    for i in (0, 1):
+        assert tokens[i] == max(allowed[i], key=lambda t: logits[i, t])
+    np.testing.assert_array_equal(tokens[2:], np.asarray(plain.token_ids)[2:])
+    ref = np.asarray(jax.nn.log_softmax(logits))
+    raw = ref[np.arange(4), tokens]
+    np.testing.assert_allclose(np.asarray(out.logprobs), raw, rtol=1e-5)  # of the raw distribution
+
+
+def test_token_bitmask_wins_over_bias_and_keeps_the_allowed_distribution():
+    logits = np.linspace(0.0, -3.0, V).astype(np.float32)  # a wide nucleus: the exact top-p path runs
+    allowed = set(range(0, V, 2))  # even ids only
+    n = 4000
+    seen = draws(logits, n=n, top_p=0.999, bias=[[(1, 100.0)]] * n, bitmask=packed([allowed] * n))
+    assert set(seen.tolist()) <= allowed
+    probs = np.exp(logits[::2]) / np.exp(logits[::2]).sum()  # the softmax over the allowed tokens
+    counts = np.bincount(seen // 2, minlength=len(probs))
+    first_half = counts[:len(probs) // 2].sum() / n
+    assert abs(first_half - probs[:len(probs) // 2].sum()) < 0.03
