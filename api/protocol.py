@@ -40,8 +40,16 @@ def _refuse(code: str, message: str, param: Optional[str] = None):
     return PydanticCustomError(code, message, {"param": param} if param else None)
 
 
+def _integral(v):
+    """JSON Schema's integer, which the document promises: any number without a fractional part (1.0 is 1)."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
 
 
 def _one_of(*tagged, tag_of, message: str):
@@ -67,7 +75,7 @@ def _string_item(value):
     return value
 
 
-TokenId = Annotated[int, Field(ge=0)]
+TokenId = Annotated[Int, Field(ge=0)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 NonEmptyText = Annotated[str, Field(min_length=1)]
 StopString = Annotated[str, BeforeValidator(_string_item), Field(min_length=1)]
@@ -183,24 +191,24 @@ class _Generation(_Strict):
     """The fields /v1/completions and /v1/chat/completions share. null means "not given"."""
 
     model: Optional[str] = None
-    max_tokens: Optional[Annotated[int, Field(ge=1)]] = None
+    max_tokens: Optional[Annotated[Int, Field(ge=1)]] = None
     temperature: Optional[Annotated[float, Field(ge=0, le=2)]] = None
     top_p: Optional[Annotated[float, Field(gt=0, le=1)]] = None
-    n: Optional[Annotated[int, Field(ge=1, le=MAX_N)]] = None
+    n: Optional[Annotated[Int, Field(ge=1, le=MAX_N)]] = None
     stream: Optional[bool] = None
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Stop] = None
-    seed: Optional[Annotated[int, Field(ge=0, le=2**63 - 1)]] = None
+    seed: Optional[Annotated[Int, Field(ge=0, le=2**63 - 1)]] = None
     presence_penalty: Optional[Annotated[float, Field(ge=-2, le=2)]] = None
     frequency_penalty: Optional[Annotated[float, Field(ge=-2, le=2)]] = None
     logit_bias: Optional[LogitBias] = Field(None, description="{token id: bias in [-100, 100]}, added to the "
                                                               "logits before sampling.")
     user: Optional[str] = Field(None, description=NO_EFFECT)
     # vLLM / SGLang sampling extensions
-    top_k: Optional[Annotated[int, Field(ge=-1, le=2**31 - 1)]] = Field(None, description="-1 or 0: off.")
+    top_k: Optional[Annotated[Int, Field(ge=-1, le=2**31 - 1)]] = Field(None, description="-1 or 0: off.")
     min_p: Optional[Annotated[float, Field(ge=0, le=1)]] = None
     repetition_penalty: Optional[Annotated[float, Field(gt=0, le=100)]] = None
-    min_tokens: Optional[Annotated[int, Field(ge=0)]] = Field(
+    min_tokens: Optional[Annotated[Int, Field(ge=0)]] = Field(
         None, description="No end-of-sequence or stop token id before this many tokens.")
     ignore_eos: Optional[bool] = None
     stop_token_ids: Optional[Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)]] = None
@@ -217,14 +225,14 @@ class _Generation(_Strict):
 
 class CompletionRequest(_Generation):
     prompt: Prompt
-    max_tokens: Optional[Annotated[int, Field(ge=0)]] = Field(
+    max_tokens: Optional[Annotated[Int, Field(ge=0)]] = Field(
         None, description="0 only with echo: the prompt alone, scored (with logprobs), nothing generated.")
-    logprobs: Optional[Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]] = None
+    logprobs: Optional[Annotated[Int, Field(ge=0, le=MAX_TOP_LOGPROBS)]] = None
     echo: Optional[bool] = Field(
         None, description="The prompt before the completion, in the text and, with logprobs, in the "
                           "logprobs: each prompt token's logprob given the tokens before it (null for the "
                           "first).")
-    best_of: Optional[Annotated[int, Field(ge=1)]] = Field(None, description="Only equal to n.")
+    best_of: Optional[Annotated[Int, Field(ge=1)]] = Field(None, description="Only equal to n.")
     suffix: _supported_only(Literal[""], lambda v: v == "") = None
 
     @model_validator(mode="after")
@@ -243,9 +251,9 @@ class CompletionRequest(_Generation):
 
 class ChatCompletionRequest(_Generation):
     messages: Messages
-    max_completion_tokens: Optional[Annotated[int, Field(ge=1)]] = None
+    max_completion_tokens: Optional[Annotated[Int, Field(ge=1)]] = None
     logprobs: Optional[bool] = None
-    top_logprobs: Optional[Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]] = None
+    top_logprobs: Optional[Annotated[Int, Field(ge=0, le=MAX_TOP_LOGPROBS)]] = None
     tools: _supported_only(Annotated[list, Field(max_length=0)], lambda v: v == []) = None
     tool_choice: _supported_only(Literal["none"], lambda v: v == "none") = None
     functions: _supported_only(Annotated[list, Field(max_length=0)], lambda v: v == []) = None

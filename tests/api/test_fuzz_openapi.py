@@ -190,8 +190,14 @@ def narrowed_for_generation(spec: dict, model: str) -> dict:
         props = paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
         props["model"] = {"type": "string", "enum": [model]}
         for name in ("max_tokens", "max_completion_tokens"):
-            if name in props:
-                props[name] = dict(props[name], maximum=8)
+            if name in props:  # 0 is for echo alone: a 400 without it
+                props[name] = dict(props[name], minimum=1, maximum=8)
+        # Fields whose valid values still end in a 400 in some combination: refused ones (modalities, audio,
+        # tools...) and response_format or min_tokens beside ignore_eos.
+        for name in ("response_format", "min_tokens", "modalities", "audio", "prediction", "tools",
+                     "tool_choice", "functions", "function_call", "parallel_tool_calls", "reasoning_effort",
+                     "web_search_options", "verbosity", "suffix"):
+            props.pop(name, None)
         props["n"] = dict(props["n"], maximum=4)
         props["stop_token_ids"] = dict(props["stop_token_ids"], maxItems=4)
         if "prompt" in props:
