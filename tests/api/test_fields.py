@@ -227,7 +227,8 @@ async def test_integers_are_json_schema_integers(fake_server):
         body = {"prompt": [5, 6.0], "max_tokens": 2.0, "seed": 3.0, "n": 1.0}
         async with session.post(fake_server.api + "/completions", json=body) as r:
             assert r.status == 200, await r.text()
-            assert (await r.json())["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
+            usage = (await r.json())["usage"]
+            assert usage == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
         async with session.post(fake_server.api + "/completions", json=dict(body, max_tokens=2.5)) as r:
             assert r.status == 400
             assert (await r.json())["error"]["param"] == "max_tokens"

@@ -12,8 +12,8 @@ pytestmark = pytest.mark.timeout(180)
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 BODIES = {  # name -> (path, body, the response model, the model of each streamed event)
-    "chat": ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 3, "logprobs": True, "top_logprobs": 2,
-                                      "n": 2}, responses.ChatCompletion, None),
+    "chat": ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 3, "logprobs": True,
+                                      "top_logprobs": 2, "n": 2}, responses.ChatCompletion, None),
     "chat-stream": ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 3, "stream": True,
                                              "logprobs": True, "stream_options": {
                                                  "include_usage": True, "continuous_usage_stats": True}},
@@ -25,7 +25,8 @@ BODIES = {  # name -> (path, body, the response model, the model of each streame
                           None, responses.Completion),
     "score": ("/v1/score", {"query": [5, 6, 7], "items": [[8], [9, 10]], "label_token_ids": [1, 2]},
               responses.ScoreResponse, None),
-    "tokenize": ("/v1/tokenize", {"prompt": "hi", "return_token_strs": True}, responses.TokenizeResponse, None),
+    "tokenize": ("/v1/tokenize", {"prompt": "hi", "return_token_strs": True}, responses.TokenizeResponse,
+                 None),
     "tokenize-chat": ("/v1/tokenize", {"messages": MESSAGES}, responses.TokenizeResponse, None),
     "detokenize": ("/v1/detokenize", {"tokens": [5, 6]}, responses.DetokenizeResponse, None),
     "error": ("/v1/completions", {"prompt": "hi", "max_tokenz": 3}, responses.ErrorResponse, None),
