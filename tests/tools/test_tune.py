@@ -195,13 +195,19 @@ def test_a_failed_warmup_is_recorded_and_an_slo_nobody_meets_gives_no_configurat
     assert ran.system_attrs["constraints"][0] > 0
 
 
+def ctrl_c_reaches_it() -> None:
+    """In the child: SIGINT back to its default. A pytest-xdist worker ignores SIGINT, and an ignored
+    signal stays ignored across exec, so Python would never raise KeyboardInterrupt in the tuner."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 async def test_resume_after_an_interruption_runs_only_the_missing_trials(tiny_llama, tmp_path):
     study = write_study(tmp_path / "resume.yaml", tiny_llama, name="resume",
                         knobs={"policy": ["fcfs", "lpm"]}, slos={"error_rate": "0%"})
     db = tmp_path / "tune.db"
     proc = await asyncio.create_subprocess_exec(
         *tune_argv(study, "--storage", str(db)), cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=ctrl_c_reaches_it)
     lines = []
     try:
         async def second_server_pid():
