@@ -43,6 +43,12 @@ def tune_argv(*args):
     return [sys.executable, "-m", "kvloom.tools.cli", "tune", *args, "--no-progress"]
 
 
+# `kvloom tune` with Ctrl-C restored: a pytest-xdist worker ignores SIGINT, and an ignored signal stays
+# ignored across exec, so without this the tuner would never see KeyboardInterrupt under -n 2.
+CTRL_C_TUNE = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+               "from kvloom.tools.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
 def run_tune(*args, cwd):
     return subprocess.run(tune_argv(*args), cwd=cwd, capture_output=True, text=True, timeout=1100)
 
@@ -195,19 +201,13 @@ def test_a_failed_warmup_is_recorded_and_an_slo_nobody_meets_gives_no_configurat
     assert ran.system_attrs["constraints"][0] > 0
 
 
-def ctrl_c_reaches_it() -> None:
-    """In the child: SIGINT back to its default. A pytest-xdist worker ignores SIGINT, and an ignored
-    signal stays ignored across exec, so Python would never raise KeyboardInterrupt in the tuner."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 async def test_resume_after_an_interruption_runs_only_the_missing_trials(tiny_llama, tmp_path):
     study = write_study(tmp_path / "resume.yaml", tiny_llama, name="resume",
                         knobs={"policy": ["fcfs", "lpm"]}, slos={"error_rate": "0%"})
     db = tmp_path / "tune.db"
     proc = await asyncio.create_subprocess_exec(
-        *tune_argv(study, "--storage", str(db)), cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=ctrl_c_reaches_it)
+        sys.executable, "-c", CTRL_C_TUNE, *tune_argv(study, "--storage", str(db))[3:], cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     lines = []
     try:
         async def second_server_pid():
