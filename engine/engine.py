@@ -37,7 +37,7 @@ import random
 import time
 from typing import AsyncIterator, Callable, Optional, Sequence, Union
 
-from kvloom.engine import scoring
+from kvloom.engine import scoring, spans
 from kvloom.engine.batch import RowError, check_runner
 from kvloom.engine.buckets import BucketPlan
 from kvloom.engine.config import EngineConfig
@@ -53,6 +53,7 @@ from kvloom.engine.request import (FinishReason, Request, RequestOutput, Samplin
                                    validate_prompt_ids)
 from kvloom.engine.scheduler import QueueFullError, Scheduler, check_fits
 from kvloom.engine.scoring import ScoreOutput
+from kvloom.engine.spans import span
 from kvloom.engine.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -461,7 +462,8 @@ class Engine:
                 await self._wakeup.wait()
                 continue
             self._idle.clear()
-            batch = self.scheduler.schedule()
+            with span(spans.SCHEDULE):
+                batch = self.scheduler.schedule()
             if batch is None:
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -487,7 +489,8 @@ class Engine:
             if batch.score_rows:
                 self.metrics.record_score_step(batch.score_mode, len(batch.score_rows),
                                                sum(len(row.items) for row in batch.score_rows))
-            self._emit(self.scheduler.apply(batch, result))
+            with span(spans.APPLY):
+                self._emit(self.scheduler.apply(batch, result))
 
     def _fail_all(self, message: str) -> None:
         if self.scheduler is None:

@@ -2,21 +2,19 @@
 
 Each sequence of a fixed batch owns a contiguous run of pages (page 0 stays the
 padding sink). Used to check the model against transformers, prefill and decode,
-and by tools that need raw logits. The forward is the runner's own (`runner.forward_logits`); only the
+and by tools that need raw logits. The forward is the runner's own (`engine.forward`); only the
 page assignment differs from the serving path.
 """
 
 from __future__ import annotations
 
-from functools import partial
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kvloom.engine.config import ModelConfig
 from kvloom.engine.models import llama
-from kvloom.engine.runner import forward_logits
+from kvloom.engine.forward import LayeredForward
 
 
 class StaticBatch:
@@ -35,7 +33,11 @@ class StaticBatch:
         else:
             self.kv = llama.sharded_kv_cache(cfg, params, num_pages, page_size, mesh)
         self.lengths = np.zeros(num_seqs, np.int32)
-        self._step = jax.jit(partial(forward_logits, cfg=cfg, page_size=page_size), donate_argnums=(1,))
+        self._step = LayeredForward(cfg, page_size, mesh)
+
+    def reset(self) -> None:
+        """Empty every sequence; the next extend starts over on the same cache and compiled step."""
+        self.lengths[:] = 0
 
     def extend(self, token_lists: list[list[int]], last_only: bool = False) -> np.ndarray:
         """Append tokens to every sequence (ragged); returns float32 logits of all new tokens, [N, V]

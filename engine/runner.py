@@ -1,9 +1,10 @@
 """The JAX boundary: a `ScheduledBatch` in, a `StepResult` out.
 
 Built and called only on the compute thread. Each step pads the batch into the
-arrays of its bucket (`engine.buckets`), runs the jitted forward with the KV
-cache donated in and returned, then the jitted sampler on the logits (which
-stay on the device), and brings back the sampled tokens as numpy arrays.
+arrays of its bucket (`engine.buckets`), runs the forward (`engine.forward`:
+compiled pieces, dispatched layer by layer, the KV cache donated to the last
+one and returned), then the jitted sampler on the logits (which stay on the
+device), and brings back the sampled tokens as numpy arrays.
 The public methods are host-side; the jitted functions are private.
 
 With `parallel.tensor_parallel_size` N the weights and the KV cache live on a
@@ -29,25 +30,19 @@ import numpy as np
 
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from kvloom.engine import prompt_logprobs, sharding
+from kvloom.engine import prompt_logprobs, sharding, spans
 from kvloom.engine.buckets import BucketPlan, StepShape
 from kvloom.engine.config import EngineConfig
+from kvloom.engine.forward import LayeredForward
 from kvloom.engine.kv_sizing import KVCachePlan, available_memory_bytes, plan_kv_cache
 from kvloom.engine.models import llama
 from kvloom.engine.models.loader import load_model
 from kvloom.engine.request import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
 from kvloom.engine.sampling import SamplingInput, sample
+from kvloom.engine.spans import span
 from kvloom.engine.batch import ScheduledBatch, ScheduledRow, StepResult
 
 log = logging.getLogger(__name__)
-
-
-def forward_logits(params, kv, step, *, cfg, page_size):
-    """The model step: logits of the step's `logits_indices`, the final hidden states of every token
-    ([T, D], left on the device for prompt logprobs) and the updated KV cache. The serving step (jitted
-    with the cache donated) and the static-batch forward of `engine.offline` both run this."""
-    h, kv = llama.forward(params, kv, step, cfg=cfg, page_size=page_size)
-    return llama.logits_from_hidden(params, h[step.logits_indices], cfg=cfg), h, kv
 
 
 def _label_logprobs(logits, label_ids):
@@ -78,12 +73,7 @@ class ModelRunner:
         self.vocab_size = cfg.vocab_size
         self.kv = llama.sharded_kv_cache(cfg, self.params, self.num_pages, self.page_size, self.mesh)
         whole = NamedSharding(self.mesh, P())
-        kv_sharding = NamedSharding(self.mesh, llama.KV_CACHE_SHARDING)
-        logits_sharding = NamedSharding(self.mesh, llama.logits_sharding(cfg, self.mesh.size))
-        forward = partial(forward_logits, cfg=cfg, page_size=self.page_size)
-        # the hidden states are whole on every device (prompt logprobs project them when asked)
-        self._forward = jax.jit(forward, donate_argnums=(1,),
-                                out_shardings=(logits_sharding, whole, (kv_sharding, kv_sharding)))
+        self._forward = LayeredForward(cfg, self.page_size, self.mesh)
         self._sample = jax.jit(sample, out_shardings=whole)
         self._labels = jax.jit(_label_logprobs, out_shardings=whole)
         self._prompt_logprobs = jax.jit(partial(prompt_logprobs.prompt_logprobs, cfg=cfg),
@@ -117,8 +107,21 @@ class ModelRunner:
     @property
     def num_compiled(self) -> int:
         """Compiled executables so far: the forward's buckets, the sampler's, labels' and prompt logprobs'."""
-        return (self._forward._cache_size() + self._sample._cache_size() + self._labels._cache_size()
+        return (self._forward.num_compiled + self._sample._cache_size() + self._labels._cache_size()
                 + self._prompt_logprobs._cache_size())
+
+    def compiled_hlo(self, shape: StepShape) -> list[str]:
+        """The optimized HLO text of the forward's pieces and the sampler a step of `shape` runs (profiling:
+        tools.profile_step names each op of a trace from it). Compiles again, or loads from the cache."""
+        step = self._step_input(shape, None)
+        texts = self._forward.compiled_hlo(self.params, self.kv, step)
+        if not shape.is_score:
+            spec = llama.logits_sharding(self.model_config, self.mesh.size)
+            logits = jax.ShapeDtypeStruct((len(step.logits_indices), self.vocab_size), jnp.float32,
+                                          sharding=NamedSharding(self.mesh, spec))
+            sampling = self._sampling_input(len(step.logits_indices), [])
+            texts.append(self._sample.lower(logits, sampling).compile().as_text())
+        return texts
 
     # ---- arrays ---------------------------------------------------------------------------------
 
@@ -250,26 +253,36 @@ class ModelRunner:
 
     def step(self, batch: ScheduledBatch) -> StepResult:
         shape = batch.shape
-        step = self._step_input(shape, batch)
+        with span(spans.INPUTS):
+            step = self._step_input(shape, batch)
         num_logits = len(step.logits_indices)
         if shape.is_score:
-            logits, _, self.kv = self._forward(self.params, self.kv, step)
-            items = [row.label_ids for row in batch.score_rows for _ in row.items]
-            labels = self._labels(logits, self._label_ids(num_logits, list(enumerate(items))))
-            return StepResult(batch.step_id, np.zeros(0, np.int64),
-                              label_logprobs=np.asarray(labels)[:len(items)])
+            with span(spans.DISPATCH):
+                logits, _, self.kv = self._forward(self.params, self.kv, step)
+                items = [row.label_ids for row in batch.score_rows for _ in row.items]
+                labels = self._labels(logits, self._label_ids(num_logits, list(enumerate(items))))
+            with span(spans.RESULTS):
+                return StepResult(batch.step_id, np.zeros(0, np.int64),
+                                  label_logprobs=np.asarray(labels)[:len(items)])
         d = shape.num_decode_rows
         positions = list(range(len(batch.decode_rows))) + [d + j for j in range(len(batch.prefill_rows))]
-        sampled = [(i, row) for i, row in zip(positions, batch.rows) if row.sample]
-        sampling = self._sampling_input(num_logits, sampled)
-        logits, hidden, self.kv = self._forward(self.params, self.kv, step)
-        out = self._sample(logits, sampling)
+        with span(spans.INPUTS):
+            sampled = [(i, row) for i, row in zip(positions, batch.rows) if row.sample]
+            sampling = self._sampling_input(num_logits, sampled)
+        with span(spans.DISPATCH):
+            logits, hidden, self.kv = self._forward(self.params, self.kv, step)
+            out = self._sample(logits, sampling)
+        with span(spans.RESULTS):
+            return self._step_result(batch, positions, sampling, logits, hidden, out)
+
+    def _step_result(self, batch: ScheduledBatch, positions, sampling, logits, hidden, out) -> StepResult:
         prompt = self._prompt_result(batch, hidden)
         index = np.asarray(positions, np.int64)
         label_rows = [(i, row.label_ids) for i, row in zip(positions, batch.rows) if row.label_ids]
         labels = None
         if label_rows:
-            labels = np.asarray(self._labels(logits, self._label_ids(num_logits, label_rows)))[index]
+            label_ids = self._label_ids(len(sampling.temperature), label_rows)
+            labels = np.asarray(self._labels(logits, label_ids))[index]
         tokens = np.asarray(out.token_ids)[index]
         finite = np.asarray(out.finite)[index]
         if not bool(sampling.any_logprobs):

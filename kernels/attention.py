@@ -75,6 +75,7 @@ def prefix_extend_attention_reference(q, k_new, v_new, new_lens, k_cache, v_cach
     return out.reshape(b, qn, h, d).astype(q.dtype)
 
 
+@jax.named_scope("attention")  # tools.profile_step counts its ops, page gathers included, as attention
 def prefix_extend_attention(q, k_new, v_new, new_lens, k_cache, v_cache, page_table, past_lens,
                             *, scale, layer=None, segment_ids=None, block_pages=None):
     """Blocked variant with an online softmax; same contract as the reference.

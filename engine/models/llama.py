@@ -1,7 +1,9 @@
 """The Llama family in JAX: Llama, SmolLM, Qwen2 (qkv bias) and Qwen3 (q/k RMSNorm).
 
-A functional forward over a params pytree whose layers are stacked on a leading
-axis and run by `lax.scan`, so compile time does not grow with depth. The KV
+A functional forward over a params pytree whose layers are a tuple of per-layer
+weight dicts, unrolled in the trace (each layer's matmuls read their own arrays;
+a `lax.scan` over stacked weights copied every layer out of the stack each
+step, doubling a CPU decode step; compile time grows with depth). The KV
 cache is a pair of arrays `[num_layers, num_pages * page_size, KVH, D]` that
 goes into the step and comes back out (the runner donates it). With tensor
 parallelism the params and the cache carry the shardings of the tables below
@@ -94,11 +96,11 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 # the vocabulary; norms are replicated. The KV cache is split over its KV heads.
 LAYER_SHARDING = {
     "attn_norm": P(), "mlp_norm": P(), "q_norm": P(), "k_norm": P(),
-    "wqkv": P(None, None, TP_AXIS, None),  # [L, D, KVH, (G + 2) * hd]
-    "bqkv": P(None, TP_AXIS, None),  # [L, KVH, (G + 2) * hd]
-    "wo": P(None, TP_AXIS, None),  # [L, H * hd, D]
-    "w_gate_up": P(None, None, None, TP_AXIS),  # [L, D, 2, F]
-    "w_down": P(None, TP_AXIS, None),  # [L, F, D]
+    "wqkv": P(None, TP_AXIS, None),  # [D, KVH, (G + 2) * hd]
+    "bqkv": P(TP_AXIS, None),  # [KVH, (G + 2) * hd]
+    "wo": P(TP_AXIS, None),  # [H * hd, D]
+    "w_gate_up": P(None, None, TP_AXIS),  # [D, 2, F]
+    "w_down": P(TP_AXIS, None),  # [F, D]
 }
 GLOBAL_SHARDING = {
     "embed": P(TP_AXIS, None),  # [V, D]
@@ -115,7 +117,7 @@ def param_sharding(params, cfg: ModelConfig, tp: int):
     split_vocab = cfg.vocab_size % tp == 0
     specs = {k: (spec if split_vocab else P()) for k, spec in GLOBAL_SHARDING.items()}
     return dict({k: specs[k] for k in params if k != "layers"},
-                layers={k: LAYER_SHARDING[k] for k in params["layers"]})
+                layers=tuple({k: LAYER_SHARDING[k] for k in layer} for layer in params["layers"]))
 
 
 def logits_sharding(cfg: ModelConfig, tp: int):
@@ -128,7 +130,6 @@ def fuse_params(params, cfg: ModelConfig):
     its key, then its value), gate and up into another ([D, 2, F]), so fewer, larger matmuls whose
     head and intermediate axes split over devices without moving data; and an [D, V] output
     projection even for tied embeddings (the transposed read of [V, D] is the slow matmul path)."""
-    layers = dict(params["layers"])
     kvh, g, hd = cfg.num_kv_heads, cfg.num_query_groups, cfg.head_dim
 
     def grouped(q, k, v):  # [..., H * hd], [..., KVH * hd] x2 -> [..., KVH, (G + 2) * hd]
@@ -136,11 +137,15 @@ def fuse_params(params, cfg: ModelConfig):
         q = q.reshape(*lead, kvh, g * hd)
         return jnp.concatenate([q, k.reshape(*lead, kvh, hd), v.reshape(*lead, kvh, hd)], axis=-1)
 
-    layers["wqkv"] = grouped(layers.pop("wq"), layers.pop("wk"), layers.pop("wv"))
-    if cfg.attention_bias:
-        layers["bqkv"] = grouped(layers.pop("bq"), layers.pop("bk"), layers.pop("bv"))
-    layers["w_gate_up"] = jnp.stack([layers.pop("w_gate"), layers.pop("w_up")], axis=-2)
-    fused = dict(params, layers=layers)
+    def fuse_layer(layer):
+        layer = dict(layer)
+        layer["wqkv"] = grouped(layer.pop("wq"), layer.pop("wk"), layer.pop("wv"))
+        if cfg.attention_bias:
+            layer["bqkv"] = grouped(layer.pop("bq"), layer.pop("bk"), layer.pop("bv"))
+        layer["w_gate_up"] = jnp.stack([layer.pop("w_gate"), layer.pop("w_up")], axis=-2)
+        return layer
+
+    fused = dict(params, layers=tuple(fuse_layer(layer) for layer in params["layers"]))
     if cfg.tie_word_embeddings:
         fused["lm_head"] = jnp.asarray(params["embed"].T)
     return fused
@@ -161,15 +166,18 @@ def replicate_kv_heads(params, cfg: ModelConfig, replicas: int):
         kv = jnp.broadcast_to(w[..., None, g:, :], (*lead, kvh, replicas, 2, hd))
         return jnp.concatenate([q, kv], axis=-2).reshape(*lead, kvh * replicas, (g // replicas + 2) * hd)
 
-    layers = dict(params["layers"], wqkv=split(params["layers"]["wqkv"]))
-    if "bqkv" in layers:
-        layers["bqkv"] = split(layers["bqkv"])
-    return dict(params, layers=layers)
+    def split_layer(layer):
+        layer = dict(layer, wqkv=split(layer["wqkv"]))
+        if "bqkv" in layer:
+            layer["bqkv"] = split(layer["bqkv"])
+        return layer
+
+    return dict(params, layers=tuple(split_layer(layer) for layer in params["layers"]))
 
 
 def num_kv_heads_of(params) -> int:
     """KV heads of the model as fused (more than the config's when replicated)."""
-    return params["layers"]["wqkv"].shape[-2]
+    return params["layers"][0]["wqkv"].shape[-2]
 
 
 def shard_params(params, cfg: ModelConfig, mesh: Mesh):
@@ -257,26 +265,28 @@ def kv_cache_bytes_per_token(cfg: ModelConfig, dtype, num_kv_heads: Optional[int
     return 2 * cfg.num_layers * (num_kv_heads or cfg.num_kv_heads) * cfg.head_dim * jnp.dtype(dtype).itemsize
 
 
-def forward(params, kv_cache, step: StepInput, *, cfg: ModelConfig, page_size: int):
-    """Run the model over one step; returns (final-normed hidden states of every token [T, D], new kv_cache).
-    The caller projects the rows it needs (`step.logits_indices`; every prompt token for prompt logprobs)."""
-    h = params["embed"][step.token_ids]  # [T, D]
+def embed(params, step: StepInput):
+    """The step's token embeddings [T, D]."""
+    return params["embed"][step.token_ids]
+
+
+def decoder_layer(lp, h, kv_cache, layer, step: StepInput, *, cfg: ModelConfig, page_size: int):
+    """One decoder layer over the step: (h [T, D] after the layer, its new keys and values [T, KVH, D]).
+    `lp` is the layer's own weights; `layer` (an int32 scalar, traced) picks its slice of the KV cache,
+    read only (the new keys are written after the last layer, by `write_kv_cache`)."""
     num_tokens = h.shape[0]
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     angles = step.positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
     cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
     scale = cfg.head_dim ** -0.5
-    hd, nh, nkv = cfg.head_dim, cfg.num_heads, num_kv_heads_of(params)
+    hd, nh, nkv = cfg.head_dim, cfg.num_heads, lp["wqkv"].shape[-2]
     g = nh // nkv
     eps = cfg.rms_norm_eps
-
     k_all, v_all = kv_cache
-    # Read-only inside the layer loop: [L, num_pages, page_size, KVH, D]
-    k_pages = k_all.reshape(k_all.shape[0], -1, page_size, nkv, hd)
+    k_pages = k_all.reshape(k_all.shape[0], -1, page_size, nkv, hd)  # [L, num_pages, page_size, KVH, D]
     v_pages = v_all.reshape(v_all.shape[0], -1, page_size, nkv, hd)
 
-    def layer(h, xs):
-        lp, index = xs
+    with jax.named_scope("qkv_proj"):
         x = rms_norm(h, lp["attn_norm"], eps)
         qkv = jnp.einsum("td,dkq->tkq", x, lp["wqkv"])  # [T, KVH, (G + 2) * D]
         if cfg.attention_bias:
@@ -290,34 +300,56 @@ def forward(params, kv_cache, step: StepInput, *, cfg: ModelConfig, page_size: i
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin).astype(k_all.dtype)
         v = v.astype(v_all.dtype)
-        outs, offset = [], 0
-        for seg in step.segments:
-            rows, qn = seg.page_table.shape[0], seg.num_query_tokens
-            n = rows * qn
-            o = prefix_extend_attention(
-                q[offset:offset + n].reshape(rows, qn, nh, hd),
-                k[offset:offset + n].reshape(rows, qn, nkv, hd),
-                v[offset:offset + n].reshape(rows, qn, nkv, hd),
-                seg.new_lens, k_pages, v_pages, seg.page_table, seg.past_lens, scale=scale, layer=index,
-                segment_ids=seg.segment_ids)
-            outs.append(o.reshape(n, nh * hd))
-            offset += n
-        attn = jnp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]  # [T, H*D]
+    outs, offset = [], 0
+    for seg in step.segments:
+        rows, qn = seg.page_table.shape[0], seg.num_query_tokens
+        n = rows * qn
+        o = prefix_extend_attention(
+            q[offset:offset + n].reshape(rows, qn, nh, hd),
+            k[offset:offset + n].reshape(rows, qn, nkv, hd),
+            v[offset:offset + n].reshape(rows, qn, nkv, hd),
+            seg.new_lens, k_pages, v_pages, seg.page_table, seg.past_lens, scale=scale, layer=layer,
+            segment_ids=seg.segment_ids)
+        outs.append(o.reshape(n, nh * hd))
+        offset += n
+    attn = jnp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]  # [T, H*D]
+    with jax.named_scope("o_proj"):
         h = h + jnp.einsum("tq,qd->td", attn, lp["wo"])
+    with jax.named_scope("mlp"):
         x = rms_norm(h, lp["mlp_norm"], eps)
         gate_up = jnp.einsum("td,dcf->tcf", x, lp["w_gate_up"])  # [T, 2, F]
         gate, up = gate_up[:, 0], gate_up[:, 1]
         h = h + jnp.einsum("tf,fd->td", jax.nn.silu(gate) * up, lp["w_down"])
-        return h, (k, v)
+    return h, k, v
 
-    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    h, (k_new, v_new) = jax.lax.scan(layer, h, (params["layers"], layer_ids))  # k_new: [L, T, KVH, D]
-    # One write of every layer's new keys and values, after the loop, into the donated cache.
-    k_all = k_all.at[:, step.slot_mapping].set(k_new)
-    v_all = v_all.at[:, step.slot_mapping].set(v_new)
-    return rms_norm(h, params["final_norm"], eps), (k_all, v_all)  # [T, D]
+
+def write_kv_cache(kv_cache, new_keys, new_values, step: StepInput):
+    """Every layer's new keys and values (sequences of [T, KVH, D]) into the cache, at the step's slots."""
+    k_all, v_all = kv_cache
+    with jax.named_scope("kv_write"):
+        k_all = k_all.at[:, step.slot_mapping].set(jnp.stack(new_keys))
+        v_all = v_all.at[:, step.slot_mapping].set(jnp.stack(new_values))
+    return k_all, v_all
+
+
+def forward(params, kv_cache, step: StepInput, *, cfg: ModelConfig, page_size: int):
+    """The whole model over one step, as one function: (final-normed hidden states of every token [T, D],
+    new kv_cache). The engine runs the same pieces compiled apart (`engine.forward.LayeredForward`);
+    this composition is their definition, and what tests compare them with."""
+    h = embed(params, step)
+    keys, values = [], []
+    for index, lp in enumerate(params["layers"]):
+        h, k, v = decoder_layer(lp, h, kv_cache, index, step, cfg=cfg, page_size=page_size)
+        keys.append(k)
+        values.append(v)
+    return final_norm(params, h, cfg=cfg), write_kv_cache(kv_cache, keys, values, step)
+
+
+def final_norm(params, h, *, cfg: ModelConfig):
+    return rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
 
 
 def logits_from_hidden(params, h, *, cfg: ModelConfig):
     """Project final hidden states [S, D] to float32 logits [S, V] (params as fused by fuse_params)."""
-    return jnp.einsum("sd,dv->sv", h, params["lm_head"]).astype(jnp.float32)
+    with jax.named_scope("lm_head"):
+        return jnp.einsum("sd,dv->sv", h, params["lm_head"]).astype(jnp.float32)

@@ -62,13 +62,11 @@ def _assemble(cfg: ModelConfig, tensors: TensorTable, dtype: str):
     params = {}
     for hf_name, (key, transpose) in llama.global_weight_names(cfg).items():
         params[key] = jnp.asarray(fetch(hf_name, key, transpose), dtype=target)
-    layers = {}
-    for suffix, (key, transpose) in llama.layer_weight_names(cfg).items():
-        stacked = np.stack([
-            fetch(f"model.layers.{i}.{suffix}", key, transpose) for i in range(cfg.num_layers)
-        ])
-        layers[key] = jnp.asarray(stacked, dtype=target)
-    params["layers"] = layers
+    names = llama.layer_weight_names(cfg).items()
+    params["layers"] = tuple(
+        {key: jnp.asarray(fetch(f"model.layers.{i}.{suffix}", key, transpose), dtype=target)
+         for suffix, (key, transpose) in names}
+        for i in range(cfg.num_layers))
     return llama.fuse_params(params, cfg)
 
 

@@ -62,8 +62,9 @@ def test_config_flags_per_family(tiny_checkpoints):
     flags = {}
     for family in tiny_models.FAMILIES:
         _, cfg, params = load_model(tiny_checkpoints(family))
+        layer = params["layers"][0]
         flags[family] = (cfg.tie_word_embeddings, cfg.attention_bias, cfg.qk_norm,
-                         "bqkv" in params["layers"], "q_norm" in params["layers"], cfg.rope_scaling.kind)
+                         "bqkv" in layer, "q_norm" in layer, cfg.rope_scaling.kind)
     assert flags["llama"] == (True, False, False, False, False, "default")
     assert flags["llama_untied"] == (False, False, False, False, False, "llama3")
     assert flags["qwen2"] == (False, True, False, True, False, "default")
@@ -74,7 +75,8 @@ def test_bfloat16_params(tiny_checkpoints, reference_logits):
     import jax.numpy as jnp
 
     _, cfg, params = load_model(tiny_checkpoints("llama"), dtype="bfloat16")
-    assert all(leaf.dtype == jnp.bfloat16 for leaf in [params["embed"], *params["layers"].values()])
+    layer_leaves = [w for layer in params["layers"] for w in layer.values()]
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in [params["embed"], *layer_leaves])
     seqs = _sequences()
     batch = StaticBatch(cfg, params, num_seqs=1, max_len=len(seqs[0]), page_size=4)
     logits = batch.extend([seqs[0]])
@@ -82,3 +84,45 @@ def test_bfloat16_params(tiny_checkpoints, reference_logits):
     assert logits.dtype == np.float32
     assert np.abs(logits - ref).max() < 0.05 * np.abs(ref).max()
     assert (logits.argmax(-1) == ref.argmax(-1)).mean() > 0.9
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_layered_forward_equals_the_one_program_forward(tiny_checkpoints, family):
+    """engine.forward runs the model as pieces compiled apart; llama.forward composes the same functions
+    in one trace. Same logits, hidden states and KV cache, for a ragged prefill and then a decode step."""
+    from functools import partial
+
+    import jax
+    import jax.numpy as jnp
+
+    from kvloom.engine.forward import LayeredForward
+    from kvloom.engine.models import llama
+
+    _, cfg, params = load_model(tiny_checkpoints(family))
+    page_size, width = 4, 8
+    one_program = jax.jit(partial(llama.forward, cfg=cfg, page_size=page_size))
+    layered = LayeredForward(cfg, page_size)
+    kv_a = llama.init_kv_cache(cfg, 1 + 2 * width, page_size, jnp.float32)
+    kv_b = llama.init_kv_cache(cfg, 1 + 2 * width, page_size, jnp.float32)
+    table = (1 + np.arange(2 * width, dtype=np.int32)).reshape(2, width)
+    rng = np.random.default_rng(1)
+    for past, new in (([0, 0], [7, 3]), ([7, 3], [1, 1])):
+        qn = max(new)
+        ids = np.zeros((2, qn), np.int32)
+        pos = np.zeros((2, qn), np.int32)
+        slots = np.zeros((2, qn), np.int32)
+        for r in range(2):
+            p = past[r] + np.arange(new[r])
+            ids[r, :new[r]] = rng.integers(3, tiny_models.VOCAB_SIZE, new[r])
+            pos[r, :new[r]] = p
+            slots[r, :new[r]] = table[r, p // page_size] * page_size + p % page_size
+        step = llama.StepInput(ids.reshape(-1), pos.reshape(-1), slots.reshape(-1),
+                               np.array([new[0] - 1, qn + new[1] - 1], np.int32),
+                               (llama.Segment(table, np.array(past, np.int32), np.array(new, np.int32), qn),))
+        hidden_a, kv_a = one_program(params, kv_a, step)
+        logits_a = llama.logits_from_hidden(params, hidden_a[step.logits_indices], cfg=cfg)
+        logits_b, hidden_b, kv_b = layered(params, kv_b, step)
+        np.testing.assert_allclose(np.asarray(logits_b), np.asarray(logits_a), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(hidden_b), np.asarray(hidden_a), rtol=1e-5, atol=1e-5)
+        for a, b in zip(kv_a, kv_b):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)

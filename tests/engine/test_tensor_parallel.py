@@ -18,9 +18,10 @@ from kvloom.engine.config import ConfigError, ModelConfig
 pytestmark = pytest.mark.timeout(900)
 
 DEGREES = (1, 2, 4)
-# Per decode step at TP > 1: one all-reduce after the o projection and one after down (in the layer loop,
-# so once in the HLO), one for the embedding lookup split over the vocabulary. Logits stay split over the
-# vocabulary (the sampler reduces them); an all-gather anywhere means weights or activations went whole.
+# In the executables of a decode step at TP > 1: one all-reduce after the o projection and one after down in
+# the layer executable (every layer runs it), one for the embedding lookup split over the vocabulary. Logits
+# stay split over the vocabulary (the sampler reduces them); an all-gather anywhere means weights or
+# activations went whole.
 EXPECTED_COLLECTIVES = {"all-reduce": 3}
 
 

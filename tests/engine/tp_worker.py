@@ -52,8 +52,8 @@ def sharding_mismatches(cfg, params, kv) -> list[str]:
     tp = kv[0].sharding.mesh.size
     declared = llama.param_sharding(params, cfg, tp)
     bad = []
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        spec = declared["layers"][path[1].key] if path[0].key == "layers" else declared[path[0].key]
+    specs = jax.tree.leaves(declared, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    for (path, leaf), spec in zip(jax.tree_util.tree_leaves_with_path(params), specs, strict=True):
         want = jax.sharding.NamedSharding(leaf.sharding.mesh, spec)
         if not leaf.sharding.is_equivalent_to(want, leaf.ndim) or leaf.sharding.mesh.size != tp:
             bad.append(f"{jax.tree_util.keystr(path)}: {leaf.sharding.spec} (declared {spec})")
@@ -85,8 +85,9 @@ async def through_engine(path: str, tp: int) -> tuple[dict, np.ndarray]:
             report["tokens"].append(ids)
         scores = await engine.score(SCORE_QUERY, SCORE_ITEMS, SCORE_LABELS, mode="packed")
         runner = engine.runner
-        decode = runner._step_input(StepShape(1, 0, 0), None)
-        hlo = runner._forward.lower(runner.params, runner.kv, decode).compile().as_text()
+        # the forward's pieces of a decode step (embed, the one layer executable, finish), not the sampler
+        hlo = "\n".join(text for text in runner.compiled_hlo(StepShape(1, 0, 0))
+                         if not text.startswith("HloModule jit_sample"))
         report["collectives"] = collectives(hlo)
         report["mismatches"] = sharding_mismatches(runner.model_config, runner.params, runner.kv)
         await engine.restart()

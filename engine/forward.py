@@ -1,0 +1,84 @@
+"""The model step as separately compiled pieces, dispatched layer by layer from the compute thread.
+
+    step (host arrays)  -> placed on the mesh once per step
+    embed               jitted: the token embeddings [T, D]
+    decoder_layer x L   jitted, one executable per step shape shared by every layer: each call gets
+                        that layer's own weight arrays, the KV cache (read only) and the layer's index
+                        as a traced int32, and returns h and the layer's new keys and values
+    finish              jitted, the KV cache donated: every layer's new keys and values written at
+                        the step's slots, the final norm, float32 logits of `logits_indices`
+    -> (logits [S, V], final hidden states [T, D], the new KV cache)
+
+Why pieces (measured with tools.profile_step): one program over all layers either runs a `lax.scan`
+over stacked weights, which on a CPU copies every layer's weights out of the stack on every step (a
+third to a half of a decode step), or unrolls the layers, which multiplies compile time by the depth
+(minutes to start the default model). Compiled apart, a step reads each weight once and compiles one
+layer per shape; what it costs is L + 2 dispatches per step, tens of microseconds each, which XLA
+runs back to back while Python enqueues the next. `engine.models.llama.forward` composes the same
+functions in one trace: it is their definition, and tests hold the two equal.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from kvloom.engine import sharding
+from kvloom.engine.config import ModelConfig
+from kvloom.engine.models import llama
+
+
+def _finish(params, kv, h, keys, values, step, *, cfg: ModelConfig):
+    kv = llama.write_kv_cache(kv, keys, values, step)
+    h = llama.final_norm(params, h, cfg=cfg)
+    return llama.logits_from_hidden(params, h[step.logits_indices], cfg=cfg), h, kv
+
+
+class LayeredForward:
+    """`forward(params, kv, step) -> (logits, hidden, kv)` with the KV cache donated, for params placed
+    on `mesh` (one device when None)."""
+
+    def __init__(self, cfg: ModelConfig, page_size: int, mesh=None):
+        self.mesh = mesh if mesh is not None else sharding.make_mesh(1)
+        self._whole = NamedSharding(self.mesh, P())
+        kv_sharding = NamedSharding(self.mesh, llama.KV_CACHE_SHARDING)
+        logits_sharding = NamedSharding(self.mesh, llama.logits_sharding(cfg, self.mesh.size))
+        self._embed = jax.jit(llama.embed, out_shardings=self._whole)
+        self._layer = jax.jit(partial(llama.decoder_layer, cfg=cfg, page_size=page_size))
+        # the hidden states are whole on every device (prompt logprobs project them when asked)
+        self._finish = jax.jit(partial(_finish, cfg=cfg), donate_argnums=(1,),
+                               out_shardings=(logits_sharding, self._whole, (kv_sharding, kv_sharding)))
+
+    def place(self, step: llama.StepInput) -> llama.StepInput:
+        """The step's host arrays, whole on every device of the mesh: copied once, read by every piece."""
+        return jax.tree.map(lambda a: sharding.place(a, self._whole), step)
+
+    def __call__(self, params, kv, step: llama.StepInput):
+        step = self.place(step)
+        h = self._embed(params, step)
+        keys, values = [], []
+        for index, layer in enumerate(params["layers"]):
+            h, k, v = self._layer(layer, h, kv, np.int32(index), step)
+            keys.append(k)
+            values.append(v)
+        return self._finish(params, kv, h, tuple(keys), tuple(values), step)
+
+    @property
+    def num_compiled(self) -> int:
+        return self._embed._cache_size() + self._layer._cache_size() + self._finish._cache_size()
+
+    def compiled_hlo(self, params, kv, step: llama.StepInput) -> list[str]:
+        """The optimized HLO text of each piece a step of this shape runs (the layer's once)."""
+        step = self.place(step)
+        h = jax.ShapeDtypeStruct((len(step.token_ids), params["embed"].shape[1]), params["embed"].dtype,
+                                 sharding=self._whole)
+        layer = self._layer.lower(params["layers"][0], h, kv, np.int32(0), step)
+        _, k, v = (jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=getattr(o, "sharding", None))
+                   for o in layer.out_info)
+        num_layers = len(params["layers"])
+        finish = self._finish.lower(params, kv, h, (k,) * num_layers, (v,) * num_layers, step)
+        return [self._embed.lower(params, step).compile().as_text(), layer.compile().as_text(),
+                finish.compile().as_text()]
