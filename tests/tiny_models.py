@@ -1,75 +1,17 @@
 """Tiny random-weight checkpoints of each supported family, built with transformers.
 
-A checkpoint directory holds config.json, model.safetensors and a small
-byte-level BPE tokenizer (trained here on a fixed corpus) with a ChatML template,
-so every test runs with no download.
+A checkpoint directory holds config.json, model.safetensors and the small byte-level BPE tokenizer
+with a ChatML template of tools/random_checkpoint.py (which also holds the families' configs), so every
+test runs with no download. The weights come from transformers' own model classes, so HF loads them
+as a reference.
 """
 
 from __future__ import annotations
 
 import os
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Hello world! How are you today? I am fine, thank you.",
-    "kvloom serves language models from Python with JAX on one event loop.",
-    "Scoring ranks items for a query; generation writes text one token at a time.",
-    "Numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000 and symbols , . ; : ! ? ( ) [ ] { } - + * /",
-    "Once upon a time there was a small model that learned to count and to rhyme.",
-] * 4
-
-FAMILIES = ("llama", "llama_untied", "qwen2", "qwen3")
-VOCAB_SIZE = 384
-
-
-def build_tokenizer(path: str) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(CORPUS, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>",
-        pad_token="<|endoftext|>", unk_token="<|endoftext|>",
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(path)
-
-
-def hf_config(family: str, **overrides):
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
-
-    common = dict(
-        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=2, pad_token_id=0,
-    )
-    common.update(overrides)
-    if family == "llama":
-        return LlamaConfig(tie_word_embeddings=True, rope_theta=10000.0, **common)
-    if family == "llama_untied":
-        return LlamaConfig(
-            tie_word_embeddings=False, rope_theta=500000.0,
-            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
-            **common,
-        )
-    if family == "qwen2":
-        return Qwen2Config(tie_word_embeddings=False, rope_theta=1000000.0, **common)
-    if family == "qwen3":
-        return Qwen3Config(tie_word_embeddings=True, head_dim=32, rope_theta=1000000.0, **common)
-    raise ValueError(f"unknown family {family!r}")
+from kvloom.tools.random_checkpoint import (  # noqa: F401 - FAMILIES, VOCAB_SIZE: for the tests
+    CHAT_TEMPLATE, FAMILIES, VOCAB_SIZE, build_tokenizer, hf_config)
 
 
 def build_checkpoint(path: str, family: str, seed: int = 0, **overrides) -> str:

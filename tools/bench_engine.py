@@ -1,9 +1,11 @@
-"""Engine-level figures for one model in float32, kvloom beside HF transformers in the same run:
-aggregate decode throughput at several concurrencies, time to first token cold and from the
-prefix cache, and decode throughput as a fraction of the machine's float32 compute roofline.
+"""Engine-level figures for one model in float32 (or --dtype bfloat16), kvloom beside HF transformers
+(float32) in the same run: aggregate decode throughput at several concurrencies, time to first token
+cold and from the prefix cache, and decode throughput as a fraction of the machine's compute roofline
+in that dtype.
 
-    .venv/bin/python -m kvloom.tools.bench_engine [--model PATH] [--concurrency 1,8,32] [--new-tokens 128]
-        [--prompt-tokens 32] [--long-prompt-tokens 1500] [--hf/--no-hf] [--json OUT.json]
+    .venv/bin/python -m kvloom.tools.bench_engine [--model PATH] [--dtype float32|bfloat16]
+        [--concurrency 1,8,32] [--new-tokens 128] [--prompt-tokens 32] [--long-prompt-tokens 1500]
+        [--hf/--no-hf] [--json OUT.json]
 
 Phases, each with a fixed number of requests:
   1. throughput: per concurrency C, C requests of random prompts submitted at once to a started
@@ -11,7 +13,7 @@ Phases, each with a fixed number of requests:
      HF `model.generate` runs the same prompts as one batch of C.
   2. TTFT (max_tokens=1, submit -> first output): a never-seen prompt (cold), then the same prompt
      again once the first finished (cached by the radix prefix cache), for a short and a long prompt.
-  3. roofline: the best jitted float32 `jnp.dot` GFLOP/s over a few square sizes; roofline
+  3. roofline: the best jitted `jnp.dot` GFLOP/s in the run's dtype over a few square sizes; roofline
      tokens/s = peak / (2 * num_parameters), compared with decode at the highest concurrency.
 The spec's targets are printed beside the figures for context; nothing is asserted.
 """
@@ -84,7 +86,7 @@ def roofline_lines(report: dict) -> list[str]:
     m, r = report["matmul"], report["roofline"]
     sizes = ",".join(str(n) for n in m["sizes"])
     return [
-        f"float32 matmul peak (jitted jnp.dot, n={sizes}, best of {m['repeats']}): "
+        f"{m['dtype']} matmul peak (jitted jnp.dot, n={sizes}, best of {m['repeats']}): "
         f"{m['peak_gflops']:.1f} GFLOP/s",
         f"roofline decode = peak / (2 x {report['num_parameters'] / 1e6:.1f}M params) "
         f"= {r['tok_s']:.1f} tok/s",
@@ -194,9 +196,10 @@ async def bench_kvloom(config, args) -> dict:
             ttft.append(await measure_ttft(engine, rng, id_range, n, args.ttft_repeats))
             cold_ms, cached_ms = ttft[-1]["cold_s"] * 1e3, ttft[-1]["cached_s"] * 1e3
             _log(f"TTFT {n} tokens: cold {cold_ms:.1f} ms, cached {cached_ms:.1f} ms")
+        status = engine.status()
         return dict(model=engine.model_name, source=engine.runner.source,
                     num_parameters=engine.runner.model_config.num_parameters,
-                    engine_config=engine.status()["config"], start_s=start_s,
+                    engine_config=status["config"], parallel=status["parallel"], start_s=start_s,
                     prompt_sets=prompt_sets, throughput=throughput, ttft=ttft)
 
 
@@ -227,12 +230,12 @@ def build_report(args, ours: dict, theirs: Optional[dict], matmul: dict) -> dict
     roof_tok_s = roofline_tokens_per_s(matmul["peak_gflops"] * 1e9, ours["num_parameters"])
     decode_tok_s = ours["throughput"][top]["tok_s"]
     return dict(
-        model=ours["model"], dtype="float32", num_parameters=ours["num_parameters"],
+        model=ours["model"], dtype=args.dtype, num_parameters=ours["num_parameters"],
         settings=dict(concurrency=args.concurrency, new_tokens=args.new_tokens,
                       prompt_tokens=args.prompt_tokens, long_prompt_tokens=args.long_prompt_tokens,
                       ttft_repeats=args.ttft_repeats,
                       seed=args.seed, hf=args.hf),
-        engine_config=ours["engine_config"], engine_start_s=ours["start_s"],
+        engine_config=ours["engine_config"], parallel=ours["parallel"], engine_start_s=ours["start_s"],
         throughput=throughput, ttft=ours["ttft"], matmul=matmul,
         roofline=dict(tok_s=roof_tok_s, concurrency=top, decode_tok_s=decode_tok_s,
                       fraction=decode_tok_s / roof_tok_s, target=TARGETS["roofline_32"]),
@@ -242,7 +245,7 @@ def build_report(args, ours: dict, theirs: Optional[dict], matmul: dict) -> dict
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_model_args(p, with_dtype=False)
+    add_model_args(p)
     p.add_argument("--concurrency", type=parse_int_list, default=[1, 8, 32],
                    help="comma-separated, e.g. 1,8,32")
     p.add_argument("--new-tokens", type=int, default=128)
@@ -268,10 +271,10 @@ def main(argv=None) -> dict:
             raise SystemExit(f"--{name.replace('_', '-')}: must be positive")
     use_compile_cache(args.compile_cache)
 
-    config = engine_config_from_args(args, dtype="float32", max_running=max(args.concurrency))
+    config = engine_config_from_args(args, max_running=max(args.concurrency))
     ours = asyncio.run(bench_kvloom(config, args))  # the engine is stopped on return
-    _log("measuring the float32 matmul peak")
-    matmul = measure_matmul_peak(args.matmul_sizes, args.matmul_repeats)
+    _log(f"measuring the {args.dtype} matmul peak")
+    matmul = measure_matmul_peak(args.matmul_sizes, args.matmul_repeats, args.dtype)
     theirs = bench_hf(ours["source"], ours["prompt_sets"], args.new_tokens) if args.hf else None
     report = build_report(args, ours, theirs, matmul)
     return publish(report, print_report, args.json, "bench_engine")

@@ -1,10 +1,11 @@
-"""Scoring figures for one model in float32 (SCORING.md), kvloom beside HF transformers in the same run:
-items/s per scoring mode, items/s as a fraction of the float32 compute roofline, and request latency
-at a few item counts with concurrent clients.
+"""Scoring figures for one model in float32 (or --dtype bfloat16; SCORING.md), kvloom beside HF
+transformers (float32) in the same run: items/s per scoring mode, items/s as a fraction of the compute
+roofline in that dtype, and request latency at a few item counts with concurrent clients.
 
-    .venv/bin/python -m kvloom.tools.bench_score [--model PATH] [--query-tokens 2000] [--num-items 500]
-        [--item-tokens 20] [--modes packed,batched] [--hf-sample 16] [--latency-items 10,100,500]
-        [--clients 2] [--requests-per-point 4] [--hf/--no-hf] [--json OUT.json]
+    .venv/bin/python -m kvloom.tools.bench_score [--model PATH] [--dtype float32|bfloat16]
+        [--query-tokens 2000] [--num-items 500] [--item-tokens 20] [--modes packed,batched]
+        [--hf-sample 16] [--latency-items 10,100,500] [--clients 2] [--requests-per-point 4]
+        [--hf/--no-hf] [--min-items-per-s N] [--json OUT.json]
 
 The reference workload: one query of 2,000 random token ids, 500 items of 20, 2 label ids, all drawn
 from a fixed seed and the same for every mode. Phases, each with a fixed number of requests:
@@ -15,7 +16,7 @@ from a fixed seed and the same for every mode. Phases, each with a fixed number 
      HF transformers scores `--hf-sample` of the same items, each as its own `query ++ item` forward
      (`model(ids).logits[0, -1]`, no_grad, float32): items/s = sample / time. Its probabilities are
      compared with kvloom's for the same items.
-  2. roofline: the best jitted float32 `jnp.dot` GFLOP/s (tools.machine);
+  2. roofline: the best jitted `jnp.dot` GFLOP/s in the run's dtype (tools.machine);
      roofline items/s = peak / (2 * num_parameters * (query + num_items * item_tokens)) * num_items,
      i.e. every token of the request costs 2 FLOPs per parameter (embedding included, as in
      bench_engine), compared with each mode's items/s.
@@ -23,7 +24,8 @@ from a fixed seed and the same for every mode. Phases, each with a fixed number 
      prefilled), then per item count `--clients` clients each send `--requests-per-point` requests
      back to back, all with that same query, so the radix prefix cache serves it; items are fresh
      random ids per request. p50/p99 over the point's requests (p99 of a few samples is near the max).
-The spec's targets are printed beside the figures for context; nothing is asserted.
+The spec's targets are printed beside the figures for context. The one gate: with --min-items-per-s N,
+each mode's items/s is printed as PASS or FAIL against N, and the command exits 1 when any fails.
 """
 
 from __future__ import annotations
@@ -80,6 +82,28 @@ def max_relative_error(ours: Sequence[Sequence[float]], theirs: Sequence[Sequenc
     return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-30)))
 
 
+def gate_verdict(throughput: Sequence[dict], min_items_per_s: Optional[float]) -> Optional[dict]:
+    """Each mode's items/s against the gate; passed when every mode reaches it. None: no gate."""
+    if min_items_per_s is None:
+        return None
+    modes = [dict(mode=t["mode"], items_per_s=t["kvloom_items_per_s"],
+                  passed=t["kvloom_items_per_s"] >= min_items_per_s) for t in throughput]
+    return dict(min_items_per_s=min_items_per_s, modes=modes, passed=all(m["passed"] for m in modes))
+
+
+def gate_lines(gate: Optional[dict]) -> list[str]:
+    if gate is None:
+        return []
+    return [f"gate {m['mode']}: {m['items_per_s']:.1f} items/s >= {gate['min_items_per_s']:g}: "
+            f"{'PASS' if m['passed'] else 'FAIL'}" for m in gate["modes"]]
+
+
+def exit_status(report: dict) -> int:
+    """0, or 1 when the report's gate failed."""
+    gate = report.get("gate")
+    return 1 if gate is not None and not gate["passed"] else 0
+
+
 def make_workload(rng: np.random.Generator, vocab_size: int, args) -> dict:
     """Every id the run sends, drawn once so that every mode scores the same request."""
     id_range = prompt_id_range(vocab_size)
@@ -122,7 +146,7 @@ def report_lines(report: dict) -> list[str]:
     lat, hf = report["latency"], report["hf"]
     sizes = ",".join(str(n) for n in m["sizes"])
     lines = [
-        f"float32 matmul peak (jitted jnp.dot, n={sizes}, best of {m['repeats']}): "
+        f"{m['dtype']} matmul peak (jitted jnp.dot, n={sizes}, best of {m['repeats']}): "
         f"{m['peak_gflops']:.1f} GFLOP/s",
         f"roofline = peak / (2 x {report['num_parameters'] / 1e6:.1f}M params x {r['total_tokens']} tokens) "
         f"x {s['num_items']} items = {r['items_per_s']:.1f} items/s",
@@ -140,7 +164,7 @@ def report_lines(report: dict) -> list[str]:
                      f"requests back to back): every request shares one {s['query_tokens']}-token query, "
                      "which the radix prefix cache holds after the cold request; prefix cache hit/query "
                      f"tokens: {hits}")
-    return lines
+    return lines + gate_lines(report.get("gate"))
 
 
 def print_report(report: dict, file=None) -> None:
@@ -220,8 +244,7 @@ def engine_config_for(args, mode: str):
     if args.max_items_per_step is not None:
         scoring["max_items_per_step"] = args.max_items_per_step
     # max_running: the engine's default unless the clients need more (single mode makes each item a request)
-    config = engine_config_from_args(args, dtype="float32",
-                                     max_running=max(args.clients, SchedulerConfig().max_running))
+    config = engine_config_from_args(args, max_running=max(args.clients, SchedulerConfig().max_running))
     return config.replace(scoring=ScoringConfig(**scoring))
 
 
@@ -242,10 +265,12 @@ async def bench_mode(config, mode: str, args, workload: Optional[dict], measure_
         if measure_latency_here:
             latency = await measure_latency(engine, workload, np.random.default_rng(args.seed + 1), mode,
                                             args)
-        engine_config = dict(engine.status()["config"], scoring=dataclasses.asdict(engine.config.scoring))
+        status = engine.status()
+        engine_config = dict(status["config"], scoring=dataclasses.asdict(engine.config.scoring))
         return dict(model=engine.model_name, source=engine.runner.source,
                     num_parameters=engine.runner.model_config.num_parameters, engine_config=engine_config,
-                    start_s=start_s, workload=workload, wall_s=wall_s, scores=scores, latency=latency)
+                    parallel=status["parallel"], start_s=start_s, workload=workload, wall_s=wall_s,
+                    scores=scores, latency=latency)
 
 
 def bench_hf(source, workload: dict, num_items: int) -> dict:
@@ -293,7 +318,7 @@ def build_report(args, runs: dict[str, dict], theirs: Optional[dict], matmul: di
                   max_rel_err={mode: max_relative_error(run["scores"][:n], theirs["scores"])
                                for mode, run in runs.items()})
     return dict(
-        model=first["model"], dtype="float32", num_parameters=first["num_parameters"],
+        model=first["model"], dtype=args.dtype, num_parameters=first["num_parameters"],
         settings=dict(query_tokens=args.query_tokens, num_items=args.num_items, item_tokens=args.item_tokens,
                       label_token_ids=first["workload"]["label_token_ids"], modes=args.modes,
                       warmup_items=args.warmup_items, hf=args.hf, hf_sample=args.hf_sample,
@@ -306,13 +331,14 @@ def build_report(args, runs: dict[str, dict], theirs: Optional[dict], matmul: di
                       modes=[dict(mode=t["mode"], kvloom_items_per_s=t["kvloom_items_per_s"],
                                   fraction=t["kvloom_items_per_s"] / roof) for t in throughput],
                       target=TARGETS["roofline"]),
-        latency=first["latency"], targets=TARGETS,
+        latency=first["latency"], targets=TARGETS, parallel=first["parallel"],
+        gate=gate_verdict(throughput, args.min_items_per_s),
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_model_args(p, with_dtype=False)
+    add_model_args(p)
     p.add_argument("--query-tokens", type=int, default=2000)
     p.add_argument("--num-items", type=int, default=500)
     p.add_argument("--item-tokens", type=int, default=20)
@@ -327,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=2, help="concurrent clients of the latency phase")
     p.add_argument("--requests-per-point", type=int, default=4,
                    help="requests each client sends per item count")
+    p.add_argument("--min-items-per-s", type=float, default=None,
+                   help="the gate: PASS when every mode scores at least this many items/s, else FAIL "
+                        "and exit status 1 (default: no gate)")
     p.add_argument("--json", default=None, help="write every figure to this file")
     p.add_argument("--seed", type=int, default=0, help="numpy seed of the random ids")
     p.add_argument("--matmul-sizes", type=parse_int_list, default=[2048, 3072])
@@ -355,12 +384,12 @@ def main(argv=None) -> dict:
     for i, mode in enumerate(args.modes):  # one engine at a time, each stopped on return
         runs[mode] = asyncio.run(bench_mode(engine_config_for(args, mode), mode, args, workload, i == 0))
         workload = runs[mode]["workload"]
-    _log("measuring the float32 matmul peak")
-    matmul = measure_matmul_peak(args.matmul_sizes, args.matmul_repeats)
+    _log(f"measuring the {args.dtype} matmul peak")
+    matmul = measure_matmul_peak(args.matmul_sizes, args.matmul_repeats, args.dtype)
     theirs = bench_hf(runs[args.modes[0]]["source"], workload, args.hf_sample) if args.hf else None
     report = build_report(args, runs, theirs, matmul)
     return publish(report, print_report, args.json, "bench_score")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_status(main()))

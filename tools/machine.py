@@ -1,7 +1,8 @@
 """The machine's ceilings, measured in this process, and the roofline bounds they put on a model.
 
     best_of(fn, repeats)             the fastest of repeated calls, in seconds
-    measure_matmul_peak(sizes, ...)  float32 GFLOP/s of a jitted square jnp.dot (the compute ceiling)
+    measure_matmul_peak(sizes, ...)  GFLOP/s of a jitted square jnp.dot, float32 or bfloat16 (the compute
+                                     ceiling)
     measure_bandwidth(bytes, ...)    copy bandwidth of numpy and of a jitted jnp `x + 1`
     roofline_tokens_per_s, roofline_items_per_s, Roofline
                                      tokens/s (items/s) bounds of a float32 model under those ceilings
@@ -27,8 +28,8 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
-def measure_matmul_peak(sizes: Sequence[int], repeats: int) -> dict:
-    """Best float32 GFLOP/s of a jitted square jnp.dot per size, and the best over all sizes."""
+def measure_matmul_peak(sizes: Sequence[int], repeats: int, dtype: str = "float32") -> dict:
+    """Best GFLOP/s of a jitted square jnp.dot of `dtype` per size, and the best over all sizes."""
     import jax
     import jax.numpy as jnp
 
@@ -36,13 +37,13 @@ def measure_matmul_peak(sizes: Sequence[int], repeats: int) -> dict:
     by_size = {}
     for i, n in enumerate(sizes):
         key_a, key_b = jax.random.split(jax.random.PRNGKey(i))
-        a = jax.random.normal(key_a, (n, n), jnp.float32)  # a, b: [n, n]
-        b = jax.random.normal(key_b, (n, n), jnp.float32)
+        a = jax.random.normal(key_a, (n, n), dtype)  # a, b: [n, n]
+        b = jax.random.normal(key_b, (n, n), dtype)
         dot(a, b).block_until_ready()  # compile
         seconds = best_of(lambda: dot(a, b).block_until_ready(), repeats)
         by_size[n] = 2 * n ** 3 / seconds / 1e9
-    return dict(sizes=list(sizes), repeats=repeats, gflops_by_size={str(n): g for n, g in by_size.items()},
-                peak_gflops=max(by_size.values()))
+    return dict(sizes=list(sizes), repeats=repeats, dtype=dtype,
+                gflops_by_size={str(n): g for n, g in by_size.items()}, peak_gflops=max(by_size.values()))
 
 
 def measure_bandwidth(num_bytes: int, repeats: int) -> dict:

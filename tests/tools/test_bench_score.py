@@ -41,13 +41,34 @@ def test_workload_ids_stay_in_the_vocabulary():
     assert w["query"] != w["warmup_query"] != w["latency_query"]
 
 
+def test_gate_verdict_and_exit_status():
+    throughput = [dict(mode="packed", kvloom_items_per_s=450.0),
+                  dict(mode="batched", kvloom_items_per_s=399.5)]
+    gate = bench_score.gate_verdict(throughput, 400.0)
+    assert [m["passed"] for m in gate["modes"]] == [True, False] and not gate["passed"]
+    assert bench_score.gate_lines(gate) == ["gate packed: 450.0 items/s >= 400: PASS",
+                                            "gate batched: 399.5 items/s >= 400: FAIL"]
+    assert bench_score.exit_status(dict(gate=gate)) == 1
+    assert bench_score.gate_verdict(throughput[:1], 400.0)["passed"]
+    assert bench_score.exit_status(dict(gate=bench_score.gate_verdict(throughput[:1], 400.0))) == 0
+    assert bench_score.gate_verdict(throughput, None) is None and bench_score.gate_lines(None) == []
+    assert bench_score.exit_status(dict(gate=None)) == 0
+
+
+def test_dtype_flag_reaches_the_engine_config():
+    args = bench_score.build_parser().parse_args(["--dtype", "bfloat16", "--modes", "batched"])
+    assert bench_score.engine_config_for(args, "batched").dtype == "bfloat16"
+    args = bench_score.build_parser().parse_args([])
+    assert bench_score.engine_config_for(args, "packed").dtype == "float32"
+
+
 @pytest.mark.timeout(180)
 def test_main_on_a_tiny_checkpoint(tiny_llama, tmp_path, capsys):
     out = tmp_path / "out.json"
     argv = [
         "--model", tiny_llama, "--query-tokens", "40", "--num-items", "12", "--item-tokens", "5",
         "--modes", "packed,batched", "--hf", "--hf-sample", "3", "--latency-items", "2,4", "--clients", "2",
-        "--requests-per-point", "2", "--json", str(out),
+        "--requests-per-point", "2", "--json", str(out), "--min-items-per-s", "1e-6",
         "--max-running", "4", "--max-model-len", "256", "--page-size", "4", "--num-pages", "512",
         "--chunk-size", "32", "--max-tokens-per-step", "64", "--tokens-per-step", "64",
         "--max-items-per-step", "16", "--matmul-sizes", "64,128", "--matmul-repeats", "2",
@@ -95,3 +116,5 @@ def test_main_on_a_tiny_checkpoint(tiny_llama, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "items/s packed (12 items)" in printed and "% of roofline batched" in printed
     assert "prefix cache" in printed
+    assert report["gate"]["passed"] and bench_score.exit_status(report) == 0
+    assert "gate packed: " in printed and printed.rstrip().endswith("PASS")

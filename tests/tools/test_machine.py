@@ -25,6 +25,9 @@ def test_roofline_arithmetic():
 def test_measured_ceilings_are_positive():
     matmul = machine.measure_matmul_peak([32, 64], repeats=2)
     assert set(matmul["gflops_by_size"]) == {"32", "64"} and matmul["peak_gflops"] > 0
+    assert matmul["dtype"] == "float32"
+    bf16 = machine.measure_matmul_peak([32], repeats=1, dtype="bfloat16")
+    assert bf16["dtype"] == "bfloat16" and bf16["peak_gflops"] > 0
     bandwidth = machine.measure_bandwidth(1 << 16, repeats=2)
     assert bandwidth["num_bytes"] == 1 << 16 and bandwidth["bytes_per_s"] == max(
         bandwidth["bytes_per_s_by_method"].values()) > 0
