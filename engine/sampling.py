@@ -163,11 +163,35 @@ def gumbel_noise(seeds, counters, vocab_size: int):
     return -jnp.log(-jnp.log(u))
 
 
+ARGMAX_BLOCK = 512
+
+
+def argmax_rows(x):
+    """jnp.argmax(x, axis=-1) as int32 (the first index of the maximum), in two levels: the maximum of
+    each block of ARGMAX_BLOCK columns, the first block holding the row's maximum, the first index in
+    it. XLA's CPU argmax is a variadic (value, index) reduce that does not vectorize: over a 49,152-token
+    vocabulary it took 7.7 ms of a batch-32 decode step, this takes a fraction of a millisecond."""
+    s, v = x.shape
+    block = min(ARGMAX_BLOCK, v)
+    pad = -v % block
+    if pad:
+        x = jnp.pad(x, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+    blocks = x.reshape(s, -1, block)
+    first = jnp.argmax(jnp.max(blocks, axis=-1), axis=-1)  # [S]: the first block with the row's maximum
+    row = jnp.take_along_axis(blocks, first[:, None, None], axis=1)[:, 0]  # [S, block]
+    return (first * block + jnp.argmax(row, axis=-1)).astype(jnp.int32)
+
+
+def rows_finite(x):
+    """[S] bool: every value of the row is finite (a NaN or an infinity reaches the row's max or min)."""
+    return jnp.isfinite(jnp.max(x, axis=-1)) & jnp.isfinite(jnp.min(x, axis=-1))
+
+
 def _draw(z, inp: SamplingInput):
     """One Gumbel-max draw per row from softmax(z): an argmax, no running sum, so a row's draw does
     not depend on how the batch around it was laid out."""
     noise = gumbel_noise(inp.seeds, inp.counters, z.shape[-1])
-    return jnp.argmax(z + noise, axis=-1).astype(jnp.int32)
+    return argmax_rows(z + noise)
 
 
 def sample(logits, inp: SamplingInput) -> SamplingOutput:
@@ -175,7 +199,7 @@ def sample(logits, inp: SamplingInput) -> SamplingOutput:
     x = jax.lax.cond(inp.any_bias, lambda: apply_logit_bias(logits, inp), lambda: logits)
     x = jax.lax.cond(inp.any_penalties, lambda: apply_penalties(x, inp), lambda: x)
     x = jax.lax.cond(inp.any_bitmask, lambda: apply_token_bitmask(x, inp.token_bitmask), lambda: x)
-    greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    greedy = argmax_rows(x)
 
     def sampled():
         t = jnp.where(inp.temperature > 0, inp.temperature, 1.0)
@@ -196,4 +220,4 @@ def sample(logits, inp: SamplingInput) -> SamplingOutput:
         lambda: (jnp.zeros((s,), jnp.float32), jnp.zeros((s, MAX_TOP_LOGPROBS), jnp.int32),
                  jnp.zeros((s, MAX_TOP_LOGPROBS), jnp.float32)),
     )
-    return SamplingOutput(tokens, chosen, top_ids, top_lp, jnp.all(jnp.isfinite(logits), axis=-1))
+    return SamplingOutput(tokens, chosen, top_ids, top_lp, rows_finite(logits))

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvloom.engine.sampling import SamplingInput, apply_logit_bias, apply_penalties, sample
+from kvloom.engine.sampling import (SamplingInput, apply_logit_bias, apply_penalties, argmax_rows, rows_finite,
+                                   sample)
 
 V = 600  # more than the 256 candidates, so the wide-nucleus path is reachable
 _sample = jax.jit(sample)
@@ -35,6 +36,24 @@ def make_input(n, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, rep=1.0, fr
         any_logprobs=np.bool_(logprobs), any_bias=np.bool_((bias_ids >= 0).any()),
         any_bitmask=np.bool_(bitmask is not None),
     )
+
+
+@pytest.mark.parametrize("vocab", [7, 512, 600, 1024, 49152])
+def test_blocked_argmax_is_numpy_argmax_ties_included(vocab):
+    rng = np.random.default_rng(vocab)
+    x = rng.standard_normal((6, vocab)).astype(np.float32)
+    x[1, :] = 0.0  # all tied: the first index
+    x[2, [3 % vocab, vocab - 1]] = 50.0  # a tie across blocks: the first
+    x[3, vocab - 1] = 60.0  # the maximum in the (padded) last block
+    x[4, :] = -np.inf
+    x[4, vocab // 2] = -1e30
+    np.testing.assert_array_equal(np.asarray(jax.jit(argmax_rows)(x)), x.argmax(-1))
+
+
+def test_rows_finite_catches_nan_and_both_infinities():
+    x = np.zeros((4, 700), np.float32)
+    x[1, 650], x[2, 3], x[3, 400] = np.nan, np.inf, -np.inf
+    assert np.asarray(jax.jit(rows_finite)(x)).tolist() == [True, False, False, False]
 
 
 def draws(logits_row, n=4000, **kw):
