@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvloom.engine.sampling import (SamplingInput, apply_logit_bias, apply_penalties, argmax_rows, rows_finite,
-                                   sample)
+from kvloom.engine.sampling import (SamplingInput, apply_logit_bias, apply_penalties, argmax_rows,
+                                   rows_finite, sample)
 
 V = 600  # more than the 256 candidates, so the wide-nucleus path is reachable
 _sample = jax.jit(sample)
