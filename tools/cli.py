@@ -15,8 +15,8 @@ import time
 
 from kvloom.engine.config import CacheConfig
 
-from kvloom.tools.command_args import (add_bench_args, add_compare_args, add_fault_args, add_router_args,
-                                       add_soak_args)
+from kvloom.tools.command_args import (add_bench_args, add_build_llama_server_args, add_compare_args,
+                                       add_fault_args, add_router_args, add_soak_args)
 from kvloom.tools.engine_args import (add_compile_cache_arg, add_engine_args, add_model_args,
                                       engine_config_from_args, use_compile_cache)
 from kvloom.tools.flag_file import FlagFileError, expand_config_argv
@@ -124,6 +124,12 @@ def cmd_compare(args) -> int:
     return main_from_args(args)
 
 
+def cmd_build_llama_server(args) -> int:
+    from kvloom.tools.llama_server import main_from_args
+
+    return main_from_args(args)
+
+
 def cmd_soak(args) -> int:
     from kvloom.tools.soak import main_from_args
 
@@ -169,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("bench", "load-test an OpenAI-compatible server: latency, throughput, SLOs", add_bench_args,
          cmd_bench),
         ("compare", "kvloom beside transformers, llama.cpp and the roofline", add_compare_args, cmd_compare),
+        ("build-llama-server", "build llama.cpp's llama-server once (minutes), the serving peer of compare",
+         add_build_llama_server_args, cmd_build_llama_server),
         ("soak", "a long mixed chat and score workload: errors and latency over time", add_soak_args,
          cmd_soak),
         ("faults", "fault-handling release gate against a --enable-fault-injection server", add_fault_args,

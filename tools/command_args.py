@@ -15,7 +15,11 @@ from kvloom.tools.engine_args import add_compile_cache_arg, add_engine_args, add
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_NUM_REQUESTS = 100  # kvloom bench, per load point, without --duration
-PEERS = ("hf", "llamacpp", "llamacpp-server")  # kvloom compare
+PEERS = ("hf", "llamacpp", "llama-server")  # kvloom compare: the peers' names
+LLAMA_CPP_PEERS = ("llamacpp", "llama-server")  # they take NAME:FORMAT, the GGUF they run
+GGUF_FORMATS = ("f32", "f16", "original")  # the first is the default
+DEFAULT_PEERS = ("hf", "llamacpp:f32", "llama-server:f32", "llama-server:f16")
+LLAMA_SERVER_VERSION = "0.3.36"  # the llama-cpp-python release whose vendored llama.cpp is built
 COMPARE_WORKLOADS = ("decode", "prefill", "shared-prefix", "score")
 FAULT_SCENARIOS = ("raise", "kill", "hang", "fail_request", "nan_request", "fail_warmup")  # kvloom faults
 DEFAULT_FAULT_SCENARIOS = "raise,kill,hang,fail_request"
@@ -71,6 +75,38 @@ def comma_choices(all_names: Sequence[str], option: str):
                                              f"{', '.join(all_names)}")
         return names
     return parse
+
+
+def parse_peers(text: str) -> tuple[str, ...]:
+    """"hf,llama-server:f16" -> peer specs, in order, once each ("none": none); a llama.cpp peer is
+    NAME:FORMAT (FORMAT from GGUF_FORMATS; a bare name means the first), the others a bare name."""
+    specs = []
+    for item in (i.strip() for i in text.split(",")):
+        if not item or item == "none":
+            continue
+        name, _, gguf_format = item.partition(":")
+        if name not in PEERS:
+            raise argparse.ArgumentTypeError(f"--peers: unknown {name}; choose from {', '.join(PEERS)}")
+        if name in LLAMA_CPP_PEERS:
+            gguf_format = gguf_format or GGUF_FORMATS[0]
+            if gguf_format not in GGUF_FORMATS:
+                raise argparse.ArgumentTypeError(f"--peers: {item}: the format is one of "
+                                                 f"{', '.join(GGUF_FORMATS)}")
+        elif gguf_format:
+            raise argparse.ArgumentTypeError(f"--peers: {item}: only {' and '.join(LLAMA_CPP_PEERS)} "
+                                             "take :FORMAT")
+        specs.append(f"{name}:{gguf_format}" if gguf_format else name)
+    return tuple(dict.fromkeys(specs))
+
+
+def peer_name(spec: str) -> str:
+    """"llama-server" of "llama-server:f16"."""
+    return spec.partition(":")[0]
+
+
+def peer_format(spec: str) -> Optional[str]:
+    """"f16" of "llama-server:f16"; None for a peer that runs no GGUF."""
+    return spec.partition(":")[2] or None
 
 
 def add_target_args(p: argparse.ArgumentParser, url_help: str, with_model: bool = True) -> None:
@@ -217,8 +253,11 @@ def add_fault_args(p: argparse.ArgumentParser) -> None:
 
 def add_compare_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p, with_dtype=False)
-    p.add_argument("--peers", type=comma_choices(PEERS, "--peers"), default=PEERS,
-                   help=f"comma-separated, from {','.join(PEERS)} ('none' for kvloom alone)")
+    p.add_argument("--peers", type=parse_peers, default=DEFAULT_PEERS,
+                   help=f"comma-separated, from {', '.join(PEERS)} ('none' for kvloom alone); "
+                        f"{' and '.join(LLAMA_CPP_PEERS)} as NAME:FORMAT, FORMAT one of "
+                        f"{', '.join(GGUF_FORMATS)} (the model converted to a float GGUF, or the "
+                        f"original file; default {GGUF_FORMATS[0]}) (default {','.join(DEFAULT_PEERS)})")
     p.add_argument("--workloads", type=comma_choices(COMPARE_WORKLOADS, "--workloads"),
                    default=COMPARE_WORKLOADS,
                    help=f"comma-separated, from {','.join(COMPARE_WORKLOADS)}")
@@ -236,18 +275,30 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     sizes.add_argument("--repeats", type=int, default=None, help="prefill prompts and score calls (median)")
 
     llama = p.add_argument_group("llama.cpp")
-    llama.add_argument("--llamacpp-gguf", choices=["f32", "f16", "original"], default="f32",
-                       help="the model llama.cpp runs: converted to float (default f32, as kvloom runs) "
-                            "or the original file")
-    llama.add_argument("--llamacpp-threads", type=int, default=os.cpu_count() or 1)
+    llama.add_argument("--llamacpp-threads", type=int, default=os.cpu_count() or 1,
+                       help="threads of llama.cpp, in process and in llama-server (default: the CPU count)")
     llama.add_argument("--gguf-cache-dir", default="~/.cache/kvloom/compare",
                        help="where converted files are kept")
-    llama.add_argument("--server-start-timeout", type=float, default=180.0)
-    llama.add_argument("--request-timeout", type=float, default=3600.0,
-                       help="per HTTP request: llama.cpp's server answers concurrent requests in turn")
+    llama.add_argument("--llama-server", default=None, metavar="PATH",
+                       help="a llama-server binary to run (default: the one `kvloom build-llama-server` "
+                            "built; the peer is skipped when there is none)")
+    llama.add_argument("--server-start-timeout", type=float, default=180.0,
+                       help="seconds llama-server may take to answer /health with 200")
+    llama.add_argument("--request-timeout", type=float, default=3600.0, help="per HTTP request, seconds")
 
     add_engine_args(p, defaults_shown={"--max-running": "the highest concurrency or shared-prefix count"})
     add_compile_cache_arg(p)
+
+
+def add_build_llama_server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--version", default=LLAMA_SERVER_VERSION,
+                   help="the llama-cpp-python release whose vendored llama.cpp is built (default "
+                        f"{LLAMA_SERVER_VERSION}: the build `kvloom compare` runs, unless given "
+                        "--llama-server)")
+    p.add_argument("--sdist", default=None, metavar="FILE",
+                   help="that release's source .tar.gz, already here (default: pip downloads it)")
+    p.add_argument("--jobs", type=int, default=None, help="parallel compile jobs (default: the CPU count)")
+    p.add_argument("--force", action="store_true", help="build again when it is already built")
 
 
 def add_router_args(p: argparse.ArgumentParser) -> None:

@@ -1,25 +1,30 @@
 """`kvloom compare`: the same workloads, in one run, on kvloom and on the peers a user would pick
 instead on a CPU machine, with kvloom's ratio to each and to the machine's roofline.
 
-    kvloom compare [--model PATH] [--peers hf,llamacpp,llamacpp-server]
+    kvloom compare [--model PATH] [--peers hf,llamacpp:f32,llama-server:f32,llama-server:f16]
         [--workloads decode,prefill,shared-prefix,score] [--quick] [--json OUT.json]
 
 Data flow:
   args -> Sizes (full or --quick, then the size options; tools.compare_workloads) and the engine config
   tools.machine: float32 matmul peak (jitted jnp.dot) and copy bandwidth -> Roofline (tok/s bounds)
   kvloom: one Engine, started once; its tokenizer turns random words into the prompts (PromptSet:
-      token ids in process; the same ids decoded to text over HTTP, where llama.cpp's server takes
-      text only); the in-process figures; then the same engine behind create_app on loopback
+      token ids in process; the same ids decoded to text over HTTP, where llama-server takes text);
+      the in-process figures; then the same engine behind create_app on loopback
       (tools.compare_systems); the engine is stopped before any peer runs
-  peers (tools.peers), each optional, each skipped with a one-line message when it cannot run:
+  peers (tools.command_args.parse_peers: NAME or NAME:FORMAT), each optional, each skipped with a
+  one-line message when it cannot run:
       hf               transformers `generate` (one batch of the same prompts), batched forwards to score
-      llamacpp         llama-cpp-python in process, on the model as a float GGUF (tools.gguf_convert)
-      llamacpp-server  `python -m llama_cpp.server` on a free loopback port, measured over HTTP
+      llamacpp:F       llama-cpp-python in process, on the model as a GGUF of format F (f32, f16:
+                       tools.gguf_convert; original: the file itself), one sequence at a time
+      llama-server:F   llama.cpp's own C++ server (tools.llama_server: built once by `kvloom
+                       build-llama-server`, never here) on the same GGUF, one slot per concurrent
+                       request, measured over HTTP by the same client and prompts as kvloom's server
   every system: tools.compare_workloads.measure_system -> {figure: {"value", ...}}
-  measurements -> rows (tools.compare_report) -> the printed table and --json
+  measurements -> rows (tools.compare_report) -> the printed tables and --json
 
-Figures: see tools.compare_workloads. llama-cpp-python runs one sequence at a time: its "@C"
-figures are C requests back to back, and its server answers concurrent requests in turn.
+Figures: see tools.compare_workloads. llama-cpp-python runs one sequence at a time: its "@C" figures
+are C requests back to back. Over HTTP every request is greedy with ignore_eos (HTTP_BODY), so each
+server generates the same number of tokens.
 Roofline: compute = peak / (2 x params) tok/s for every figure; decode is also bounded by memory,
 batch x bandwidth / (params x 4 bytes) tok/s.
 """
@@ -36,9 +41,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from kvloom.tools.command_args import add_compare_args
-from kvloom.tools.compare_report import PEER_MODES, build_rows, figures, peer_label, report_lines
-from kvloom.tools import peers
+from kvloom.tools.command_args import add_compare_args, peer_format, peer_name
+from kvloom.tools.compare_report import build_rows, figures, peer_label, peer_mode, report_lines
+from kvloom.tools import llama_server, peers
 from kvloom.tools.bench_engine import ready_engine
 from kvloom.tools.machine import Roofline, measure_bandwidth, measure_matmul_peak
 from kvloom.tools.compare_systems import HttpSystem, KvloomEngineSystem
@@ -47,6 +52,8 @@ from kvloom.tools.compare_workloads import (Sizes, as_text, build_prompt_set, lo
 from kvloom.tools.engine_args import engine_config_from_args, use_compile_cache
 from kvloom.tools.report import write_json
 from kvloom.tools.workload import WORDS
+
+HTTP_BODY = {"temperature": 0.0, "ignore_eos": True}  # every server measured over HTTP: greedy, fixed length
 
 
 def engine_config(args, sizes: Sizes):
@@ -81,31 +88,38 @@ async def measure_kvloom(args, sizes: Sizes, workloads: Sequence[str]) -> dict:
         if args.http and workloads:
             runner, url = await start_server(create_app(engine))
             try:
-                server = HttpSystem("kvloom over HTTP", url, sizes, {"temperature": 0.0, "ignore_eos": True},
-                                    args.request_timeout, score_vocab_size=engine.runner.vocab_size)
+                server = HttpSystem("kvloom over HTTP", url, sizes, HTTP_BODY, args.request_timeout,
+                                    score_vocab_size=engine.runner.vocab_size)
                 measurements["kvloom-http"] = await measure_system(server, over_http, sizes, workloads)
             finally:
                 await runner.cleanup()
     return dict(facts, measurements=measurements)
 
 
+def llama_server_slots(sizes: Sizes) -> int:
+    """llama-server's --parallel: one slot per request of the largest wave (as kvloom's max_running)."""
+    return max(*sizes.concurrency, sizes.num_shared_requests)
+
+
 async def run_peer(peer: str, args, sizes: Sizes, workloads: Sequence[str], kvloom: dict,
-                   model_file) -> tuple[dict, str, Optional[str]]:
-    """(measurements, column tag, note) of one peer; raises peers.PeerSkipped."""
-    if peer == "hf":
+                   model_files: peers.LlamaCppModelFiles) -> tuple[dict, str, Optional[str]]:
+    """(measurements, GGUF tag, note) of one peer spec; raises peers.PeerSkipped."""
+    name, gguf_format = peer_name(peer), peer_format(peer)
+    if name == "hf":
         system = peers.TransformersSystem(kvloom["source"])
         return await measure_system(system, kvloom["in_process"], sizes, workloads), "", None
-    if peer == "llamacpp":
+    if name == "llamacpp":
         peers.import_llama_cpp()  # before converting: a missing package skips at once
-        path, tag, note = model_file.get()
+        path, tag, note = model_files.get(gguf_format)
         system = peers.LlamaCppSystem(path, sizes, args.llamacpp_threads, kvloom["tokenizer_probe"])
         return await measure_system(system, kvloom["in_process"], sizes, workloads), tag, note
-    peers.check_llamacpp_server()  # before converting: a missing package skips at once
-    path, tag, note = model_file.get()
-    async with peers.llamacpp_server(path, sizes.max_context + 16, args.llamacpp_threads,
-                                     args.server_start_timeout) as url:
-        system = HttpSystem("llama.cpp server", url, sizes, {"temperature": 0.0, "repeat_penalty": 1.0},
-                            args.request_timeout)  # no /v1/score
+    binary = llama_server.find_binary(args.llama_server)  # before converting: a missing binary skips at once
+    if binary is None:
+        raise peers.PeerSkipped(llama_server.missing_message())
+    path, tag, note = model_files.get(gguf_format)
+    async with llama_server.running_server(binary, path, llama_server_slots(sizes), sizes.max_context + 16,
+                                           args.llamacpp_threads, args.server_start_timeout) as url:
+        system = HttpSystem(peer_label(peer, tag), url, sizes, HTTP_BODY, args.request_timeout)  # no scoring
         return await measure_system(system, kvloom["over_http"], sizes, workloads), tag, note
 
 
@@ -121,13 +135,13 @@ async def run_compare(args) -> dict:
     kvloom = await measure_kvloom(args, sizes, workloads)  # the engine is stopped on return
     measurements = kvloom["measurements"]
     statuses = {}
-    model_file = peers.LlamaCppModelFile(kvloom["source"], args.llamacpp_gguf, args.gguf_cache_dir)
+    model_files = peers.LlamaCppModelFiles(kvloom["source"], args.gguf_cache_dir)
     for peer in args.peers:
-        def status(kind: str, message: Optional[str], tag: str = "") -> dict:
-            return dict(label=peer_label(peer, tag), mode=PEER_MODES[peer], status=kind, message=message)
+        def status(kind: str, message: Optional[str], tag: Optional[str] = None) -> dict:
+            return dict(label=peer_label(peer, tag), mode=peer_mode(peer), status=kind, message=message)
 
         try:
-            measurements[peer], tag, note = await run_peer(peer, args, sizes, workloads, kvloom, model_file)
+            measurements[peer], tag, note = await run_peer(peer, args, sizes, workloads, kvloom, model_files)
             statuses[peer] = status("ok", note, tag)
         except peers.PeerSkipped as exc:
             statuses[peer] = status("skipped", str(exc))
@@ -142,7 +156,8 @@ async def run_compare(args) -> dict:
         model=kvloom["model"], source=kvloom["source"].path, num_parameters=kvloom["num_parameters"],
         dtype="float32", cpu_count=os.cpu_count(), workloads=list(workloads), peers=statuses,
         settings=dict(dataclasses.asdict(sizes), quick=args.quick, seed=args.seed, http=args.http,
-                      llamacpp_gguf=args.llamacpp_gguf, llamacpp_threads=args.llamacpp_threads),
+                      llamacpp_threads=args.llamacpp_threads, llama_server=args.llama_server,
+                      llama_server_slots=llama_server_slots(sizes)),
         engine_config=kvloom["engine_config"], machine=dict(matmul=matmul, bandwidth=bandwidth),
         roofline=roof.to_json(), rows=build_rows(figs, measurements, args.peers), measurements=measurements)
 
@@ -155,6 +170,12 @@ def main_from_args(args) -> int:
     if bad:
         print(f"kvloom compare: error: must be positive: {', '.join(bad)}", file=sys.stderr)
         return 2
+    if args.llama_server and any(peer_name(p) == "llama-server" for p in args.peers):
+        try:
+            llama_server.find_binary(args.llama_server)
+        except ValueError as exc:
+            print(f"kvloom compare: error: {exc}", file=sys.stderr)
+            return 2
     try:
         report = asyncio.run(run_compare(args))
     except Exception as exc:  # noqa: BLE001 - kvloom itself failed: report it and exit 1

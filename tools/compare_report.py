@@ -4,20 +4,28 @@ in the same mode, the printed table.
     figures(sizes, workloads, roofline) -> Figure per measured key ("decode@8", "prefill", ...)
     build_rows(figures, measurements, peers) -> one row per figure and mode (in process, HTTP) that has
         any value: kvloom's, each peer's, kvloom/peer and kvloom/roofline
-    report_lines(report) -> the printed text
+    report_lines(report) -> the printed text: one table per mode, with that mode's peers that ran
+
+Peers are specs of tools.command_args.parse_peers: "hf", "llamacpp:f32", "llama-server:f16".
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
+from kvloom.tools.command_args import peer_format, peer_name
 from kvloom.tools.compare_workloads import Sizes
 from kvloom.tools.machine import Roofline
 from kvloom.tools.report import format_table, format_value, ratio
 
 IN_PROCESS, HTTP = "in process", "HTTP"
-PEER_MODES = {"hf": IN_PROCESS, "llamacpp": IN_PROCESS, "llamacpp-server": HTTP}
+PEER_MODES = {"hf": IN_PROCESS, "llamacpp": IN_PROCESS, "llama-server": HTTP}  # by peer name
+PEER_LABELS = {"hf": "transformers", "llamacpp": "llama.cpp", "llama-server": "llama-server"}
+
+
+def peer_mode(spec: str) -> str:
+    return PEER_MODES[peer_name(spec)]
 
 
 @dataclass(frozen=True)
@@ -49,9 +57,12 @@ def figures(sizes: Sizes, workloads: Sequence[str], roof: Roofline) -> list[Figu
     return out
 
 
-def peer_label(peer: str, gguf_tag: str = "") -> str:
-    base = {"hf": "transformers", "llamacpp": "llama.cpp", "llamacpp-server": "llama.cpp-server"}[peer]
-    return f"{base} {gguf_tag}".strip()
+def peer_label(spec: str, gguf_tag: Optional[str] = None) -> str:
+    """"llama-server F16": the peer's name and the file it runs (gguf_tag, as the model file tags it,
+    else the format asked for)."""
+    if gguf_tag is None:
+        gguf_tag = (peer_format(spec) or "").upper()
+    return f"{PEER_LABELS[peer_name(spec)]} {gguf_tag}".strip()
 
 
 def build_rows(figs: Sequence[Figure], measurements: dict, peers: Sequence[str]) -> list[dict]:
@@ -62,7 +73,7 @@ def build_rows(figs: Sequence[Figure], measurements: dict, peers: Sequence[str])
         for mode, kvloom_system in ((IN_PROCESS, "kvloom"), (HTTP, "kvloom-http")):
             kvloom = measurements.get(kvloom_system, {}).get(fig.key, {}).get("value")
             values = {p: measurements.get(p, {}).get(fig.key, {}).get("value") for p in peers
-                      if PEER_MODES[p] == mode}
+                      if peer_mode(p) == mode}
             values.update({p: None for p in peers if p not in values})
             if kvloom is None and all(v is None for v in values.values()):
                 continue
@@ -98,11 +109,22 @@ def report_lines(report: dict) -> list[str]:
              f"roofline: compute {roof['compute_tok_s']:.1f} tok/s (peak / 2 x params); decode at batch B "
              f"also <= B x {roof['memory_tok_s_batch1']:.1f} tok/s (bandwidth / params x 4 B)",
              ""]
-    lines += format_table(table_cells(report["rows"], shown))
+    for mode in (IN_PROCESS, HTTP):
+        rows = [row for row in report["rows"] if row["mode"] == mode]
+        if rows:
+            lines += format_table(table_cells(rows, {p: label for p, label in shown.items()
+                                                     if peer_mode(p) == mode}))
+            lines.append("")
     for peer, status in report["peers"].items():
         if status["status"] != "ok":
             lines.append(f"{status['status']}: {status['label']}: {status['message']}")
-    if "llamacpp" in shown or "llamacpp-server" in shown:
-        lines.append("note: llama-cpp-python runs one sequence at a time: its @C figures are C requests "
-                     "in turn")
+    if any(peer_name(p) == "llamacpp" for p in shown):
+        lines.append("note: llama-cpp-python in process runs one sequence at a time: its @C figures are C "
+                     "requests in turn")
+    if any(peer_name(p) == "llama-server" for p in shown):
+        lines.append("note: llama-server runs one slot per concurrent request (continuous batching), over "
+                     "HTTP with the same client and prompts as kvloom's server")
+    if any(peer_format(p) == "f16" for p in shown):
+        lines.append("note: an F16 peer reads half the weight bytes of kvloom's float32 per decode step (the "
+                     "roofline is float32's)")
     return lines

@@ -104,8 +104,13 @@ class HttpSystem(System):
         await self._wave(prompts.warmup[:1], 2, 1)
 
     async def batch(self, prompts: list, new_tokens: int) -> dict:
+        """All at once; the figure counts the tokens the server says it generated, and says when they
+        are not the number asked for (a server that ignores ignore_eos stops early)."""
         s = await self._wave(prompts, new_tokens, len(prompts))
-        return _from_summary(s, s["output_throughput"])
+        requested = len(prompts) * new_tokens
+        if not s["num_errors"] and s["output_tokens"] != requested:
+            log(f"{self.name}: {s['output_tokens']} tokens generated of {requested} asked for")
+        return dict(_from_summary(s, s["output_throughput"]), requested_tokens=requested)
 
     async def prefill(self, prompts: list, num_tokens: int) -> dict:
         s = await self._wave(prompts, 1, 1)

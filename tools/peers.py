@@ -5,23 +5,19 @@ a peer that cannot run here raises PeerSkipped with a one-line reason.
                          (equal lengths, no padding); scoring as one batched forward over query++item rows
     LlamaCppSystem       llama-cpp-python in process, greedy, one sequence at a time; scoring evaluates
                          the query once, then each item after it
-    llamacpp_server      `python -m llama_cpp.server` on a free loopback port (measured over HTTP by
-                         compare_systems.HttpSystem)
-    LlamaCppModelFile    the GGUF both llama.cpp peers run: the float conversion (tools.gguf_convert) or
-                         the original file, labelled with its quantization
+    LlamaCppModelFiles   the GGUFs the llama.cpp peers run (in process, and tools.llama_server's
+                         llama-server), made once per format: the float conversion (tools.gguf_convert)
+                         or the original file, labelled with its quantization
     load_hf              a kvloom model source loaded in transformers (also the benchmarks' reference)
+
+The serving peer, llama.cpp's own llama-server, is a process (tools.llama_server) that kvloom compare
+measures over HTTP with compare_systems.HttpSystem, as it measures kvloom's server.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import importlib.util
 import os
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from typing import Optional, Sequence
 
@@ -29,9 +25,7 @@ import numpy as np
 
 from kvloom.tools.compare_workloads import InProcessSystem, PromptSet, Sizes, log, measured
 from kvloom.tools.gguf_convert import float_gguf, gguf_file_type_name
-from kvloom.tools.http_client import request_json
 
-SERVER_MODULES = ("fastapi", "uvicorn", "sse_starlette", "pydantic_settings", "starlette_context")
 INSTALL_HINT = "pip install 'kvloom[peers]'"
 
 
@@ -179,99 +173,32 @@ class LlamaCppSystem(InProcessSystem):
         return dict(await super().score(sets, label_ids, num_items), same_tokenizer=self.is_same_tokenizer)
 
 
-class LlamaCppModelFile:
-    """The GGUF llama.cpp runs, made once for both llama.cpp peers: the float conversion, or the
-    original file (labelled with its quantization) when converting is not possible or not asked."""
+class LlamaCppModelFiles:
+    """The GGUFs llama.cpp runs, each made once for every llama.cpp peer: the float conversion ("f32",
+    "f16"), or the original file (labelled with its quantization) when converting is not possible or
+    "original" is asked."""
 
-    def __init__(self, source, dtype: str, cache_dir: str):
-        self.source, self.dtype, self.cache_dir = source, dtype, cache_dir
-        self._made: Optional[tuple[str, str, Optional[str]]] = None
+    def __init__(self, source, cache_dir: str):
+        self.source, self.cache_dir = source, cache_dir
+        self._made: dict[str, tuple[str, str, Optional[str]]] = {}
 
-    def get(self) -> tuple[str, str, Optional[str]]:
-        """(path, tag for the column title, note)."""
-        if self._made is None:
-            self._made = self._make()
-        return self._made
+    def get(self, gguf_format: str) -> tuple[str, str, Optional[str]]:
+        """(path, tag for the column title, note) of "f32", "f16" or "original"."""
+        if gguf_format not in self._made:
+            self._made[gguf_format] = self._make(gguf_format)
+        return self._made[gguf_format]
 
-    def _make(self):
-        if self.dtype != "original":
+    def _make(self, gguf_format: str):
+        if gguf_format != "original":
             try:
-                return float_gguf(self.source, self.dtype, self.cache_dir), self.dtype.upper(), None
+                return float_gguf(self.source, gguf_format, self.cache_dir), gguf_format.upper(), None
             except Exception as exc:  # noqa: BLE001 - fall back to the original file below
                 if not self.source.is_gguf:
                     raise PeerSkipped(f"cannot convert {self.source.path} to a GGUF: {exc}") from None
-                note = f"conversion to {self.dtype.upper()} failed ({type(exc).__name__}: {exc}); " \
+                note = f"conversion to {gguf_format.upper()} failed ({type(exc).__name__}: {exc}); " \
                        "running the original file"
                 log(note)
                 return self.source.path, f"({gguf_file_type_name(self.source.path)})", note
         if not self.source.is_gguf:
-            raise PeerSkipped("--llamacpp-gguf original needs a .gguf model")
+            raise PeerSkipped("the original file runs only when the model is a .gguf")
         return self.source.path, f"({gguf_file_type_name(self.source.path)})", None
-
-
-# ---- llama.cpp's server -------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def _wait_until_serving(url: str, proc: subprocess.Popen, log_path: str, timeout_s: float) -> None:
-    import aiohttp
-
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise PeerSkipped(f"the llama.cpp server exited with code {proc.returncode}: "
-                                  f"{_last_line(log_path)}")
-            status, _ = await request_json(session, "GET", url + "/v1/models", timeout_s=2)
-            if status == 200:
-                return
-            await asyncio.sleep(0.5)  # polling a child process that has no readiness signal
-    raise PeerSkipped(f"the llama.cpp server did not answer within {timeout_s:.0f}s: {_last_line(log_path)}")
-
-
-def _last_line(path: str) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            lines = [line.strip() for line in f if line.strip()]
-    except OSError:
-        return "(no log)"
-    return lines[-1][:200] if lines else "(no output)"
-
-
-def check_llamacpp_server() -> None:
-    """Raises PeerSkipped unless `python -m llama_cpp.server` can import what it needs."""
-    if importlib.util.find_spec("llama_cpp") is None:
-        raise PeerSkipped(f"llama-cpp-python is not installed: {INSTALL_HINT}")
-    missing = [m for m in SERVER_MODULES if importlib.util.find_spec(m) is None]
-    if missing:
-        raise PeerSkipped(f"llama-cpp-python's server needs {', '.join(missing)}: {INSTALL_HINT}")
-
-
-@contextlib.asynccontextmanager
-async def llamacpp_server(model_path: str, n_ctx: int, num_threads: int, start_timeout_s: float):
-    """`python -m llama_cpp.server` on a free loopback port; yields its base URL, stops it on exit."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", model_path, "--host", "127.0.0.1",
-           "--port", str(port), "--n_ctx", str(n_ctx), "--n_batch", "512", "--n_threads", str(num_threads),
-           "--n_threads_batch", str(num_threads), "--logits_all", "false", "--interrupt_requests", "false",
-           "--verbose", "false"]
-    with tempfile.TemporaryDirectory(prefix="kvloom-compare-") as tmp:
-        log_path = os.path.join(tmp, "server.log")
-        with open(log_path, "wb") as log_file:
-            proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            await _wait_until_serving(url, proc, log_path, start_timeout_s)
-            log(f"llama.cpp server (pid {proc.pid}) on {url}")
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()

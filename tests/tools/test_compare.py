@@ -1,5 +1,5 @@
 """tools.compare: its options, and one quick end-to-end run on a tiny checkpoint (kvloom in process
-and over HTTP, transformers beside it, llama.cpp skipped)."""
+and over HTTP, transformers beside it, llama.cpp in process and llama-server skipped)."""
 
 import json
 import sys
@@ -15,9 +15,11 @@ pytestmark = pytest.mark.timeout(180)
 
 def test_quick_run_on_a_tiny_checkpoint(tiny_llama, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # not installed, whatever this machine has
+    monkeypatch.setenv("KVLOOM_CACHE_DIR", str(tmp_path / "cache"))  # no llama-server built there
     out = tmp_path / "compare.json"
     args = build_parser().parse_args([
-        "compare", "--model", tiny_llama, "--quick", "--peers", "hf,llamacpp", "--json", str(out),
+        "compare", "--model", tiny_llama, "--quick", "--peers", "hf,llamacpp,llama-server:f16",
+        "--json", str(out),
         "--max-running", "4", "--max-model-len", "256", "--page-size", "4", "--num-pages", "512",
         "--chunk-size", "32", "--max-tokens-per-step", "64", "--max-prefill-seqs", "2",
         "--gguf-cache-dir", str(tmp_path / "gguf"),
@@ -28,9 +30,13 @@ def test_quick_run_on_a_tiny_checkpoint(tiny_llama, tmp_path, capsys, monkeypatc
 
     report = json.loads(out.read_text())
     assert report["peers"]["hf"]["status"] == "ok"
-    llamacpp = report["peers"]["llamacpp"]
+    llamacpp = report["peers"]["llamacpp:f32"]
     assert llamacpp["status"] == "skipped" and "llama-cpp-python is not installed" in llamacpp["message"]
-    assert "llamacpp-server" not in report["peers"]
+    server = report["peers"]["llama-server:f16"]
+    assert server["status"] == "skipped" and server["mode"] == "HTTP"
+    assert server["label"] == "llama-server F16"
+    assert "`kvloom build-llama-server`" in server["message"]
+    assert not (tmp_path / "gguf").exists()  # skipped before converting anything
     assert report["roofline"]["compute_tok_s"] > 0 and report["roofline"]["memory_tok_s_batch1"] > 0
     assert report["machine"]["bandwidth"]["bytes_per_s"] > 0
 
@@ -41,10 +47,12 @@ def test_quick_run_on_a_tiny_checkpoint(tiny_llama, tmp_path, capsys, monkeypatc
         local, http = rows[key, "in process"], rows[key, "HTTP"]
         assert local["kvloom"] > 0 and local["peers"]["hf"] > 0, key  # the transformers column is filled
         assert local["kvloom_over_peer"]["hf"] > 0 and 0 < local["kvloom_over_roofline"]
-        assert local["peers"]["llamacpp"] is None and local["kvloom_over_peer"]["llamacpp"] is None
-        assert http["kvloom"] > 0 and http["peers"] == {"hf": None, "llamacpp": None}, key
+        assert local["peers"]["llamacpp:f32"] is None and local["kvloom_over_peer"]["llamacpp:f32"] is None
+        assert http["kvloom"] > 0, key
+        assert http["peers"] == {"hf": None, "llamacpp:f32": None, "llama-server:f16": None}, key
     assert report["measurements"]["hf"]["decode@4"]["num_tokens"] == 4 * compare_workloads.QUICK.new_tokens
 
     printed = capsys.readouterr().out
     assert "kvloom/transformers" in printed and "decode tok/s @4 (in process)" in printed
-    assert "skipped: llama.cpp: llama-cpp-python is not installed" in printed
+    assert "skipped: llama.cpp F32: llama-cpp-python is not installed" in printed
+    assert "skipped: llama-server F16: llama-server is not built: `kvloom build-llama-server`" in printed

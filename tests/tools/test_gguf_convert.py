@@ -74,7 +74,9 @@ def test_float_gguf_from_a_checkpoint_and_from_a_quantized_gguf(tiny_llama, tmp_
         raise OSError("disk full")
 
     monkeypatch.setattr(gguf_convert, "convert_gguf", fail)
-    model_file = peers.LlamaCppModelFile(resolve_source(q4), "f32", str(tmp_path / "other"))
-    path, tag, note = model_file.get()
+    model_files = peers.LlamaCppModelFiles(resolve_source(q4), str(tmp_path / "other"))
+    path, tag, note = model_files.get("f32")
     assert path == q4 and tag == "(Q4_1)" and "disk full" in note
-    assert compare_report.peer_label("llamacpp", tag) == "llama.cpp (Q4_1)"
+    assert compare_report.peer_label("llamacpp:f32", tag) == "llama.cpp (Q4_1)"
+    assert model_files.get("f32") == (path, tag, note)  # made once
+    assert model_files.get("original") == (q4, "(Q4_1)", None)
