@@ -47,7 +47,7 @@ from kvloom.tools.workload import prompt_id_range, random_prompts
 
 DEVICE_PARTS = ("q/k/v projection (+ norm, rope)", "output projection", "MLP (+ norm, activation)",
                 "LM head", "attention (incl. page gathers)", "KV cache write", "sampling",
-                "layer weight slicing", "other device ops")
+                "matmuls XLA left unnamed", "layer weight slicing", "other device ops")
 HOST_PARTS = ("schedule (event loop)", "batch -> arrays (compute thread)", "dispatch + input transfer",
               "results: sync + copy back", "apply + emit (event loop)", "other host time")
 _SPAN_PART = {spans.SCHEDULE: HOST_PARTS[0], spans.INPUTS: HOST_PARTS[1], spans.DISPATCH: HOST_PARTS[2],
@@ -109,14 +109,17 @@ def parse_hlo(text: str) -> tuple[str, dict[str, OpInfo]]:
 
 def device_part(module: str, op: str, info: Optional[OpInfo]) -> str:
     """The DEVICE_PARTS entry of one executed op: by its module (the sampler), else by the named scope
-    the model put it in (a matrix-vector product at batch 1 is no `dot` after XLA's rewrites, so the
-    scope, not the opcode, says what it is), else dynamic slices, else other."""
+    the model put it in (the scope, not the opcode: a scope holds its norms and activations too), else
+    a matmul XLA rewrote without its scope (matrix-vector products at batch 1), else dynamic slices, else
+    other."""
     if "sample" in module:
         return "sampling"
     scope = info.op_name if info is not None else ""
     part = next((part for tag, part in _SCOPES if f"/{tag}/" in scope), None)
     if part is not None:
         return part
+    if info is not None and info.is_matmul:  # e.g. matrix-vector products at batch 1 lose their metadata
+        return "matmuls XLA left unnamed"
     if "dynamic-slice" in op or (info is not None and info.opcode == "dynamic-slice"):
         return "layer weight slicing"
     return "other device ops"
