@@ -39,7 +39,8 @@ def test_device_parts_by_module_and_scope():
     assert ps.device_part("jit_forward_logits", "dynamic-slice.3", info("jit(f)/while/body/x", "fusion")) == \
         "layer weight slicing"
     assert ps.device_part("jit_forward_logits", "x", info("jit(f)/mul")) == "other device ops"
-    assert ps.device_part("jit_decoder_layer", "dot.3", info("", "dot", mm=True)) == "matmuls XLA left unnamed"
+    unnamed = info("", "dot", mm=True)
+    assert ps.device_part("jit_decoder_layer", "dot.3", unnamed) == "matmuls XLA left unnamed"
 
 
 def _x(name, start, dur, tid=1, **args):
