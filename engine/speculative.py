@@ -82,6 +82,15 @@ class SpecDecodeStats:
         for i in range(accepted):
             self.accepted_per_position[i] += 1
 
+    def since(self, earlier: "SpecDecodeStats") -> "SpecDecodeStats":
+        """The counts added after `earlier` (a copy taken before)."""
+        per_position = list(self.accepted_per_position)
+        for i, count in enumerate(earlier.accepted_per_position):
+            per_position[i] -= count
+        return SpecDecodeStats(self.num_drafts - earlier.num_drafts,
+                               self.num_draft_tokens - earlier.num_draft_tokens,
+                               self.num_accepted_tokens - earlier.num_accepted_tokens, per_position)
+
     def as_dict(self) -> dict:
         """The counts, the acceptance rate, and the tokens each verify row yielded on average (1 + the
         drafts it kept)."""

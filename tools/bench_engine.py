@@ -14,6 +14,14 @@ Phases, each with a fixed number of requests:
   3. roofline: the best jitted float32 `jnp.dot` GFLOP/s over a few square sizes; roofline
      tokens/s = peak / (2 * num_parameters), compared with decode at the highest concurrency.
 The spec's targets are printed beside the figures for context; nothing is asserted.
+
+    .venv/bin/python -m kvloom.tools.bench_engine --compare-speculative [--speculative ngram
+        --num-speculative-tokens 4] [--new-tokens 256]
+
+instead measures speculative decoding, single stream (max_running 1 unless given): the same greedy
+chat requests (a "repeat this passage" workload and open questions, tools.workload) one at a time on an
+engine without speculation, then on one with it; tokens/s of each (prefill included), the speed-up,
+the tokens a verify step yielded on average, the acceptance rate, and whether the tokens were identical.
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import copy
+import dataclasses
 import statistics
 import time
 from typing import Optional, Sequence
@@ -30,8 +40,8 @@ import numpy as np
 from kvloom.tools.machine import measure_matmul_peak, roofline_tokens_per_s
 from kvloom.tools.peers import TransformersSystem
 from kvloom.tools.command_args import parse_int_list
-from kvloom.tools.report import format_value, log, print_figures, publish, ratio
-from kvloom.tools.workload import prompt_id_range, random_prompts
+from kvloom.tools.report import format_table, format_value, log, print_figures, publish, ratio
+from kvloom.tools.workload import prompt_id_range, random_prompts, speculative_workloads
 from kvloom.tools.engine_args import (add_compile_cache_arg, add_engine_args, add_model_args,
                                       engine_config_from_args, use_compile_cache)
 
@@ -211,6 +221,82 @@ def bench_hf(source, prompt_sets: dict[int, list[list[int]]], new_tokens: int) -
     return out
 
 
+# ---- speculative decoding -----------------------------------------------------------------------
+
+async def run_single_stream(engine, conversations: list[list[dict]], new_tokens: int) -> dict:
+    """Greedy chat requests one after another: their token ids, the wall time of them all, tokens/s."""
+    from kvloom.engine.request import SamplingParams
+
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0)
+    ids, t0 = [], time.perf_counter()
+    for messages in conversations:
+        ids.append([])
+        async for out in engine.generate(messages=messages, params=params):
+            if out.error:
+                raise RuntimeError(f"request {out.request_id} failed: {out.error}")
+            ids[-1] += out.token_ids
+    wall_s = time.perf_counter() - t0
+    num_tokens = sum(len(i) for i in ids)
+    return dict(ids=ids, num_tokens=num_tokens, wall_s=wall_s, tok_s=num_tokens / wall_s)
+
+
+async def bench_workloads(config, new_tokens: int) -> dict:
+    """One engine: a short warm-up request, then each workload single stream, with the speculative
+    decoding counts each added."""
+    async with ready_engine(config) as (engine, start_s):
+        await run_single_stream(engine, [[{"role": "user", "content": "Hello"}]], 4)
+        runs = {}
+        for name, conversations in speculative_workloads().items():
+            before = copy.deepcopy(engine.spec_stats)
+            runs[name] = await run_single_stream(engine, conversations, new_tokens)
+            runs[name]["spec"] = engine.spec_stats.since(before).as_dict()
+            method = config.speculative.method or "off"
+            _log(f"{name} (speculative {method}): {runs[name]['tok_s']:.1f} tok/s")
+        return dict(model=engine.model_name, engine_config=engine.status()["config"], start_s=start_s,
+                    runs=runs)
+
+
+async def bench_speculative(config, args) -> dict:
+    """The workloads without speculative decoding, then with it (the flags' method, else ngram)."""
+    from kvloom.engine.config import SpeculativeConfig
+
+    spec = config.speculative if config.speculative.enabled else \
+        dataclasses.replace(config.speculative, method="ngram")
+    _log("starting an engine without speculative decoding")
+    plain = await bench_workloads(config.replace(speculative=SpeculativeConfig()), args.new_tokens)
+    _log(f"starting an engine with speculative decoding: {spec.method}, k={spec.num_speculative_tokens}")
+    ours = await bench_workloads(config.replace(speculative=spec), args.new_tokens)
+    workloads = []
+    for name, base in plain["runs"].items():
+        run = ours["runs"][name]
+        workloads.append(dict(workload=name, requests=len(base["ids"]), tokens=run["num_tokens"],
+                              plain_tok_s=base["tok_s"], speculative_tok_s=run["tok_s"],
+                              plain_wall_s=base["wall_s"], speculative_wall_s=run["wall_s"],
+                              speedup=ratio(run["tok_s"], base["tok_s"]), identical=run["ids"] == base["ids"],
+                              **run["spec"]))
+    return dict(model=ours["model"], dtype=config.dtype, new_tokens=args.new_tokens,
+                speculative=dataclasses.asdict(spec), engine_config=ours["engine_config"],
+                workloads=workloads)
+
+
+def print_speculative_report(report: dict, file=None) -> None:
+    spec = report["speculative"]
+    cells = [("workload", "requests", "tokens", "plain tok/s", f"{spec['method']} tok/s", "speed-up",
+              "tokens/verify step", "acceptance", "identical")]
+    for w in report["workloads"]:
+        cells.append((w["workload"], str(w["requests"]), str(w["tokens"]), format_value(w["plain_tok_s"]),
+                      format_value(w["speculative_tok_s"]), format_value(w["speedup"], suffix="x"),
+                      format_value(w["mean_tokens_per_verify_step"]),
+                      format_value(100 * w["acceptance_rate"], ".1f", "%"),
+                      "yes" if w["identical"] else "NO"))
+    title = (f"kvloom speculative decoding, single stream: {report['model']} ({report['dtype']}, greedy, "
+             f"up to {report['new_tokens']} new tokens a request)")
+    note = (f"{spec['method']}: up to {spec['num_speculative_tokens']} drafts a step from n-grams of "
+            f"{spec['prompt_lookup_max']} down to {spec['prompt_lookup_min']} tokens; tokens/verify step "
+            "counts the model's own token after the accepted drafts")
+    print_figures(title, format_table(cells), [note], file)
+
+
 # ---- assembling ---------------------------------------------------------------------------------
 
 def build_report(args, ours: dict, theirs: Optional[dict], matmul: dict) -> dict:
@@ -253,11 +339,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
                    help="measure HF transformers on the same prompts")
     p.add_argument("--json", default=None, help="write every figure to this file")
+    p.add_argument("--compare-speculative", action="store_true",
+                   help="instead: single-stream greedy tokens/s without and with speculative decoding on a "
+                        "repeat-the-passage and a chat workload (--speculative, default ngram)")
     p.add_argument("--seed", type=int, default=0, help="numpy seed of the random prompts")
     p.add_argument("--matmul-sizes", type=parse_int_list, default=[2048, 3072])
     p.add_argument("--matmul-repeats", type=int, default=5)
     add_compile_cache_arg(p)
-    add_engine_args(p, defaults_shown={"--max-running": "the highest concurrency"})
+    add_engine_args(p, defaults_shown={"--max-running": "the highest concurrency; 1 with "
+                                                        "--compare-speculative"})
     return p
 
 
@@ -268,6 +358,10 @@ def main(argv=None) -> dict:
             raise SystemExit(f"--{name.replace('_', '-')}: must be positive")
     use_compile_cache(args.compile_cache)
 
+    if args.compare_speculative:
+        config = engine_config_from_args(args, dtype="float32", max_running=1)
+        report = asyncio.run(bench_speculative(config, args))
+        return publish(report, print_speculative_report, args.json, "bench_engine")
     config = engine_config_from_args(args, dtype="float32", max_running=max(args.concurrency))
     ours = asyncio.run(bench_kvloom(config, args))  # the engine is stopped on return
     _log("measuring the float32 matmul peak")

@@ -99,6 +99,8 @@ def test_stats_count_drafts_acceptance_and_positions():
     assert d["accepted_per_position"] == [2, 2, 1, 0]
     assert d["acceptance_rate"] == pytest.approx(5 / 7)
     assert d["mean_tokens_per_verify_step"] == pytest.approx(3.5)
+    earlier = SpecDecodeStats(1, 4, 2, [1, 1, 0, 0])
+    assert stats.since(earlier) == SpecDecodeStats(1, 3, 3, [1, 1, 1, 0])
 
 
 # ---- config and compiled shapes -------------------------------------------------------------------
