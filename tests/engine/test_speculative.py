@@ -309,7 +309,8 @@ async def outputs(engine, prompt, params):
     last = outs[-1]
     return dict(ids=[t for o in outs for t in o.token_ids], text="".join(o.text for o in outs),
                 finish=(last.finish_reason, last.stop_reason), usage=last.usage,
-                logprobs=[lp.logprob for o in outs for lp in o.logprobs], deltas=len(outs))
+                logprobs=[lp.logprob for o in outs for lp in o.logprobs], deltas=len(outs),
+                prompt_logprobs=[o.prompt_logprobs for o in outs if o.prompt_logprobs])
 
 
 def latest_first_substring(text: str, n: int) -> str:
@@ -334,6 +335,7 @@ async def test_engine_output_is_the_same_with_and_without_speculation(tiny_llama
         (loop_prompt, SamplingParams(max_tokens=20, temperature=0.8, seed=5)),  # decode normally beside
         (loop_prompt, SamplingParams(max_tokens=20, temperature=0, logprobs=2)),
         (loop_prompt, SamplingParams(max_tokens=20, temperature=0, min_tokens=6)),
+        (loop_prompt, SamplingParams(max_tokens=20, temperature=0, prompt_logprobs=1)),
     ]
     results = {}
     for name, spec in (("plain", SpeculativeConfig()), ("ngram", NGRAM)):
@@ -343,7 +345,7 @@ async def test_engine_output_is_the_same_with_and_without_speculation(tiny_llama
             stats = engine.spec_stats
             batches = engine.runner.batches
     for i, (plain, spec) in enumerate(zip(results["plain"], results["ngram"])):
-        for key in ("ids", "text", "finish", "usage", "logprobs"):
+        for key in ("ids", "text", "finish", "usage", "logprobs", "prompt_logprobs"):
             assert plain[key] == spec[key], (cases[i % len(cases)], key)
     assert results["plain"][3]["finish"] == (FinishReason.STOP, stop) and len(results["plain"][3]["ids"]) > 8
     assert results["plain"][2]["finish"] == (FinishReason.STOP, 7)
@@ -354,6 +356,7 @@ async def test_engine_output_is_the_same_with_and_without_speculation(tiny_llama
     drafting = {row.request_id for row in verify_rows if row.draft_token_ids}
     beside = {row.request_id for row in verify_rows if not row.draft_token_ids}
     assert drafting and beside  # sampled, logprobs and min_tokens rows decoded inside verify steps
+    assert results["ngram"][9]["prompt_logprobs"]
 
 
 async def test_abort_mid_request_frees_pages(tiny_llama):
