@@ -19,9 +19,10 @@ The spec's targets are printed beside the figures for context; nothing is assert
         --num-speculative-tokens 4] [--new-tokens 256]
 
 instead measures speculative decoding, single stream (max_running 1 unless given): the same greedy
-chat requests (a "repeat this passage" workload and open questions, tools.workload) one at a time on an
-engine without speculation, then on one with it; tokens/s of each (prefill included), the speed-up,
-the tokens a verify step yielded on average, the acceptance rate, and whether the tokens were identical.
+chat requests (a "repeat this passage" workload and open questions, tools.workload) one at a time,
+alternately on an engine without speculation and one with it; tokens/s of each (prefill included), the
+speed-up, the tokens a verify step yielded on average, the acceptance rate, and whether the tokens were
+identical.
 """
 
 from __future__ import annotations
@@ -223,60 +224,53 @@ def bench_hf(source, prompt_sets: dict[int, list[list[int]]], new_tokens: int) -
 
 # ---- speculative decoding -----------------------------------------------------------------------
 
-async def run_single_stream(engine, conversations: list[list[dict]], new_tokens: int) -> dict:
-    """Greedy chat requests one after another: their token ids, the wall time of them all, tokens/s."""
+async def generate_ids(engine, messages: list[dict], new_tokens: int) -> tuple[list[int], float]:
+    """One greedy chat request: its token ids and its wall time (prefill included)."""
     from kvloom.engine.request import SamplingParams
 
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0)
     ids, t0 = [], time.perf_counter()
-    for messages in conversations:
-        ids.append([])
-        async for out in engine.generate(messages=messages, params=params):
-            if out.error:
-                raise RuntimeError(f"request {out.request_id} failed: {out.error}")
-            ids[-1] += out.token_ids
-    wall_s = time.perf_counter() - t0
-    num_tokens = sum(len(i) for i in ids)
-    return dict(ids=ids, num_tokens=num_tokens, wall_s=wall_s, tok_s=num_tokens / wall_s)
-
-
-async def bench_workloads(config, new_tokens: int) -> dict:
-    """One engine: a short warm-up request, then each workload single stream, with the speculative
-    decoding counts each added."""
-    async with ready_engine(config) as (engine, start_s):
-        await run_single_stream(engine, [[{"role": "user", "content": "Hello"}]], 4)
-        runs = {}
-        for name, conversations in speculative_workloads().items():
-            before = copy.deepcopy(engine.spec_stats)
-            runs[name] = await run_single_stream(engine, conversations, new_tokens)
-            runs[name]["spec"] = engine.spec_stats.since(before).as_dict()
-            method = config.speculative.method or "off"
-            _log(f"{name} (speculative {method}): {runs[name]['tok_s']:.1f} tok/s")
-        return dict(model=engine.model_name, engine_config=engine.status()["config"], start_s=start_s,
-                    runs=runs)
+    async for out in engine.generate(messages=messages,
+                                     params=SamplingParams(max_tokens=new_tokens, temperature=0.0)):
+        if out.error:
+            raise RuntimeError(f"request {out.request_id} failed: {out.error}")
+        ids += out.token_ids
+    return ids, time.perf_counter() - t0
 
 
 async def bench_speculative(config, args) -> dict:
-    """The workloads without speculative decoding, then with it (the flags' method, else ngram)."""
+    """Two engines, without speculative decoding and with it (the flags' method, else ngram); each
+    workload's requests one at a time, alternating between the engines, so that a change in the
+    machine's load weighs on both."""
     from kvloom.engine.config import SpeculativeConfig
 
     spec = config.speculative if config.speculative.enabled else \
         dataclasses.replace(config.speculative, method="ngram")
-    _log("starting an engine without speculative decoding")
-    plain = await bench_workloads(config.replace(speculative=SpeculativeConfig()), args.new_tokens)
-    _log(f"starting an engine with speculative decoding: {spec.method}, k={spec.num_speculative_tokens}")
-    ours = await bench_workloads(config.replace(speculative=spec), args.new_tokens)
-    workloads = []
-    for name, base in plain["runs"].items():
-        run = ours["runs"][name]
-        workloads.append(dict(workload=name, requests=len(base["ids"]), tokens=run["num_tokens"],
-                              plain_tok_s=base["tok_s"], speculative_tok_s=run["tok_s"],
-                              plain_wall_s=base["wall_s"], speculative_wall_s=run["wall_s"],
-                              speedup=ratio(run["tok_s"], base["tok_s"]), identical=run["ids"] == base["ids"],
-                              **run["spec"]))
-    return dict(model=ours["model"], dtype=config.dtype, new_tokens=args.new_tokens,
-                speculative=dataclasses.asdict(spec), engine_config=ours["engine_config"],
-                workloads=workloads)
+    _log(f"starting two engines, without and with speculative decoding ({spec.method}, "
+         f"k={spec.num_speculative_tokens})")
+    async with ready_engine(config.replace(speculative=SpeculativeConfig())) as (plain, _), \
+            ready_engine(config.replace(speculative=spec)) as (ours, _):
+        for engine in (plain, ours):
+            await generate_ids(engine, [{"role": "user", "content": "Hello"}], 4)
+        workloads = []
+        for name, conversations in speculative_workloads().items():
+            before = copy.deepcopy(ours.spec_stats)
+            ids, wall_s = ([], []), [0.0, 0.0]
+            for messages in conversations:
+                for i, engine in enumerate((plain, ours)):
+                    out, seconds = await generate_ids(engine, messages, args.new_tokens)
+                    ids[i].append(out)
+                    wall_s[i] += seconds
+            tokens = sum(len(out) for out in ids[1])
+            plain_tok_s, spec_tok_s = sum(len(out) for out in ids[0]) / wall_s[0], tokens / wall_s[1]
+            workloads.append(dict(workload=name, requests=len(conversations), tokens=tokens,
+                                  plain_tok_s=plain_tok_s, speculative_tok_s=spec_tok_s,
+                                  plain_wall_s=wall_s[0], speculative_wall_s=wall_s[1],
+                                  speedup=ratio(spec_tok_s, plain_tok_s), identical=ids[0] == ids[1],
+                                  **ours.spec_stats.since(before).as_dict()))
+            _log(f"{name}: {plain_tok_s:.1f} tok/s without, {spec_tok_s:.1f} tok/s with")
+        return dict(model=ours.model_name, dtype=config.dtype, new_tokens=args.new_tokens,
+                    speculative=dataclasses.asdict(spec), engine_config=ours.status()["config"],
+                    workloads=workloads)
 
 
 def print_speculative_report(report: dict, file=None) -> None:
