@@ -5,7 +5,10 @@
     scheduler.apply(batch, result)               (event loop: the only place requests change)
 
 A batch is either a generation step (decode rows, then prefill rows: `ScheduledRow`)
-or a score step (`ScoreRow`s of one scoring mode). Every row carries its request's
+or a score step (`ScoreRow`s of one scoring mode). With speculative decoding a
+generation step may be a verify step (`shape.verify_len`): decode rows only, each
+row's token followed by its `draft_token_ids`, and the result holds the greedy
+token after every one of them (`StepResult.verify_token_ids`). Every row carries its request's
 `version`, so a result for a request that was preempted, aborted or advanced since
 the batch was built is recognised as stale and dropped.
 
@@ -48,6 +51,9 @@ class ScheduledRow:
     # A structured output's allowed next tokens (engine.grammar), set only when the row samples:
     # int32 [ceil(vocab_size / 32)], bit j of word w allows token 32 * w + j; None allows every token.
     token_bitmask: Optional[np.ndarray] = field(default=None, compare=False)
+    # A verify step's decode row (engine.speculative): proposed next tokens, computed after token_ids (their
+    # KV is written at the positions after it; page_ids cover them) and checked against the greedy tokens.
+    draft_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,7 @@ class ScheduledBatch:
     @property
     def num_tokens(self) -> int:
         items = sum(len(t) for r in self.score_rows for _, t in r.items)
-        return sum(len(r.token_ids) for r in self.rows) + items
+        return sum(len(r.token_ids) + len(r.draft_token_ids) for r in self.rows) + items
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,9 @@ class StepResult:
     prompt_logprobs: Optional[np.ndarray] = None  # [num targets] float: the target's logprob
     prompt_top_ids: Optional[np.ndarray] = None  # [num targets, k] int
     prompt_top_logprobs: Optional[np.ndarray] = None  # [num targets, k] float
+    # A verify step: per row, the token sampled after its token and after each of its drafts ([:, 0] is
+    # token_ids); columns past the row's drafts are padding.
+    verify_token_ids: Optional[np.ndarray] = None  # [num_rows, verify_len] int
 
 
 class RowError(Exception):

@@ -7,6 +7,10 @@ two up to max_running; steps with prefill take D = 0 or D = the largest decode
 bucket, and (R, Q) from a short menu with R * Q within the step's token budget.
 The attention's page loop has a dynamic trip count, so context length is not a
 shape dimension.
+
+With speculative decoding on (`SpeculativeConfig`), verify steps add one shape per
+decode bucket: D rows of V = k + 1 tokens each (the next input token and up to
+k drafts), with logits at every token. A verify step has no prefill rows.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from kvloom.engine.config import ScoringConfig, SchedulerConfig
+from kvloom.engine.config import ScoringConfig, SchedulerConfig, SpeculativeConfig
 
 
 def _powers(limit: int, base: int = 2, start: int = 1) -> tuple[int, ...]:
@@ -49,10 +53,11 @@ class StepShape:
     num_prefill_rows: int
     prefill_len: int
     is_score: bool = False  # a score step: the prefill rows hold items extending a shared query
+    verify_len: int = 0  # a verify step: each decode row holds this many tokens, logits at every one
 
     @property
     def num_tokens(self) -> int:
-        return self.num_decode_rows + self.num_prefill_rows * self.prefill_len
+        return self.num_decode_rows * max(1, self.verify_len) + self.num_prefill_rows * self.prefill_len
 
     @property
     def num_rows(self) -> int:
@@ -68,9 +73,11 @@ class BucketPlan:
     # (mode, ((rows, tokens per row), ...)) for each enabled multi-item scoring mode, shapes by tokens
     score_shapes: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = ()
     score_logits_rows: int = 0  # items per score step, padded
+    verify_len: int = 0  # tokens of a verify row (speculative decoding), 0: no verify shapes
 
     @classmethod
-    def from_config(cls, cfg: SchedulerConfig, scoring: ScoringConfig = ScoringConfig()) -> "BucketPlan":
+    def from_config(cls, cfg: SchedulerConfig, scoring: ScoringConfig = ScoringConfig(),
+                    speculative: SpeculativeConfig = SpeculativeConfig()) -> "BucketPlan":
         return cls(
             decode_rows=_powers(cfg.max_running),
             prefill_rows=_powers(cfg.max_prefill_seqs),
@@ -78,6 +85,7 @@ class BucketPlan:
             max_prefill_tokens=max(cfg.max_tokens_per_step, cfg.chunk_size),
             score_shapes=tuple((mode, _score_shapes(mode, scoring)) for mode in scoring.multi_item_modes),
             score_logits_rows=scoring.max_items_per_step,
+            verify_len=speculative.verify_len,
         )
 
     @property
@@ -110,6 +118,10 @@ class BucketPlan:
             raise ValueError(f"no bucket for prefill rows {prefill_lens}")
         return StepShape(self.decode_rows[-1] if num_decode else 0, *shape)
 
+    def verify_shape(self, num_rows: int) -> StepShape:
+        """The verify step of num_rows decode rows (speculative decoding on)."""
+        return StepShape(round_up(num_rows, self.decode_rows), 0, 0, verify_len=self.verify_len)
+
     def all_shapes(self) -> list[StepShape]:
         shapes = [StepShape(d, 0, 0) for d in self.decode_rows]
         for r in self.prefill_rows:
@@ -117,10 +129,14 @@ class BucketPlan:
                 if r * q <= self.max_prefill_tokens:
                     shapes += [StepShape(0, r, q), StepShape(self.decode_rows[-1], r, q)]
         score = sorted({(r, q) for _, mode_shapes in self.score_shapes for r, q in mode_shapes})
-        return shapes + [StepShape(0, r, q, is_score=True) for r, q in score]
+        verify = [self.verify_shape(d) for d in self.decode_rows] if self.verify_len else []
+        return shapes + [StepShape(0, r, q, is_score=True) for r, q in score] + verify
 
     def logits_rows(self, shape: StepShape) -> int:
-        """Logits rows of a step: one per item of a score step; else one per row, padded to a power of two."""
+        """Logits rows of a step: one per item of a score step, one per token of a verify step; else one per
+        row, padded to a power of two."""
         if shape.is_score:
             return self.score_logits_rows
+        if shape.verify_len:
+            return shape.num_tokens
         return 1 << max(0, (shape.num_rows - 1).bit_length())

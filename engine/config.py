@@ -1,7 +1,7 @@
 """Frozen, layered configuration.
 
-`EngineConfig` holds a `SchedulerConfig`, a `CacheConfig`, a `ScoringConfig` and a
-`ParallelConfig`; the model's shape lives in `ModelConfig`, built from a Hugging
+`EngineConfig` holds a `SchedulerConfig`, a `CacheConfig`, a `ScoringConfig`, a
+`ParallelConfig` and a `SpeculativeConfig`; the model's shape lives in `ModelConfig`, built from a Hugging
 Face config dict by `from_hf()` (or from GGUF metadata by the loader). Nothing
 here touches the disk or imports JAX, so tests build configs without a model
 anywhere.
@@ -271,6 +271,54 @@ class ParallelConfig:
         return self.num_processes > 1
 
 
+SPECULATIVE_METHODS = ("ngram",)
+MAX_SPECULATIVE_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (engine/speculative.py), off unless `method` is set. "ngram" is prompt lookup:
+    the drafts are the tokens that followed the latest earlier occurrence of the sequence's last n tokens
+    (n from `prompt_lookup_max` down to `prompt_lookup_min`), and one step verifies up to
+    `num_speculative_tokens` of them per greedy request. `disable_by_batch_size`: no drafts while more
+    requests than this decode (None: always draft)."""
+
+    method: Optional[str] = None  # None (off) or "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 3
+    prompt_lookup_min: int = 1
+    disable_by_batch_size: Optional[int] = None
+
+    def __post_init__(self):
+        if self.method is not None and self.method not in SPECULATIVE_METHODS:
+            raise ConfigError(f"method: must be one of {', '.join(SPECULATIVE_METHODS)} or None, "
+                              f"got {self.method!r}")
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}: must be a positive integer, got {value!r}")
+        if self.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
+            raise ConfigError(f"num_speculative_tokens: at most {MAX_SPECULATIVE_TOKENS}, "
+                              f"got {self.num_speculative_tokens}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ConfigError(f"prompt_lookup_min: {self.prompt_lookup_min} exceeds prompt_lookup_max "
+                              f"{self.prompt_lookup_max}")
+        if self.disable_by_batch_size is not None and (isinstance(self.disable_by_batch_size, bool) or not
+                                                       isinstance(self.disable_by_batch_size, int)
+                                                       or self.disable_by_batch_size < 1):
+            raise ConfigError(f"disable_by_batch_size: must be a positive integer or None, "
+                              f"got {self.disable_by_batch_size!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method is not None
+
+    @property
+    def verify_len(self) -> int:
+        """Tokens of a verify row (its next input token and the drafts); 0 when speculation is off."""
+        return self.num_speculative_tokens + 1 if self.enabled else 0
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything an `Engine` needs. `model` is a checkpoint directory or a .gguf file;
@@ -290,6 +338,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

@@ -163,7 +163,8 @@ def follow(config: EngineConfig, timeout: float = CONNECT_TIMEOUT_S) -> int:
 
     sock = _connect(config.parallel, timeout)
     try:
-        runner = ModelRunner(config, BucketPlan.from_config(config.scheduler, config.scoring))
+        plan = BucketPlan.from_config(config.scheduler, config.scoring, config.speculative)
+        runner = ModelRunner(config, plan)
         while (message := _recv(sock)) is not None:
             kind, batch = message
             if kind == "step":

@@ -54,6 +54,7 @@ from kvloom.engine.request import (FinishReason, Request, RequestOutput, Samplin
 from kvloom.engine.scheduler import QueueFullError, Scheduler, check_fits
 from kvloom.engine.scoring import ScoreOutput
 from kvloom.engine.spans import span
+from kvloom.engine.speculative import SpecDecodeStats
 from kvloom.engine.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,8 @@ class Engine:
         self.faults = faults  # fault injection: None (the default) leaves the runner unwrapped
         self.num_restarts = 0
         self._restart_task: Optional[asyncio.Task] = None
-        self.plan = BucketPlan.from_config(self.config.scheduler, self.config.scoring)
+        self.plan = BucketPlan.from_config(self.config.scheduler, self.config.scoring,
+                                           self.config.speculative)
         self._runner_factory = runner_factory
         self._warmup_gate = warmup_gate  # tests hold warm-up open with it
         self.state = EngineState.STOPPED
@@ -114,6 +116,7 @@ class Engine:
         self._queues: dict[str, asyncio.Queue] = {}  # request id -> its output channel
         self._ids = itertools.count()
         self._rng = random.Random(self.config.seed)
+        self.spec_stats = SpecDecodeStats()  # speculative decoding's counts; outlive restarts too
         self.metrics = EngineMetrics(self._live_metrics, lambda: self.model_name)
         self.kv_events = KVEventLog(self.config.cache.page_size)  # outlives restarts: ids stay monotonic
 
@@ -239,7 +242,8 @@ class Engine:
         cache = make_prefix_cache(allocator, runner.page_size, self.config.cache.enable_prefix_cache,
                                   self.kv_events)
         self.scheduler = Scheduler(self.config.scheduler, self.plan, allocator, cache,
-                                   page_size=runner.page_size)
+                                   page_size=runner.page_size, speculative=self.config.speculative,
+                                   spec_stats=self.spec_stats)
 
     async def _warm_up(self) -> None:
         self._set_state(EngineState.WARMING, "compiling step shapes")
@@ -543,6 +547,9 @@ class Engine:
             prefix_cache_hits=cache.num_hit_tokens if cache else 0,
             prefix_cache_queries=cache.num_query_tokens if cache else 0,
             num_preemptions=s.num_preemptions if s else 0,
+            spec_decode_num_drafts=self.spec_stats.num_drafts,
+            spec_decode_num_draft_tokens=self.spec_stats.num_draft_tokens,
+            spec_decode_num_accepted_tokens=self.spec_stats.num_accepted_tokens,
         )
 
     def status(self) -> dict:
@@ -568,6 +575,9 @@ class Engine:
                 "chunk_size": sc.chunk_size,
                 "policy": sc.policy,
                 "max_waiting": sc.max_waiting,
+                "speculative": self.config.speculative.method,
+                "num_speculative_tokens": self.config.speculative.num_speculative_tokens
+                if self.config.speculative.enabled else None,
             },
             "kv_cache": plan.as_dict() if (plan := getattr(runner, "kv_cache_plan", None)) else None,
             "num_running": live["num_requests_running"],
@@ -575,6 +585,8 @@ class Engine:
             "kv_cache_usage": live["kv_cache_usage_ratio"],
             "prefix_cache_hit_rate": cache.hit_rate if cache else 0.0,
             "num_preemptions": live["num_preemptions"],
+            # drafts checked, accepted, and the tokens a verify row yields on average (null: speculation off)
+            "speculative": self.spec_stats.as_dict() if self.config.speculative.enabled else None,
             "num_restarts": self.num_restarts,
             "parallel": getattr(runner, "parallel_status", None),  # the mesh, per-device KV
         }

@@ -31,6 +31,12 @@ LIVE_METRICS = (
      "prefix_cache_queries"),
     ("vllm:prefix_cache_hits", "counter", "Prompt tokens served from the prefix cache.", "prefix_cache_hits"),
     ("vllm:num_preemptions", "counter", "Requests preempted for lack of KV cache pages.", "num_preemptions"),
+    ("vllm:spec_decode_num_drafts", "counter", "Verify rows: a request's drafts checked by one step.",
+     "spec_decode_num_drafts"),
+    ("vllm:spec_decode_num_draft_tokens", "counter", "Draft tokens proposed (speculative decoding).",
+     "spec_decode_num_draft_tokens"),
+    ("vllm:spec_decode_num_accepted_tokens", "counter", "Draft tokens the model confirmed.",
+     "spec_decode_num_accepted_tokens"),
     ("kvloom_engine_ready", "gauge", "1 when the engine is READY.", "engine_ready"),
 )
 

@@ -335,6 +335,13 @@ class Request:
         return (self.score is not None and self.state is RequestState.RUNNING and not self.is_prefilling
                 and self.score.num_scored < len(self.score.items))
 
+    def truncate_output(self, num_output_tokens: int) -> None:
+        """Keep the first num_output_tokens output tokens (a verify step can bring tokens past the one
+        that ends the request): their logprobs with them, and no computed KV claimed past the tokens."""
+        del self.output_ids[num_output_tokens:]
+        del self.output_logprobs[num_output_tokens:]
+        self.num_computed_tokens = min(self.num_computed_tokens, self.num_tokens)
+
     def usage(self) -> Usage:
         return Usage(len(self.prompt_ids), len(self.output_ids), self.num_cached_tokens)
 

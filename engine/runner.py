@@ -13,6 +13,10 @@ functions take their shardings from them, logits stay split over the
 vocabulary, and sampled tokens and label logprobs come back whole, so host
 results are the same at every degree.
 
+Speculative decoding: a verify step (`shape.verify_len`) lays each decode row out as its
+token and its drafts, takes logits at every token and samples each position with the
+row's parameters (`_verify_input`, `_verify_step`); the scheduler decides what stands.
+
 Prompt logprobs: the forward also returns the final hidden states of every token
 (left on the device); a batch whose rows name prompt targets projects them with
 `engine.prompt_logprobs` (one more small jitted function per step length).
@@ -128,6 +132,8 @@ class ModelRunner:
     def _step_input(self, shape: StepShape, batch: Optional[ScheduledBatch]):
         if shape.is_score:
             return self._score_input(shape, batch)
+        if shape.verify_len:
+            return self._verify_input(shape, batch)
         d, r, q = shape.num_decode_rows, shape.num_prefill_rows, shape.prefill_len
         width = self.pages_per_seq
         num_tokens = shape.num_tokens
@@ -180,17 +186,30 @@ class ModelRunner:
         segment = llama.Segment(table, past, new, q, segment_ids)
         return llama.StepInput(ids, pos, np.zeros(r * q, np.int32), logits_idx, (segment,))
 
+    def _verify_input(self, shape: StepShape, batch: Optional[ScheduledBatch]):
+        """Verify rows: D rows of V = verify_len tokens (the row's token, then its drafts, then padding that
+        writes page 0), one segment, logits at every token."""
+        d, v = shape.num_decode_rows, shape.verify_len
+        ids, pos, slots = (np.zeros(d * v, np.int32) for _ in range(3))
+        table = np.zeros((d, self.pages_per_seq), np.int32)
+        past, new = np.zeros(d, np.int32), np.zeros(d, np.int32)
+        for i, row in enumerate(batch.decode_rows if batch is not None else ()):
+            self._fill(row, i, i * v, table, past, new, ids, pos, slots, row.token_ids + row.draft_token_ids)
+        segment = llama.Segment(table, past, new, v)
+        return llama.StepInput(ids, pos, slots, np.arange(d * v, dtype=np.int32), (segment,))
+
     def _label_ids(self, num_logits: int, rows: list[tuple[int, tuple[int, ...]]]) -> np.ndarray:
         label_ids = np.full((num_logits, self.max_label_tokens), -1, np.int32)
         for i, labels in rows:
             label_ids[i, :len(labels)] = labels
         return label_ids
 
-    def _fill(self, row: ScheduledRow, index, base, table, past, new, ids, pos, slots):
-        n, ps = len(row.token_ids), self.page_size
+    def _fill(self, row: ScheduledRow, index, base, table, past, new, ids, pos, slots, tokens=None):
+        tokens = row.token_ids if tokens is None else tokens
+        n, ps = len(tokens), self.page_size
         pages = np.asarray(row.page_ids, np.int32)
         p = row.start_pos + np.arange(n)
-        ids[base:base + n] = row.token_ids
+        ids[base:base + n] = tokens
         pos[base:base + n] = p
         slots[base:base + n] = pages[p // ps] * ps + p % ps
         table[index, :len(pages)] = pages
@@ -253,6 +272,8 @@ class ModelRunner:
 
     def step(self, batch: ScheduledBatch) -> StepResult:
         shape = batch.shape
+        if shape.verify_len:
+            return self._verify_step(batch)
         with span(spans.INPUTS):
             step = self._step_input(shape, batch)
         num_logits = len(step.logits_indices)
@@ -291,6 +312,27 @@ class ModelRunner:
                           np.asarray(out.top_ids)[index], np.asarray(out.top_logprobs)[index],
                           label_logprobs=labels, row_finite=finite, **prompt)
 
+    def _verify_step(self, batch: ScheduledBatch) -> StepResult:
+        """A verify step: every position of a row with drafts is sampled with the row's parameters (plain
+        greedy: engine.speculative.may_draft), a row without drafts at its token only; `verify_token_ids`
+        holds each row's tokens, `token_ids` and the logprobs those at the row's own token."""
+        v = batch.shape.verify_len
+        step = self._step_input(batch.shape, batch)
+        rows = batch.decode_rows
+        lengths = np.asarray([1 + len(row.draft_token_ids) for row in rows], np.int64)
+        sampled = [(i * v + j, row) for i, row in enumerate(rows) for j in range(lengths[i])]
+        sampling = self._sampling_input(len(step.logits_indices), sampled)
+        logits, _, self.kv = self._forward(self.params, self.kv, step)
+        out = self._sample(logits, sampling)
+        n = len(rows)
+        tokens = np.asarray(out.token_ids)[:n * v].reshape(n, v)
+        real = np.arange(v)[None, :] < lengths[:, None]
+        finite = (np.asarray(out.finite)[:n * v].reshape(n, v) | ~real).all(axis=1)
+        first = np.arange(n) * v
+        logprobs = ((np.asarray(out.logprobs)[first], np.asarray(out.top_ids)[first],
+                     np.asarray(out.top_logprobs)[first]) if bool(sampling.any_logprobs) else (None,) * 3)
+        return StepResult(batch.step_id, tokens[:, 0], *logprobs, row_finite=finite, verify_token_ids=tokens)
+
     def _prompt_result(self, batch: ScheduledBatch, hidden) -> dict:
         """The StepResult fields of the batch's prompt logprobs (none when no row has prompt targets)."""
         d, q = batch.shape.num_decode_rows, batch.shape.prefill_len
@@ -314,7 +356,7 @@ class ModelRunner:
                 jax.block_until_ready(self._prompt_logprobs(
                     self.params, hidden, prompt_logprobs.targets(shape.num_tokens, [])))
             num_logits = len(step.logits_indices)
-            if num_logits not in label_rows:
+            if num_logits not in label_rows and not shape.verify_len:  # label rows are never verify rows
                 label_rows.add(num_logits)
                 jax.block_until_ready(self._labels(logits, self._label_ids(num_logits, [])))
             if not shape.is_score and num_logits not in sampler_rows:

@@ -38,6 +38,14 @@ stale snapshot can never overwrite or duplicate tokens.
 Structured outputs: a sampling row of a request with a grammar carries the bitmask of the tokens its
 grammar allows next (`engine.grammar`), read from the request's matcher here; `apply()` advances the
 matcher with each token it appends, so the matcher always stands after the request's last output token.
+
+Speculative decoding (`SpeculativeConfig`, `engine.speculative`): a step with decode rows and no prefill
+chunk becomes a verify step when some plain greedy request finds drafts in its own tokens. Drafts take
+token budget and KV slots: the request's pages grow to cover them from free pages only (never evicting
+or preempting for a guess; with too few, it drafts what its pages already hold), and never past what
+its max_tokens leaves (so never past the context: `check_fits`). `apply()` appends the confirmed drafts
+and the model's next token, and counts as computed only the row's token and its confirmed drafts: the
+slots of rejected drafts are overwritten by later steps and never reach the prefix cache.
 """
 
 from __future__ import annotations
@@ -49,11 +57,12 @@ from typing import Optional
 
 from kvloom.engine.batch import ScheduledBatch, ScheduledRow, ScoreRow, StepResult
 from kvloom.engine.buckets import BucketPlan
-from kvloom.engine.config import SchedulerConfig
+from kvloom.engine.config import SchedulerConfig, SpeculativeConfig
 from kvloom.engine.pages import PageAllocator
 from kvloom.engine.radix_cache import PrefixCache
 from kvloom.engine.request import FinishReason, Request, RequestState, TokenLogprob
 from kvloom.engine.scoring import pack_items
+from kvloom.engine.speculative import SpecDecodeStats, may_draft, num_accepted, propose_ngram
 
 LPM_WINDOW = 64  # waiting requests the lpm policy looks at per pick
 
@@ -64,8 +73,12 @@ class QueueFullError(RuntimeError):
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, plan: BucketPlan, allocator: PageAllocator,
-                 prefix_cache: PrefixCache, *, page_size: int):
+                 prefix_cache: PrefixCache, *, page_size: int,
+                 speculative: SpeculativeConfig = SpeculativeConfig(),
+                 spec_stats: Optional[SpecDecodeStats] = None):
         self.config, self.plan = config, plan
+        self.speculative = speculative
+        self.spec_stats = spec_stats if spec_stats is not None else SpecDecodeStats()
         self.allocator, self.prefix_cache = allocator, prefix_cache
         self.page_size = page_size
         self.waiting: deque[Request] = deque()
@@ -116,15 +129,15 @@ class Scheduler:
     def _num_pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
 
-    def _allocate(self, n: int) -> Optional[list[int]]:
+    def _allocate(self, n: int, evict: bool = True) -> Optional[list[int]]:
         if n <= 0:
             return []
-        if not self.allocator.can_allocate(n):
+        if evict and not self.allocator.can_allocate(n):
             self.prefix_cache.evict(n - self.allocator.num_free_pages)
         return self.allocator.allocate(n) if self.allocator.can_allocate(n) else None
 
-    def _grow(self, request: Request, num_tokens: int) -> bool:
-        pages = self._allocate(self._num_pages_for(num_tokens) - len(request.pages))
+    def _grow(self, request: Request, num_tokens: int, evict: bool = True) -> bool:
+        pages = self._allocate(self._num_pages_for(num_tokens) - len(request.pages), evict)
         if pages is None:
             return False
         request.pages.extend(pages)
@@ -241,6 +254,11 @@ class Scheduler:
 
         if not decodes and not prefills:
             return None
+        drafts = self._drafts(decodes, budget) if decodes and not prefills else {}
+        if drafts:
+            return ScheduledBatch(step_id=next(self._step_ids), shape=self.plan.verify_shape(len(decodes)),
+                                  decode_rows=tuple(self._row(r, 1, drafts.get(r.request_id, ()))
+                                                    for r in decodes))
         shape = self.plan.step_shape(len(decodes), [n for _, n in prefills])
         return ScheduledBatch(
             step_id=next(self._step_ids),
@@ -248,6 +266,32 @@ class Scheduler:
             decode_rows=tuple(self._row(r, 1) for r in decodes),
             prefill_rows=tuple(self._row(r, n) for r, n in prefills),
         )
+
+    def _drafts(self, decodes: list[Request], budget: int) -> dict[str, tuple[int, ...]]:
+        """Speculative decoding: request id -> the drafts its verify row checks, for the plain greedy
+        decodes that find some, within the token budget, the tokens their max_tokens leave, and the KV
+        slots their pages hold or free pages add. Empty when speculation is off or finds nothing."""
+        spec = self.speculative
+        limit = spec.disable_by_batch_size
+        if not spec.enabled or (limit is not None and len(decodes) > limit):
+            return {}
+        drafts = {}
+        for request in decodes:
+            # A verify row yields up to len(drafts) + 1 tokens: no more than max_tokens leaves.
+            room = min(spec.num_speculative_tokens, budget,
+                       request.params.max_tokens - len(request.output_ids) - 1)
+            if room <= 0 or not may_draft(request):
+                continue
+            proposal = propose_ngram(request.all_ids, room, spec.prompt_lookup_max, spec.prompt_lookup_min)
+            if not proposal:
+                continue
+            first = request.num_computed_tokens + 1  # the row's own token; the drafts come after it
+            if not self._grow(request, first + len(proposal), evict=False):
+                proposal = proposal[:max(0, len(request.pages) * self.page_size - first)]  # slots it holds
+            if proposal:
+                drafts[request.request_id] = proposal
+                budget -= len(proposal)
+        return drafts
 
     def _fit_chunk(self, remaining: int, budget: int, prefills: list[tuple[Request, int]]) -> int:
         """The chunk a new prefill row may take, within the budget and a compiled prefill shape; 0 if none."""
@@ -308,7 +352,7 @@ class Scheduler:
         prefills.append((request, chunk))
         return chunk
 
-    def _row(self, request: Request, n: int) -> ScheduledRow:
+    def _row(self, request: Request, n: int, drafts: tuple[int, ...] = ()) -> ScheduledRow:
         start = request.num_computed_tokens
         params = request.params
         ends = start + n == request.num_tokens
@@ -322,7 +366,7 @@ class Scheduler:
             version=request.version,
             token_ids=request.tokens(start, start + n),
             start_pos=start,
-            page_ids=tuple(request.pages[:self._num_pages_for(start + n)]),
+            page_ids=tuple(request.pages[:self._num_pages_for(start + n + len(drafts))]),
             sample=sample,
             params=params,
             seed=request.seed,
@@ -332,6 +376,7 @@ class Scheduler:
             label_ids=request.score.label_ids if ends and scores_prompt else (),
             prompt_targets=request.prompt_ids[start + 1:start + n + 1] if wants_targets else (),
             token_bitmask=request.grammar.bitmask() if sample and request.grammar is not None else None,
+            draft_token_ids=drafts,
         )
 
     def _live(self, request_id: str, version: int) -> Optional[Request]:
@@ -376,8 +421,10 @@ class Scheduler:
                 updated.append(request)
             if not row.sample:
                 continue
-            token = int(result.token_ids[i])
-            request.output_ids.append(token)
+            tokens = self._sampled_tokens(row, result, i)
+            request.num_computed_tokens += len(tokens) - 1  # the confirmed drafts
+            token = tokens[0]
+            request.output_ids.extend(tokens)
             if request.grammar is not None and not request.grammar.accept(token):
                 self.finish(request, FinishReason.ERROR, error_code="request_failed",
                             error=f"token {token} broke the response format: {request.grammar.error}")
@@ -392,6 +439,16 @@ class Scheduler:
             request.last_token_time = now
             updated.append(request)
         return updated
+
+    def _sampled_tokens(self, row: ScheduledRow, result: StepResult, i: int) -> list[int]:
+        """The tokens row i brings: its sampled token; for a verify row, the drafts the model confirmed and
+        the model's token after them (counted in the speculative-decoding stats)."""
+        if not row.draft_token_ids:
+            return [int(result.token_ids[i])]
+        greedy = result.verify_token_ids[i]
+        accepted = num_accepted(row.draft_token_ids, greedy)
+        self.spec_stats.record(len(row.draft_token_ids), accepted)
+        return [int(t) for t in greedy[:accepted + 1]]
 
     @staticmethod
     def _record_prompt_logprobs(request: Request, row: ScheduledRow, result: StepResult, at: int) -> None:

@@ -3,8 +3,11 @@
 The next token of a row depends only on the row's last token and its position:
     greedy:   3 + (last * 7 + position) % (vocab - 3)
     sampled:  3 + hash(seed, num_output_tokens) % (vocab - 3)
-so ids 0..2 (the tiny tokenizer's special tokens, eos among them) never appear.
+so ids 0..2 (the tiny tokenizer's special tokens, eos among them) never appear. Another greedy model
+of (last, position) may be given (`next_token`): `looping_next_token` falls into loops, as random-weight
+models do, so speculative decoding's drafts come true.
 A prompt token's logprob depends only on the token and its position (`fake_prompt_logprob`).
+A verify row (speculative decoding) gets the greedy token after its token and after each draft.
 A structured output's row (a token bitmask) takes that token when its grammar allows it, else the
 allowed token at index (that token % the number allowed), eos included when the JSON may end there.
 Tests pass hooks to pause a step or make one fail.
@@ -29,11 +32,17 @@ def fake_next_token(last: int, position: int, vocab_size: int) -> int:
     return 3 + (last * 7 + position) % (vocab_size - 3)
 
 
+def looping_next_token(last: int, position: int, vocab_size: int) -> int:
+    """A greedy model that cycles through ids 3..7 and skips one every 11th position: n-gram drafts hold
+    for a few tokens, then one is wrong."""
+    return 3 + (last - 3 + 1 + (position % 11 == 0)) % 5
+
+
 class FakeRunner:
     """A `Runner` (engine.batch) that records every batch it is given."""
 
     def __init__(self, config, plan, *, num_pages: Optional[int] = None,
-                 before_step: Optional[Callable] = None):
+                 before_step: Optional[Callable] = None, next_token: Callable = fake_next_token):
         self.config = config
         self.source = resolve_source(config.model)
         with open(os.path.join(self.source.path, "config.json")) as f:
@@ -44,6 +53,7 @@ class FakeRunner:
         self.max_model_len = config.resolved_max_model_len(self.model_config)
         self.num_pages = num_pages or config.cache.num_pages or 1024
         self.before_step = before_step
+        self.next_token = next_token
         self.num_steps = 0
         self.num_compiled = 0
         self.step_thread: Optional[threading.Thread] = None
@@ -53,7 +63,8 @@ class FakeRunner:
         return 0
 
     def fresh(self) -> "FakeRunner":
-        return FakeRunner(self.config, self.plan, num_pages=self.num_pages, before_step=self.before_step)
+        return FakeRunner(self.config, self.plan, num_pages=self.num_pages, before_step=self.before_step,
+                          next_token=self.next_token)
 
     def step(self, batch) -> StepResult:
         self.step_thread = threading.current_thread()
@@ -61,10 +72,10 @@ class FakeRunner:
         self.batches.append(batch)
         if self.before_step is not None:
             self.before_step(batch)
-        return fake_result(batch, self.vocab_size)
+        return fake_result(batch, self.vocab_size, self.next_token)
 
 
-def fake_result(batch, vocab_size: int) -> StepResult:
+def fake_result(batch, vocab_size: int, next_token: Callable = fake_next_token) -> StepResult:
     """The fake model's result for a batch, from the batch alone."""
     if batch.score_rows:
         items = [(row.label_ids, t) for row in batch.score_rows for _, t in row.items]
@@ -77,13 +88,19 @@ def fake_result(batch, vocab_size: int) -> StepResult:
             h = hash((row.seed, row.num_output_tokens)) & 0x7FFFFFFF
             token = 3 + h % (vocab_size - 3)
         else:
-            token = fake_next_token(row.token_ids[-1], row.start_pos + len(row.token_ids) - 1,
-                                    vocab_size)
+            token = next_token(row.token_ids[-1], row.start_pos + len(row.token_ids) - 1, vocab_size)
         if row.token_bitmask is not None:
             allowed = allowed_token_ids(row.token_bitmask, vocab_size)
             if token not in allowed:
                 token = int(allowed[token % len(allowed)])
         tokens.append(token)
+    verify = {}
+    if batch.shape.verify_len:
+        table = np.zeros((len(batch.rows), batch.shape.verify_len), np.int64)
+        for i, row in enumerate(batch.rows):
+            seq = row.token_ids + row.draft_token_ids
+            table[i, :len(seq)] = [next_token(t, row.start_pos + j, vocab_size) for j, t in enumerate(seq)]
+        verify = dict(verify_token_ids=table)
     n = len(tokens)
     k = 20
     top_ids = np.tile(np.arange(k), (n, 1))
@@ -98,7 +115,7 @@ def fake_result(batch, vocab_size: int) -> StepResult:
                       prompt_top_ids=np.tile(np.arange(k), (len(targets), 1)),
                       prompt_top_logprobs=np.full((len(targets), k), -0.125))
     return StepResult(batch.step_id, np.asarray(tokens, np.int64), np.full(n, -0.5),
-                      top_ids, np.full((n, k), -1.0), label_logprobs=labels, **prompt)
+                      top_ids, np.full((n, k), -1.0), label_logprobs=labels, **prompt, **verify)
 
 
 def fake_prompt_logprob(token: int, position: int) -> float:
@@ -113,11 +130,12 @@ def fake_label_logprobs(labels, tokens) -> np.ndarray:
     return out
 
 
-def fake_greedy(prompt: list[int], max_tokens: int, vocab_size: int) -> list[int]:
+def fake_greedy(prompt: list[int], max_tokens: int, vocab_size: int,
+                next_token: Callable = fake_next_token) -> list[int]:
     """What FakeRunner produces for a greedy request, computed directly."""
     seq = list(prompt)
     for _ in range(max_tokens):
-        seq.append(fake_next_token(seq[-1], len(seq) - 1, vocab_size))
+        seq.append(next_token(seq[-1], len(seq) - 1, vocab_size))
     return seq[len(prompt):]
 
 

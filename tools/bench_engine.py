@@ -16,6 +16,15 @@ Phases, each with a fixed number of requests:
   3. roofline: the best jitted `jnp.dot` GFLOP/s in the run's dtype over a few square sizes; roofline
      tokens/s = peak / (2 * num_parameters), compared with decode at the highest concurrency.
 The spec's targets are printed beside the figures for context; nothing is asserted.
+
+    .venv/bin/python -m kvloom.tools.bench_engine --compare-speculative [--speculative ngram
+        --num-speculative-tokens 4] [--new-tokens 256]
+
+instead measures speculative decoding, single stream (max_running 1 unless given): the same greedy
+chat requests (a "repeat this passage" workload and open questions, tools.workload) one at a time,
+alternately on an engine without speculation and one with it; tokens/s of each (prefill included), the
+speed-up, the tokens a verify step yielded on average, the acceptance rate, and whether the tokens were
+identical.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import copy
+import dataclasses
 import statistics
 import time
 from typing import Optional, Sequence
@@ -32,8 +43,8 @@ import numpy as np
 from kvloom.tools.machine import measure_matmul_peak, roofline_tokens_per_s
 from kvloom.tools.peers import TransformersSystem
 from kvloom.tools.command_args import parse_int_list
-from kvloom.tools.report import format_value, log, print_figures, publish, ratio
-from kvloom.tools.workload import prompt_id_range, random_prompts
+from kvloom.tools.report import format_table, format_value, log, print_figures, publish, ratio
+from kvloom.tools.workload import prompt_id_range, random_prompts, speculative_workloads
 from kvloom.tools.engine_args import (add_compile_cache_arg, add_engine_args, add_model_args,
                                       engine_config_from_args, use_compile_cache)
 
@@ -214,6 +225,75 @@ def bench_hf(source, prompt_sets: dict[int, list[list[int]]], new_tokens: int) -
     return out
 
 
+# ---- speculative decoding -----------------------------------------------------------------------
+
+async def generate_ids(engine, messages: list[dict], new_tokens: int) -> tuple[list[int], float]:
+    """One greedy chat request: its token ids and its wall time (prefill included)."""
+    from kvloom.engine.request import SamplingParams
+
+    ids, t0 = [], time.perf_counter()
+    async for out in engine.generate(messages=messages,
+                                     params=SamplingParams(max_tokens=new_tokens, temperature=0.0)):
+        if out.error:
+            raise RuntimeError(f"request {out.request_id} failed: {out.error}")
+        ids += out.token_ids
+    return ids, time.perf_counter() - t0
+
+
+async def bench_speculative(config, args) -> dict:
+    """Two engines, without speculative decoding and with it (the flags' method, else ngram); each
+    workload's requests one at a time, alternating between the engines, so that a change in the
+    machine's load weighs on both."""
+    from kvloom.engine.config import SpeculativeConfig
+
+    spec = config.speculative if config.speculative.enabled else \
+        dataclasses.replace(config.speculative, method="ngram")
+    _log(f"starting two engines, without and with speculative decoding ({spec.method}, "
+         f"k={spec.num_speculative_tokens})")
+    async with ready_engine(config.replace(speculative=SpeculativeConfig())) as (plain, _), \
+            ready_engine(config.replace(speculative=spec)) as (ours, _):
+        for engine in (plain, ours):
+            await generate_ids(engine, [{"role": "user", "content": "Hello"}], 4)
+        workloads = []
+        for name, conversations in speculative_workloads().items():
+            before = copy.deepcopy(ours.spec_stats)
+            ids, wall_s = ([], []), [0.0, 0.0]
+            for messages in conversations:
+                for i, engine in enumerate((plain, ours)):
+                    out, seconds = await generate_ids(engine, messages, args.new_tokens)
+                    ids[i].append(out)
+                    wall_s[i] += seconds
+            tokens = sum(len(out) for out in ids[1])
+            plain_tok_s, spec_tok_s = sum(len(out) for out in ids[0]) / wall_s[0], tokens / wall_s[1]
+            workloads.append(dict(workload=name, requests=len(conversations), tokens=tokens,
+                                  plain_tok_s=plain_tok_s, speculative_tok_s=spec_tok_s,
+                                  plain_wall_s=wall_s[0], speculative_wall_s=wall_s[1],
+                                  speedup=ratio(spec_tok_s, plain_tok_s), identical=ids[0] == ids[1],
+                                  **ours.spec_stats.since(before).as_dict()))
+            _log(f"{name}: {plain_tok_s:.1f} tok/s without, {spec_tok_s:.1f} tok/s with")
+        return dict(model=ours.model_name, dtype=config.dtype, new_tokens=args.new_tokens,
+                    speculative=dataclasses.asdict(spec), engine_config=ours.status()["config"],
+                    workloads=workloads)
+
+
+def print_speculative_report(report: dict, file=None) -> None:
+    spec = report["speculative"]
+    cells = [("workload", "requests", "tokens", "plain tok/s", f"{spec['method']} tok/s", "speed-up",
+              "tokens/verify step", "acceptance", "identical")]
+    for w in report["workloads"]:
+        cells.append((w["workload"], str(w["requests"]), str(w["tokens"]), format_value(w["plain_tok_s"]),
+                      format_value(w["speculative_tok_s"]), format_value(w["speedup"], suffix="x"),
+                      format_value(w["mean_tokens_per_verify_step"]),
+                      format_value(100 * w["acceptance_rate"], ".1f", "%"),
+                      "yes" if w["identical"] else "NO"))
+    title = (f"kvloom speculative decoding, single stream: {report['model']} ({report['dtype']}, greedy, "
+             f"up to {report['new_tokens']} new tokens a request)")
+    note = (f"{spec['method']}: up to {spec['num_speculative_tokens']} drafts a step from n-grams of "
+            f"{spec['prompt_lookup_max']} down to {spec['prompt_lookup_min']} tokens; tokens/verify step "
+            "counts the model's own token after the accepted drafts")
+    print_figures(title, format_table(cells), [note], file)
+
+
 # ---- assembling ---------------------------------------------------------------------------------
 
 def build_report(args, ours: dict, theirs: Optional[dict], matmul: dict) -> dict:
@@ -256,11 +336,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
                    help="measure HF transformers on the same prompts")
     p.add_argument("--json", default=None, help="write every figure to this file")
+    p.add_argument("--compare-speculative", action="store_true",
+                   help="instead: single-stream greedy tokens/s without and with speculative decoding on a "
+                        "repeat-the-passage and a chat workload (--speculative, default ngram)")
     p.add_argument("--seed", type=int, default=0, help="numpy seed of the random prompts")
     p.add_argument("--matmul-sizes", type=parse_int_list, default=[2048, 3072])
     p.add_argument("--matmul-repeats", type=int, default=5)
     add_compile_cache_arg(p)
-    add_engine_args(p, defaults_shown={"--max-running": "the highest concurrency"})
+    add_engine_args(p, defaults_shown={"--max-running": "the highest concurrency; 1 with "
+                                                        "--compare-speculative"})
     return p
 
 
@@ -271,6 +355,10 @@ def main(argv=None) -> dict:
             raise SystemExit(f"--{name.replace('_', '-')}: must be positive")
     use_compile_cache(args.compile_cache)
 
+    if args.compare_speculative:
+        config = engine_config_from_args(args, max_running=1)
+        report = asyncio.run(bench_speculative(config, args))
+        return publish(report, print_speculative_report, args.json, "bench_engine")
     config = engine_config_from_args(args, max_running=max(args.concurrency))
     ours = asyncio.run(bench_kvloom(config, args))  # the engine is stopped on return
     _log(f"measuring the {args.dtype} matmul peak")

@@ -3,7 +3,8 @@ serve`, `kvloom chat`, `kvloom compare`, `python -m kvloom.tools.bench_engine | 
 one `EngineConfig` built from them.
 
     add_model_args(parser)          --model, and --dtype where the command lets the user choose
-    add_engine_args(parser)         the engine size flags (tensor parallelism included); with serve=True
+    add_engine_args(parser)         the engine size flags (tensor parallelism included) and speculative
+                                    decoding's (--speculative ngram ...); with serve=True
                                     also the server's own (policy, queue, seed, watchdog, restarts,
                                     prefix cache, warm-up, the processes of a multi-process model)
     add_compile_cache_arg(parser)   --compile-cache (alias --jax-cache-dir)
@@ -36,6 +37,16 @@ SIZE_FLAGS = (
     ("--tensor-parallel-size", "parallel", "tensor_parallel_size", int,
      "devices the weights and KV cache split over (of every process)"),
 )
+SPECULATIVE_FLAGS = (
+    ("--speculative", "speculative", "method", str,
+     "speculative decoding: ngram drafts greedy requests' next tokens from their own prompt and output, "
+     "verified in one step"),
+    ("--num-speculative-tokens", "speculative", "num_speculative_tokens", int, "drafts one step verifies"),
+    ("--prompt-lookup-max", "speculative", "prompt_lookup_max", int, "ngram: the longest n-gram looked up"),
+    ("--prompt-lookup-min", "speculative", "prompt_lookup_min", int, "ngram: the shortest n-gram looked up"),
+    ("--speculative-disable-by-batch-size", "speculative", "disable_by_batch_size", int,
+     "no drafts while more requests than this decode"),
+)
 SERVE_FLAGS = (
     ("--policy", "scheduler", "policy", str, "admission order: fcfs, or lpm (longest cached prefix first)"),
     ("--max-waiting", "scheduler", "max_waiting", int, "queued requests before 429"),
@@ -50,7 +61,7 @@ SERVE_FLAGS = (
      "HOST:PORT of process 0's jax.distributed coordinator (its step channel: PORT + 1; "
      "default: none, one process)"),
 )
-CHOICES = {"--policy": ("fcfs", "lpm")}
+CHOICES = {"--policy": ("fcfs", "lpm"), "--speculative": ("ngram",)}
 
 
 def _derived_defaults() -> dict:
@@ -63,6 +74,8 @@ def _derived_defaults() -> dict:
         "--num-pages": f"max-running x max-model-len tokens plus {headroom:g}%% headroom for the prefix "
                        "cache, or --kv-memory-fraction; /status says how the size was chosen",
         "--kv-memory-fraction": "none; the size comes from max-running and max-model-len",
+        "--speculative": "off",
+        "--speculative-disable-by-batch-size": "none: always draft",
     }
 
 
@@ -76,10 +89,11 @@ def add_model_args(p: argparse.ArgumentParser, with_dtype: bool = True) -> None:
 
 
 def _config_defaults() -> dict:
-    from kvloom.engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, ScoringConfig
+    from kvloom.engine.config import (CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig,
+                                      ScoringConfig, SpeculativeConfig)
 
     return {"engine": EngineConfig(), "scheduler": SchedulerConfig(), "cache": CacheConfig(),
-            "parallel": ParallelConfig(), "scoring": ScoringConfig()}
+            "parallel": ParallelConfig(), "scoring": ScoringConfig(), "speculative": SpeculativeConfig()}
 
 
 def add_engine_args(p: argparse.ArgumentParser, serve: bool = False, defaults_shown: Optional[dict] = None):
@@ -88,7 +102,7 @@ def add_engine_args(p: argparse.ArgumentParser, serve: bool = False, defaults_sh
     defaults = _config_defaults()
     shown = dict(_derived_defaults(), **(defaults_shown or {}))
     group = p.add_argument_group("engine (default: the engine's own)")
-    for flag, section, name, kind, text in SIZE_FLAGS + (SERVE_FLAGS if serve else ()):
+    for flag, section, name, kind, text in SIZE_FLAGS + SPECULATIVE_FLAGS + (SERVE_FLAGS if serve else ()):
         default = shown.get(flag, getattr(defaults[section], name))
         group.add_argument(flag, type=kind, default=None, choices=CHOICES.get(flag),
                            help=f"{text} (default {default})")
@@ -113,11 +127,13 @@ def engine_config_from_args(args: argparse.Namespace, serve: bool = False, **fal
     """The EngineConfig of the flags add_engine_args(serve=serve) declared, with --model and --dtype:
     a flag absent from args or left None takes fallbacks[config field] when given, else the config's
     own default."""
-    from kvloom.engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, ScoringConfig
+    from kvloom.engine.config import (CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig,
+                                      ScoringConfig, SpeculativeConfig)
 
-    values = {"engine": {}, "scheduler": {}, "cache": {}, "parallel": {}, "scoring": {}}
+    values = {"engine": {}, "scheduler": {}, "cache": {}, "parallel": {}, "scoring": {}, "speculative": {}}
+    declared = SIZE_FLAGS + SPECULATIVE_FLAGS + (SERVE_FLAGS if serve else ())
     flags = (("--model", "engine", "model"), ("--dtype", "engine", "dtype")) + tuple(
-        (flag, section, name) for flag, section, name, _, _ in SIZE_FLAGS + (SERVE_FLAGS if serve else ()))
+        (flag, section, name) for flag, section, name, _, _ in declared)
     for flag, section, name in flags:
         value = getattr(args, flag[2:].replace("-", "_"), None)
         value = fallbacks.get(name) if value is None else value
@@ -131,7 +147,8 @@ def engine_config_from_args(args: argparse.Namespace, serve: bool = False, **fal
         values["engine"]["warmup"] = False
     return EngineConfig(**values["engine"], scheduler=SchedulerConfig(**values["scheduler"]),
                         cache=CacheConfig(**values["cache"]), parallel=ParallelConfig(**values["parallel"]),
-                        scoring=ScoringConfig(**values["scoring"]))
+                        scoring=ScoringConfig(**values["scoring"]),
+                        speculative=SpeculativeConfig(**values["speculative"]))
 
 
 def use_compile_cache(directory: str) -> None:

@@ -2,6 +2,7 @@
 
     prompt_id_range(vocab) -> the ids synthetic prompts draw from; random_prompts(...) -> id prompts
     WORDS: common short words, about one token each, for text prompts
+    speculative_workloads() -> chat messages of a repeat-the-text and a chat workload (bench_engine)
     Workload (from `kvloom bench`/`soak` options) + seeded RNG + SharedPrefix
         -> request_specs(): an endless stream of RequestSpecs (a path and a JSON body)
 
@@ -33,6 +34,35 @@ well such here take why things help put years different away again off went old 
 men say small every found still between name should home big give air line set own under read last
 never us left end along while might next sound below saw something thought both few those always
 """.split())
+
+
+# A passage the "repeat" workload asks the model to reproduce: an answer that copies its prompt, as
+# summaries, edits and retrieval answers largely do.
+PASSAGE = """\
+Lighthouses were built to warn ships away from rocks and to guide them into safe harbours at night. \
+The earliest ones were simple fires kept burning on hilltops near the coast. Later, towers of stone \
+raised the light higher, so that it could be seen from farther out at sea. In the nineteenth century, \
+glass lenses made the beam far brighter, and each lighthouse was given its own pattern of flashes, so \
+that sailors could tell one light from another. The keepers who lived in the towers trimmed the wicks, \
+wound the clockwork that turned the lens, and wrote the weather in a log every few hours. Their work was \
+lonely and often dangerous, especially during winter storms. Today most lighthouses run on their own, \
+powered by electricity and watched from far away, and many of the old towers have become museums that \
+tell the story of the people who kept the lights burning."""
+CHAT_QUESTIONS = (
+    "Explain how a bicycle works, in a few sentences.",
+    "Write a short story about a robot that learns to paint.",
+    "What are three good habits for staying healthy? Explain each briefly.",
+)
+
+
+def speculative_workloads() -> dict[str, list[list[dict]]]:
+    """Chat conversations per workload: "repeat" (reproduce a passage: the answer repeats its prompt,
+    where prompt lookup drafts well) and "chat" (open questions: drafts come only from the answer's own
+    repetitions)."""
+    return {
+        "repeat": [[{"role": "user", "content": f"Repeat the following text exactly.\n\n{PASSAGE}"}]],
+        "chat": [[{"role": "user", "content": question}] for question in CHAT_QUESTIONS],
+    }
 
 
 def prompt_id_range(vocab_size: Optional[int]) -> tuple[int, int]:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from kvloom.engine.buckets import BucketPlan
-from kvloom.engine.config import SchedulerConfig
+from kvloom.engine.config import SchedulerConfig, SpeculativeConfig
 from kvloom.engine.pages import PageAllocator
 from kvloom.engine.radix_cache import make_prefix_cache
 from kvloom.engine.request import FinishReason, Request, RequestState, SamplingParams
@@ -28,12 +28,14 @@ def reference(prompt, max_tokens):
 
 
 def make_scheduler(*, num_pages=64, page_size=4, max_running=4, budget=32, chunk=16, max_prefill=2,
-                   policy="fcfs", prefix_cache=True, max_model_len=256, max_waiting=100):
+                   policy="fcfs", prefix_cache=True, max_model_len=256, max_waiting=100,
+                   speculative=SpeculativeConfig()):
     cfg = SchedulerConfig(max_running=max_running, max_tokens_per_step=budget, chunk_size=chunk,
                           max_prefill_seqs=max_prefill, policy=policy, max_waiting=max_waiting)
     allocator = PageAllocator(num_pages)
     cache = make_prefix_cache(allocator, page_size, prefix_cache)
-    s = Scheduler(cfg, BucketPlan.from_config(cfg), allocator, cache, page_size=page_size)
+    s = Scheduler(cfg, BucketPlan.from_config(cfg, speculative=speculative), allocator, cache,
+                  page_size=page_size, speculative=speculative)
     s.max_model_len = max_model_len  # for `step` below (the engine holds it in production)
     return s
 

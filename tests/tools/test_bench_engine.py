@@ -62,3 +62,27 @@ def test_main_on_a_tiny_checkpoint(tiny_llama, tmp_path, capsys):
 
     printed = capsys.readouterr().out
     assert "decode tok/s @2 concurrent" in printed and "of roofline" in printed
+
+
+@pytest.mark.timeout(240)  # two engines compile their step shapes: slow on a busy shared CPU
+def test_compare_speculative_on_a_tiny_checkpoint(tmp_path, capsys):
+    from tests import tiny_models
+
+    model = tiny_models.build_checkpoint(str(tmp_path / "model"), "llama", max_position_embeddings=1024)
+    out = tmp_path / "out.json"
+    bench_engine.main([
+        "--compare-speculative", "--model", model, "--new-tokens", "24", "--json", str(out),
+        "--max-model-len", "1024", "--page-size", "4", "--num-pages", "300", "--chunk-size", "32",
+        "--max-tokens-per-step", "64", "--max-prefill-seqs", "1", "--num-speculative-tokens", "3",
+        "--jax-cache-dir", jax.config.jax_compilation_cache_dir,
+    ])
+    report = json.loads(out.read_text())
+    assert report["speculative"]["method"] == "ngram" and report["speculative"]["num_speculative_tokens"] == 3
+    assert report["engine_config"]["max_running"] == 1  # single stream
+    assert [w["workload"] for w in report["workloads"]] == ["repeat", "chat"]
+    for w in report["workloads"]:
+        assert w["identical"] and w["tokens"] > 0 and w["plain_tok_s"] > 0 and w["speculative_tok_s"] > 0
+        assert w["num_drafts"] > 0 and 1 <= w["mean_tokens_per_verify_step"] <= 4
+    assert sum(w["num_accepted_tokens"] for w in report["workloads"]) > 0  # the random model loops
+    printed = capsys.readouterr().out
+    assert "tokens/verify step" in printed and "repeat" in printed

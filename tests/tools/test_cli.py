@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from kvloom.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from kvloom.engine.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig, SpeculativeConfig
 from kvloom.tools.cli import build_parser
 from kvloom.tools.engine_args import add_engine_args, engine_config_from_args
 from tests.conftest import _JAX_CACHE
@@ -106,6 +106,22 @@ def test_benchmark_flags_fall_back_to_the_command_sizes():
     config = engine_config_from_args(parser.parse_args(["--max-running", "2", "--page-size", "4"]),
                                      max_running=9)
     assert config.scheduler.max_running == 2 and config.cache.page_size == 4
+
+
+def test_speculative_flags_on_every_engine_command():
+    args = build_parser().parse_args(["serve", "--speculative", "ngram", "--num-speculative-tokens", "6",
+                                      "--prompt-lookup-max", "4", "--prompt-lookup-min", "2"])
+    assert engine_config_from_args(args, serve=True).speculative == SpeculativeConfig(
+        method="ngram", num_speculative_tokens=6, prompt_lookup_max=4, prompt_lookup_min=2)
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)  # what bench_engine, bench_score, compare and chat declare
+    config = engine_config_from_args(parser.parse_args(["--speculative", "ngram"]), max_running=9)
+    assert config.speculative == SpeculativeConfig(method="ngram") and not EngineConfig().speculative.enabled
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--speculative", "medusa"])
+    with pytest.raises(ConfigError, match="^num_speculative_tokens"):
+        engine_config_from_args(build_parser().parse_args(["serve", "--num-speculative-tokens", "0"]),
+                                serve=True)
 
 
 def test_chat_answers_greedily_as_transformers_does(tiny_llama):
