@@ -281,6 +281,10 @@ class EngineConfig:
     max_model_len: Optional[int] = None  # None: min(model's max positions, DEFAULT_MAX_MODEL_LEN)
     seed: int = 0
     warmup: bool = True
+    # a directory that keeps what a start computes for the next start of the same configuration: the
+    # compiled step executables (engine/executables.py) and a GGUF model's converted weights
+    # (engine/models/weights_cache.py); None: nothing is kept
+    start_cache_dir: Optional[str] = None
     step_timeout_s: float = 120.0  # the watchdog: a step running longer fails the engine
     max_restarts: int = 0  # automatic restarts after a failure (0: stay FAILED until restart())
     restart_backoff_s: float = 1.0  # first automatic restart after this long, doubling each time

@@ -6,7 +6,8 @@ one `EngineConfig` built from them.
     add_engine_args(parser)         the engine size flags (tensor parallelism included); with serve=True
                                     also the server's own (policy, queue, seed, watchdog, restarts,
                                     prefix cache, warm-up, the processes of a multi-process model)
-    add_compile_cache_arg(parser)   --compile-cache (alias --jax-cache-dir)
+    add_compile_cache_arg(parser)   --compile-cache (alias --jax-cache-dir): JAX's persistent cache, and the
+                                    engine's start cache inside it (START_CACHE_SUBDIR)
     engine_config_from_args(args)   -> EngineConfig (serve=True: with the server's flags); a flag
                                     left None takes the command's fallback, else the config's default
     use_compile_cache(directory)    the process-wide JAX setting, made by commands only
@@ -21,6 +22,7 @@ import os
 from typing import Optional
 
 DEFAULT_COMPILE_CACHE = "~/.cache/kvloom/jax"
+START_CACHE_SUBDIR = "kvloom"  # EngineConfig.start_cache_dir: compiled step executables, converted weights
 
 # (flag, config section, config field, type, help); every default is None: the config's own.
 SIZE_FLAGS = (
@@ -105,8 +107,10 @@ def add_engine_args(p: argparse.ArgumentParser, serve: bool = False, defaults_sh
 
 def add_compile_cache_arg(p) -> None:
     p.add_argument("--compile-cache", "--jax-cache-dir", dest="compile_cache", default=DEFAULT_COMPILE_CACHE,
-                   help=f"JAX persistent compilation cache directory ('' to disable; default "
-                        f"{DEFAULT_COMPILE_CACHE})")
+                   help=f"JAX persistent compilation cache directory, with kvloom's start cache in its "
+                        f"'{START_CACHE_SUBDIR}' folder: the compiled step executables and a GGUF model's "
+                        f"converted weights, so a second start of the same configuration takes seconds "
+                        f"('' to disable both; default {DEFAULT_COMPILE_CACHE})")
 
 
 def engine_config_from_args(args: argparse.Namespace, serve: bool = False, **fallbacks):
@@ -129,6 +133,9 @@ def engine_config_from_args(args: argparse.Namespace, serve: bool = False, **fal
         values["engine"]["served_model_names"] = tuple(args.served_model_name)
     if serve and args.no_warmup:
         values["engine"]["warmup"] = False
+    if getattr(args, "compile_cache", None):
+        values["engine"]["start_cache_dir"] = os.path.join(os.path.expanduser(args.compile_cache),
+                                                           START_CACHE_SUBDIR)
     return EngineConfig(**values["engine"], scheduler=SchedulerConfig(**values["scheduler"]),
                         cache=CacheConfig(**values["cache"]), parallel=ParallelConfig(**values["parallel"]),
                         scoring=ScoringConfig(**values["scoring"]))
