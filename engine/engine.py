@@ -634,6 +634,7 @@ class Engine:
             "model": self.model_name,
             "config": {
                 "dtype": self.config.dtype,
+                "kv_cache_dtype": self.config.resolved_kv_cache_dtype,
                 "max_model_len": runner.max_model_len if runner else self.config.max_model_len,
                 "page_size": cc.page_size,
                 "num_pages": runner.num_pages if runner else cc.num_pages,

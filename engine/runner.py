@@ -92,7 +92,8 @@ class ModelRunner:
         self.vocab_size = cfg.vocab_size
         # The KV cache is allocated (zero-filled: seconds for gigabytes) on a thread of its own while warm-up
         # prepares the executables, which need only its shape (kv_struct); the first use of `kv` waits for it.
-        self.kv_struct = llama.kv_cache_struct(cfg, self.params, self.num_pages, self.page_size, self.mesh)
+        self.kv_struct = llama.kv_cache_struct(cfg, self.params, self.num_pages, self.page_size, self.mesh,
+                                               config.resolved_kv_cache_dtype)
         self._kv = None
         allocator = ThreadPoolExecutor(1, thread_name_prefix="kvloom-kv-cache")
         self._kv_allocation = allocator.submit(self._allocate_kv)
@@ -139,7 +140,7 @@ class ModelRunner:
                           mesh=self.mesh)
 
     def _plan_kv_cache(self, config: EngineConfig) -> KVCachePlan:
-        bytes_per_token = llama.kv_cache_bytes_per_token(self.model_config, self.params["embed"].dtype,
+        bytes_per_token = llama.kv_cache_bytes_per_token(self.model_config, config.resolved_kv_cache_dtype,
                                                          llama.num_kv_heads_of(self.params))
         return plan_kv_cache(config.cache, max_running=config.scheduler.max_running,
                              max_model_len=self.max_model_len, bytes_per_token=bytes_per_token,
@@ -147,7 +148,8 @@ class ModelRunner:
 
     def _allocate_kv(self):
         t0 = time.perf_counter()
-        kv = llama.sharded_kv_cache(self.model_config, self.params, self.num_pages, self.page_size, self.mesh)
+        kv = llama.sharded_kv_cache(self.model_config, self.params, self.num_pages, self.page_size, self.mesh,
+                                    self.kv_struct.dtype)
         jax.block_until_ready(kv)
         self.start_detail["kv_cache_s"] = time.perf_counter() - t0
         return kv

