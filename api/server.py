@@ -317,11 +317,24 @@ def _merge_completion_logprobs(parts: list) -> Optional[dict]:
                                                                 "text_offset")}
 
 
+async def _structured_output(engine: Engine) -> None:
+    """The engine's structured-output compiler, built by the first request that needs one, so that a schema
+    that does not compile is a 400 at submission."""
+    try:
+        await engine.structured_output()
+    except ValueError as exc:
+        raise errors.from_value_error(exc) from None
+    except EngineNotReadyError as exc:
+        raise errors.not_ready(str(exc)) from None
+
+
 async def _generate(request: web.Request, parse) -> web.StreamResponse:
     engine = request.app[ENGINE_KEY]
     req = parse(await _read_body(request))
     _check_model(engine, req.model)
     _check_engine(engine)
+    if req.params.response_format is not None:
+        await _structured_output(engine)
     gen = Generation(engine, req)
     gen.submit()
     try:
@@ -519,8 +532,10 @@ async def start_server(app: web.Application, host: str = "127.0.0.1", port: int 
 
 
 async def serve(engine: Engine, host: str, port: int, drain_timeout: float = 30.0,
-                enable_admin: bool = False, api_key: Optional[str] = None, access_log: bool = True) -> None:
-    """Serve until SIGINT/SIGTERM, then drain in-flight requests (bounded) and stop."""
+                enable_admin: bool = False, api_key: Optional[str] = None, access_log: bool = True,
+                command_started: Optional[float] = None) -> None:
+    """Serve until SIGINT/SIGTERM, then drain in-flight requests (bounded) and stop. `command_started`
+    (time.monotonic() when the command began) adds the time before the engine's start to the ready line."""
     app = create_app(engine, enable_admin=enable_admin, api_key=api_key, access_log=access_log)
     runner, url = await start_server(app, host, port)
     log.info("kvloom listening on %s (model %s)", url, engine.config.model or "default")
@@ -535,7 +550,11 @@ async def serve(engine: Engine, host: str, port: int, drain_timeout: float = 30.
                                      return_when=asyncio.FIRST_COMPLETED)
         if start in done:
             start.result()  # a load failure ends the process with its error
-            print(f"kvloom: {engine.state.value} ({engine.state_detail})", flush=True)
+            timing = engine.start_summary()
+            if timing and command_started is not None:
+                timing += f"; {time.monotonic() - command_started:.1f}s since the command started"
+            print(f"kvloom: {engine.state.value} ({engine.state_detail}){' ' + timing if timing else ''}",
+                  flush=True)
             await stop.wait()
         print("kvloom: draining", flush=True)
         await engine.drain(drain_timeout)

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float16")  # of the weights and activations
+KV_CACHE_DTYPES = ("auto",) + DTYPES  # auto: the weights' dtype
 # The context length unless configured: with the default max_running it sizes the KV cache (see
 # engine/kv_sizing.py) so that several servers of a small model fit on one machine.
 DEFAULT_MAX_MODEL_LEN = 2048
@@ -326,9 +327,14 @@ class EngineConfig:
 
     model: Optional[str] = None
     dtype: str = "float32"
+    kv_cache_dtype: str = "auto"  # the KV cache's own dtype; "auto": the same as `dtype`
     max_model_len: Optional[int] = None  # None: min(model's max positions, DEFAULT_MAX_MODEL_LEN)
     seed: int = 0
     warmup: bool = True
+    # a directory that keeps what a start computes for the next start of the same configuration: the
+    # compiled step executables (engine/executables.py) and a GGUF model's converted weights
+    # (engine/models/weights_cache.py); None: nothing is kept
+    start_cache_dir: Optional[str] = None
     step_timeout_s: float = 120.0  # the watchdog: a step running longer fails the engine
     max_restarts: int = 0  # automatic restarts after a failure (0: stay FAILED until restart())
     restart_backoff_s: float = 1.0  # first automatic restart after this long, doubling each time
@@ -343,6 +349,9 @@ class EngineConfig:
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype: must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                              f"got {self.kv_cache_dtype!r}")
         if not self.step_timeout_s > 0:
             raise ConfigError(f"step_timeout_s: must be positive, got {self.step_timeout_s}")
         if self.max_restarts < 0 or self.restart_backoff_s < 0:
@@ -356,6 +365,10 @@ class EngineConfig:
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def resolved_kv_cache_dtype(self) -> str:
+        return self.dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
 
     def resolved_max_model_len(self, model: ModelConfig) -> int:
         limit = model.max_position_embeddings

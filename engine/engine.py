@@ -14,8 +14,8 @@ it and wakes the engine loop; the loop runs one step at a time:
     _emit(updated)                                     # engine.output.next_output: text, finish -> queue
 
 A structured output (`SamplingParams.response_format`) gets its grammar matcher here, compiled
-by the engine's `GrammarCompiler` (engine.grammar, built at start); the scheduler reads its bitmask
-into each row and advances it in `apply`.
+by the engine's `GrammarCompiler` (engine.grammar), which the first such request builds on a thread of
+its own (`structured_output()`); the scheduler reads its bitmask into each row and advances it in `apply`.
 
 Every request, generated or scored, has one output channel: an asyncio queue
 that `_emit` feeds. `generate()` streams it; `score()` waits for each of its
@@ -24,7 +24,8 @@ requests' final output, which carries the label logprobs.
 States: STARTING -> WARMING -> READY; DEGRADED (warm-up failed), FAILED (a
 step failed: every request ends with an explicit error), STOPPING -> STOPPED.
 Work is refused at once unless READY. Nothing is global: engines are plain
-objects, any number per process.
+objects, any number per process. A start records its phases (engine.start_phases), logged at READY
+and shown in `status()`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from kvloom.engine.executor import ComputeThread
 from kvloom.engine.faults import FaultInjector, FaultyRunner
 from kvloom.engine.grammar import GrammarCompiler
 from kvloom.engine.metrics import EngineMetrics
+from kvloom.engine.models.source import resolve_source
 from kvloom.engine.output import next_output
 from kvloom.engine.kv_events import KVEventLog
 from kvloom.engine.pages import PageAllocator
@@ -55,6 +57,7 @@ from kvloom.engine.scheduler import QueueFullError, Scheduler, check_fits
 from kvloom.engine.scoring import ScoreOutput
 from kvloom.engine.spans import span
 from kvloom.engine.speculative import SpecDecodeStats
+from kvloom.engine.start_phases import StartPhases
 from kvloom.engine.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -104,8 +107,10 @@ class Engine:
         self.last_ready_at: Optional[float] = None
         self.num_compiled_at_ready: Optional[int] = None
         self.tokenizer: Optional[Tokenizer] = None
-        self.grammars: Optional[GrammarCompiler] = None
-        self._grammars_unavailable = "the engine is not started"  # why grammars is None
+        self.grammars: Optional[GrammarCompiler] = None  # built by the first structured request
+        self._grammars_building: Optional[asyncio.Future] = None
+        self._grammars_unavailable: Optional[str] = None  # why this tokenizer cannot have one
+        self.start_phases: Optional[StartPhases] = None  # the last start's or restart's
         self.runner = None
         self.scheduler: Optional[Scheduler] = None
         self._compute: Optional[ComputeThread] = None
@@ -155,27 +160,64 @@ class Engine:
         if self.state not in (EngineState.STOPPED,):
             raise RuntimeError(f"start: the engine is {self.state.value}")
         self.started_at = time.monotonic()
+        phases = self.start_phases = StartPhases()
         self._set_state(EngineState.STARTING, "loading the model")
         self._compute = ComputeThread(name=f"kvloom-compute-{id(self):x}")
+        # The tokenizer loads on a thread of its own while the model loads (its phase: the wait after)
+        tokenizer_thread = ComputeThread(name=f"kvloom-tokenizer-{id(self):x}")
+        tokenizer = asyncio.ensure_future(tokenizer_thread.run(self._load_tokenizer))
         try:
-            self.runner = await self._compute.run(self._make_runner)
-            self.tokenizer = await self._compute.run(
-                Tokenizer.load, self.runner.source, self.runner.model_config.eos_token_ids)
-            self.grammars = await self._compute.run(self._grammar_compiler)
+            with phases.measure("load_model"):
+                self.runner = await self._compute.run(self._make_runner)
+            with phases.measure("tokenizer"):
+                self.tokenizer = (await tokenizer).with_eos_ids(self.runner.model_config.eos_token_ids)
         except BaseException:
+            if tokenizer.done() and not tokenizer.cancelled():
+                tokenizer.exception()  # retrieved: the model's failure is the one raised
+            tokenizer.cancel()
             self._compute.close()
             self._set_state(EngineState.STOPPED, "loading failed")
             raise
+        finally:
+            tokenizer_thread.close()
         self._build_state()
         self._loop_task = asyncio.get_running_loop().create_task(self._run_loop(), name="kvloom-engine-loop")
         await self._warm_up()
 
-    def _grammar_compiler(self) -> Optional[GrammarCompiler]:
-        """On the compute thread: the structured-output compiler, or None (with the reason kept) when this
-        tokenizer cannot have one; requests without response_format never need it."""
+    def _load_tokenizer(self) -> Tokenizer:
+        t0 = time.monotonic()
+        tokenizer = Tokenizer.load(resolve_source(self.config.model))
+        self.start_phases.detail["tokenizer_load_s"] = time.monotonic() - t0
+        return tokenizer
+
+    async def structured_output(self) -> GrammarCompiler:
+        """The structured-output compiler: built at the first call (the first request with a response_format;
+        seconds for a large vocabulary) on a thread of its own, off the event loop, then kept. Raises
+        ValueError naming response_format when this model's tokenizer cannot have one."""
+        if self.grammars is None and self._grammars_unavailable is None:
+            if self.tokenizer is None:
+                raise EngineNotReadyError(f"the engine is {self.state.value}: {self.state_detail}")
+            if self._grammars_building is None:
+                self._grammars_building = asyncio.ensure_future(self._build_grammars())
+            await asyncio.shield(self._grammars_building)
+        if self.grammars is None:
+            raise ValueError(f"response_format: structured output is unavailable with this model's "
+                             f"tokenizer ({self._grammars_unavailable})")
+        return self.grammars
+
+    async def _build_grammars(self) -> None:
+        thread = ComputeThread(name=f"kvloom-grammar-{id(self):x}")
         try:
-            tokenizer = self.tokenizer
-            return GrammarCompiler(tokenizer.hf_tokenizer, self.runner.vocab_size, tokenizer.eos_token_ids)
+            self.grammars = await thread.run(self._grammar_compiler, self.tokenizer, self.runner.vocab_size)
+        finally:
+            thread.close()
+            self._grammars_building = None
+
+    def _grammar_compiler(self, tokenizer: Tokenizer, vocab_size: int) -> Optional[GrammarCompiler]:
+        """The structured-output compiler, or None (with the reason kept) when this tokenizer cannot have one;
+        requests without response_format never need it."""
+        try:
+            return GrammarCompiler(tokenizer.hf_tokenizer, vocab_size, tokenizer.eos_token_ids)
         except Exception as exc:  # noqa: BLE001 - e.g. a slow (Python) tokenizer
             log.warning("structured output is unavailable: %s", exc)
             self._grammars_unavailable = f"{type(exc).__name__}: {exc}"
@@ -194,13 +236,15 @@ class Engine:
                           EngineState.WARMING) or self.runner is None:
             raise RuntimeError(f"restart: the engine is {self.state.value}")
         self._set_state(EngineState.STARTING, "restarting")
+        phases = self.start_phases = StartPhases()
         self._fail_all("the engine is restarting")
         await self._cancel_loop()
         previous = self.runner.wrapped if isinstance(self.runner, FaultyRunner) else self.runner
         self._compute.close()  # a hung step keeps the old thread; it exits when the step returns
         self._compute = ComputeThread(name=f"kvloom-compute-{id(self):x}")
         try:
-            self.runner = await self._compute.run(self._make_runner, previous)
+            with phases.measure("load_model"):
+                self.runner = await self._compute.run(self._make_runner, previous)
         except Exception as exc:  # noqa: BLE001
             self._set_state(EngineState.FAILED, f"restart failed: {type(exc).__name__}: {exc}")
             raise
@@ -247,18 +291,21 @@ class Engine:
 
     async def _warm_up(self) -> None:
         self._set_state(EngineState.WARMING, "compiling step shapes")
+        phases = self.start_phases
         try:
             if self._warmup_gate is not None:
-                await self._warmup_gate.wait()
+                with phases.measure("held"):  # tests hold warm-up open
+                    await self._warmup_gate.wait()
             if self.config.warmup:
-                await self._compute.run(self.runner.warmup)
+                with phases.measure("warmup"):
+                    await self._compute.run(self.runner.warmup)
             self.state_detail = "round-tripping one request"
             prompt = [t for t in range(min(8, self.runner.vocab_size))]
-            async for out in self._generate(prompt,
-                                            SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
-                                            None, "warmup"):
-                if out.error:
-                    raise EngineUnavailableError(out.error)
+            params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+            with phases.measure("round_trip"):
+                async for out in self._generate(prompt, params, None, "warmup"):
+                    if out.error:
+                        raise EngineUnavailableError(out.error)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - reported in state_detail
@@ -268,7 +315,21 @@ class Engine:
         if self.state is EngineState.WARMING:
             self.num_compiled_at_ready = getattr(self.runner, "num_compiled", None)
             self.last_ready_at = time.time()
+            phases.finish()
+            log.info("engine ready %s", self.start_summary())
             self._set_state(EngineState.READY, "ready")
+
+    def start_summary(self) -> str:
+        """'in 6.2s: load_model 1.1s, tokenizer 0.0s, warmup 2.1s, round_trip 0.1s (51 executables: 51 from
+        the start cache, 0 compiled)': the last start's phases, one line for a log."""
+        phases = self.start_phases
+        if phases is None or phases.total_s is None:
+            return ""
+        detail = getattr(self.runner, "start_detail", None) or {}
+        compiled = "" if "executables_loaded" not in detail else (
+            f" ({self.num_compiled_at_ready} executables: {detail['executables_loaded']} from the start "
+            f"cache, {detail['executables_compiled']} compiled)")
+        return f"in {phases.total_s:.1f}s: {phases.summary()}{compiled}"
 
     async def drain(self, timeout: float) -> bool:
         """Refuse new work and let in-flight requests finish for up to `timeout` s; True if all did.
@@ -295,6 +356,8 @@ class Engine:
         if self._restart_task is not None:
             self._restart_task.cancel()
             self._restart_task = None
+        if self._grammars_building is not None:
+            self._grammars_building.cancel()  # its thread ends with the job in hand
         await self._cancel_loop()
         if self._compute is not None and not await self._compute.aclose(timeout):
             log.warning("the compute thread is still busy after %.1fs; leaving it behind", timeout)
@@ -341,7 +404,9 @@ class Engine:
         """Stream a request's outputs. Validation happens here, at the call: a bad prompt or parameter
         raises ValueError naming the field; a full queue raises QueueFullError; an engine that is not
         READY raises EngineNotReadyError or EngineUnavailableError. Leaving the iteration early (break,
-        cancellation) aborts the request and frees its pages."""
+        cancellation) aborts the request and frees its pages. A response_format given before the engine's
+        structured-output compiler exists has its schema compiled by the stream, which raises its
+        ValueError (`await structured_output()` first to have it at the call, as the API does)."""
         self._check_accepting()
         return self._generate(prompt, params or SamplingParams(), messages, request_id)
 
@@ -359,15 +424,28 @@ class Engine:
         include_stop = params.include_stop_str_in_output
         request.stop_matcher = StopStringMatcher(params.stop, include_stop) if params.stop else None
         if params.response_format is not None:
-            if self.grammars is None:
+            if self._grammars_unavailable is not None:
                 raise ValueError(f"response_format: structured output is unavailable with this model's "
                                  f"tokenizer ({self._grammars_unavailable})")
-            request.grammar = self.grammars.matcher(params.response_format)
+            if self.grammars is not None:  # else the stream builds the compiler first
+                request.grammar = self.grammars.matcher(params.response_format)
         return request
 
     def _generate(self, prompt, params, messages, request_id) -> AsyncIterator[RequestOutput]:
         request = self._new_request(prompt, params, messages, request_id)
+        if params.response_format is not None and request.grammar is None:
+            return self._stream_structured(request)
         return self._stream(request, self._submit(request))
+
+    async def _stream_structured(self, request: Request) -> AsyncIterator[RequestOutput]:
+        """The first structured requests: the compiler is built, then the matcher (a schema that does not
+        compile raises ValueError here), then the request is queued. The API builds the compiler before
+        it calls generate(), so its schema errors come at the call."""
+        compiler = await self.structured_output()
+        request.grammar = compiler.matcher(request.params.response_format)
+        self._check_accepting()
+        async for out in self._stream(request, self._submit(request)):
+            yield out
 
     def _submit(self, request: Request) -> asyncio.Queue:
         """Queue a request with the scheduler; its outputs arrive on the returned queue."""
@@ -566,6 +644,7 @@ class Engine:
             "model": self.model_name,
             "config": {
                 "dtype": self.config.dtype,
+                "kv_cache_dtype": self.config.resolved_kv_cache_dtype,
                 "max_model_len": runner.max_model_len if runner else self.config.max_model_len,
                 "page_size": cc.page_size,
                 "num_pages": runner.num_pages if runner else cc.num_pages,
@@ -580,6 +659,8 @@ class Engine:
                 if self.config.speculative.enabled else None,
             },
             "kv_cache": plan.as_dict() if (plan := getattr(runner, "kv_cache_plan", None)) else None,
+            "start": self.start_phases.as_dict(getattr(runner, "start_detail", None)) if self.start_phases
+            else None,
             "num_running": live["num_requests_running"],
             "num_waiting": live["num_requests_waiting"],
             "kv_cache_usage": live["kv_cache_usage_ratio"],

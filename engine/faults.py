@@ -121,6 +121,10 @@ class FaultyRunner:
     def num_compiled(self) -> int:
         return self._runner.num_compiled
 
+    @property
+    def start_detail(self) -> dict:
+        return getattr(self._runner, "start_detail", {})
+
     def fresh(self) -> "FaultyRunner":
         return FaultyRunner(self._runner.fresh(), self._faults)
 

@@ -37,20 +37,44 @@ def _finish(params, kv, h, keys, values, step, *, cfg: ModelConfig):
     return llama.logits_from_hidden(params, h[step.logits_indices], cfg=cfg), h, kv
 
 
-class LayeredForward:
-    """`forward(params, kv, step) -> (logits, hidden, kv)` with the KV cache donated, for params placed
-    on `mesh` (one device when None)."""
-
-    def __init__(self, cfg: ModelConfig, page_size: int, mesh=None):
-        self.mesh = mesh if mesh is not None else sharding.make_mesh(1)
-        self._whole = NamedSharding(self.mesh, P())
-        kv_sharding = NamedSharding(self.mesh, llama.KV_CACHE_SHARDING)
-        logits_sharding = NamedSharding(self.mesh, llama.logits_sharding(cfg, self.mesh.size))
-        self._embed = jax.jit(llama.embed, out_shardings=self._whole)
-        self._layer = jax.jit(partial(llama.decoder_layer, cfg=cfg, page_size=page_size))
+def forward_functions(cfg: ModelConfig, page_size: int, mesh) -> dict:
+    """The pieces, name -> (function, jax.jit options), for params placed on `mesh`: the runner compiles
+    them ahead of time (engine.executables), `LayeredForward.jitted` with jax.jit."""
+    whole = NamedSharding(mesh, P())
+    kv_sharding = NamedSharding(mesh, llama.KV_CACHE_SHARDING)
+    logits_sharding = NamedSharding(mesh, llama.logits_sharding(cfg, mesh.size))
+    return dict(
+        embed=(llama.embed, dict(out_shardings=whole)),
+        layer=(partial(llama.decoder_layer, cfg=cfg, page_size=page_size), {}),
         # the hidden states are whole on every device (prompt logprobs project them when asked)
-        self._finish = jax.jit(partial(_finish, cfg=cfg), donate_argnums=(1,),
-                               out_shardings=(logits_sharding, self._whole, (kv_sharding, kv_sharding)))
+        finish=(partial(_finish, cfg=cfg),
+                dict(donate_argnums=(1,), out_shardings=(logits_sharding, whole, (kv_sharding,) * 2))))
+
+
+def _compiled(fn, *args):
+    """The executable of `fn` (jax.jit or engine.executables.AotFunction) for these arguments."""
+    return fn.prepare(*args) if hasattr(fn, "prepare") else fn.lower(*args).compile()
+
+
+def _struct(info) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=getattr(info, "sharding", None))
+
+
+class LayeredForward:
+    """`forward(params, kv, step) -> (logits, hidden, kv)` with the KV cache donated, from the three
+    compiled pieces of `forward_functions`, for params placed on `mesh`."""
+
+    def __init__(self, embed, layer, finish, mesh):
+        self._embed, self._layer, self._finish, self.mesh = embed, layer, finish, mesh
+        self._whole = NamedSharding(mesh, P())
+
+    @classmethod
+    def jitted(cls, cfg: ModelConfig, page_size: int, mesh=None) -> "LayeredForward":
+        """The pieces under jax.jit (one device when `mesh` is None)."""
+        mesh = mesh if mesh is not None else sharding.make_mesh(1)
+        pieces = forward_functions(cfg, page_size, mesh)
+        fns = {name: jax.jit(fn, **options) for name, (fn, options) in pieces.items()}
+        return cls(fns["embed"], fns["layer"], fns["finish"], mesh)
 
     def place(self, step: llama.StepInput) -> llama.StepInput:
         """The step's host arrays, whole on every device of the mesh: copied once, read by every piece."""
@@ -70,15 +94,23 @@ class LayeredForward:
     def num_compiled(self) -> int:
         return self._embed._cache_size() + self._layer._cache_size() + self._finish._cache_size()
 
+    def _pieces(self, params, kv, step: llama.StepInput):
+        """(compiled embed, compiled layer, compiled finish) for a step of this shape; `kv` may be
+        shapes only (jax.ShapeDtypeStruct): nothing runs."""
+        step = self.place(step)
+        embed = _compiled(self._embed, params, step)
+        h = _struct(embed.out_info)
+        layer = _compiled(self._layer, params["layers"][0], h, kv, np.int32(0), step)
+        _, k, v = (_struct(info) for info in layer.out_info)
+        num_layers = len(params["layers"])
+        finish = _compiled(self._finish, params, kv, h, (k,) * num_layers, (v,) * num_layers, step)
+        return embed, layer, finish
+
+    def prepare(self, params, kv, step: llama.StepInput):
+        """Compile (or load) every piece a step of this shape runs; returns the last one, whose `out_info`
+        is the step's (logits, hidden, kv)."""
+        return self._pieces(params, kv, step)[-1]
+
     def compiled_hlo(self, params, kv, step: llama.StepInput) -> list[str]:
         """The optimized HLO text of each piece a step of this shape runs (the layer's once)."""
-        step = self.place(step)
-        h = jax.ShapeDtypeStruct((len(step.token_ids), params["embed"].shape[1]), params["embed"].dtype,
-                                 sharding=self._whole)
-        layer = self._layer.lower(params["layers"][0], h, kv, np.int32(0), step)
-        _, k, v = (jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=getattr(o, "sharding", None))
-                   for o in layer.out_info)
-        num_layers = len(params["layers"])
-        finish = self._finish.lower(params, kv, h, (k,) * num_layers, (v,) * num_layers, step)
-        return [self._embed.lower(params, step).compile().as_text(), layer.compile().as_text(),
-                finish.compile().as_text()]
+        return [piece.as_text() for piece in self._pieces(params, kv, step)]

@@ -20,20 +20,23 @@ from kvloom.engine.forward import LayeredForward
 class StaticBatch:
     """A batch of sequences with statically assigned pages and their own KV cache."""
 
-    def __init__(self, cfg: ModelConfig, params, *, num_seqs: int, max_len: int, page_size: int, mesh=None):
-        """`mesh`: params placed by `llama.shard_params` on it; the KV cache is split the same way."""
+    def __init__(self, cfg: ModelConfig, params, *, num_seqs: int, max_len: int, page_size: int, mesh=None,
+                 kv_dtype=None):
+        """`mesh`: params placed by `llama.shard_params` on it; the KV cache is split the same way.
+        `kv_dtype`: the KV cache's (default: the weights')."""
         self.cfg, self.params, self.page_size = cfg, params, page_size
         self.pages_per_seq = -(-max_len // page_size)
         self.page_table = (1 + np.arange(num_seqs * self.pages_per_seq, dtype=np.int32)).reshape(
             num_seqs, self.pages_per_seq
         )
         num_pages = 1 + num_seqs * self.pages_per_seq
+        kv_dtype = kv_dtype or params["embed"].dtype
         if mesh is None:
-            self.kv = llama.init_kv_cache(cfg, num_pages, page_size, params["embed"].dtype)
+            self.kv = llama.init_kv_cache(cfg, num_pages, page_size, kv_dtype)
         else:
-            self.kv = llama.sharded_kv_cache(cfg, params, num_pages, page_size, mesh)
+            self.kv = llama.sharded_kv_cache(cfg, params, num_pages, page_size, mesh, kv_dtype)
         self.lengths = np.zeros(num_seqs, np.int32)
-        self._step = LayeredForward(cfg, page_size, mesh)
+        self._step = LayeredForward.jitted(cfg, page_size, mesh)
 
     def reset(self) -> None:
         """Empty every sequence; the next extend starts over on the same cache and compiled step."""

@@ -54,7 +54,8 @@ class ResponseFormat:
     (`json_object()`) or an instance of a JSON schema (`json_schema(schema)`), written with ", " and ": "
     separators and no other whitespace between tokens of JSON. The engine compiles it against the
     vocabulary (`engine.grammar`) when the request is submitted; a schema it cannot compile is refused
-    there, with `field` named. The output can still be cut short by max_tokens or a stop string."""
+    there, with `field` named (before the engine's compiler is built, by the request's stream:
+    `Engine.structured_output()`). The output can still be cut short by max_tokens or a stop string."""
 
     type: str  # "json_object" or "json_schema"
     schema: str = '{"type": "object"}'  # the JSON schema, as JSON text (key order is the output's)

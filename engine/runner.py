@@ -25,6 +25,9 @@ Prompt logprobs: the forward also returns the final hidden states of every token
 from __future__ import annotations
 
 import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from functools import partial
 from typing import Optional
 
@@ -37,7 +40,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from kvloom.engine import prompt_logprobs, sharding, spans
 from kvloom.engine.buckets import BucketPlan, StepShape
 from kvloom.engine.config import EngineConfig
-from kvloom.engine.forward import LayeredForward
+from kvloom.engine.executables import AotFunction, CompileStats, ExecutableCache
+from kvloom.engine.forward import LayeredForward, forward_functions
 from kvloom.engine.kv_sizing import KVCachePlan, available_memory_bytes, plan_kv_cache
 from kvloom.engine.models import llama
 from kvloom.engine.models.loader import load_model
@@ -55,17 +59,27 @@ def _label_logprobs(logits, label_ids):
     return jnp.take_along_axis(logprobs, jnp.maximum(label_ids, 0), axis=-1)
 
 
+def _start_cache_path(config: EngineConfig, part: str) -> Optional[str]:
+    return os.path.join(os.path.expanduser(config.start_cache_dir), part) if config.start_cache_dir else None
+
+
 class ModelRunner:
     """The real `Runner` (engine.batch): weights, the paged KV cache and the jitted step."""
 
     def __init__(self, config: EngineConfig, plan: BucketPlan, *, loaded=None, mesh=None):
         """`loaded` (source, model config, params) with `mesh`: params already placed on that mesh."""
         self.config = config
-        self.source, self.model_config, self.params = loaded or load_model(config.model, config.dtype)
+        self.start_detail: dict = {}  # seconds of each loading step; where warm-up's executables came from
+        t0 = started = time.perf_counter()
+        self.source, self.model_config, self.params = loaded or load_model(
+            config.model, config.dtype, cache_dir=_start_cache_path(config, "weights"))
         cfg = self.model_config
+        t1 = time.perf_counter()
         self.mesh = mesh or sharding.make_mesh(config.parallel.tensor_parallel_size)
         if mesh is None:
             self.params = llama.shard_params(self.params, cfg, self.mesh)
+            jax.block_until_ready(self.params)
+        self.start_detail.update(read_weights_s=t1 - t0, place_weights_s=time.perf_counter() - t1)
         self.plan = plan
         self.page_size = config.cache.page_size
         self.max_model_len = config.resolved_max_model_len(cfg)
@@ -75,18 +89,46 @@ class ModelRunner:
         log.info("KV cache: %d pages of %d tokens, %.2f GiB (%s)", self.num_pages, self.page_size,
                  self.kv_cache_plan.num_bytes / 2**30, self.kv_cache_plan.detail)
         self.vocab_size = cfg.vocab_size
-        self.kv = llama.sharded_kv_cache(cfg, self.params, self.num_pages, self.page_size, self.mesh)
+        # The KV cache is allocated (zero-filled: seconds for gigabytes) on a thread of its own while warm-up
+        # prepares the executables, which need only its shape (kv_struct); the first use of `kv` waits for it.
+        self.kv_struct = llama.kv_cache_struct(cfg, self.params, self.num_pages, self.page_size, self.mesh,
+                                               config.resolved_kv_cache_dtype)
+        self._kv = None
+        allocator = ThreadPoolExecutor(1, thread_name_prefix="kvloom-kv-cache")
+        self._kv_allocation = allocator.submit(self._allocate_kv)
+        allocator.shutdown(wait=False)  # its thread exits once the cache is allocated
         whole = NamedSharding(self.mesh, P())
-        self._forward = LayeredForward(cfg, self.page_size, self.mesh)
-        self._sample = jax.jit(sample, out_shardings=whole)
-        self._labels = jax.jit(_label_logprobs, out_shardings=whole)
-        self._prompt_logprobs = jax.jit(partial(prompt_logprobs.prompt_logprobs, cfg=cfg),
-                                        out_shardings=whole)
+        # name -> (function, jax.jit options), compiled ahead of time (_use_executables): the forward's pieces
+        # (engine.forward), the sampler, label and prompt logprobs
+        self._jit_functions = dict(
+            forward_functions(cfg, self.page_size, self.mesh),
+            sample=(sample, dict(out_shardings=whole)),
+            labels=(_label_logprobs, dict(out_shardings=whole)),
+            prompt_logprobs=(partial(prompt_logprobs.prompt_logprobs, cfg=cfg), dict(out_shardings=whole)))
         self.max_label_tokens = config.scoring.max_label_tokens
         # min_tokens bans these until enough tokens are out (with the request's stop_token_ids)
         self.eos_token_ids = tuple(cfg.eos_token_ids)
         self.bias_width = MAX_LOGIT_BIAS + MAX_STOP_TOKEN_IDS + len(self.eos_token_ids)  # one sampler shape
         self.bitmask_words = -(-self.vocab_size // 32)  # structured outputs' token bitmasks (engine.grammar)
+        self._use_executables(config)
+        self.start_detail["runner_init_s"] = time.perf_counter() - started
+
+    def _use_executables(self, config: EngineConfig) -> None:
+        """Each jitted function called through executables compiled ahead of time (engine.executables),
+        kept in `config.start_cache_dir` when set (one process only: a multi-process model's followers
+        compile)."""
+        self.compile_stats = CompileStats()
+        directory = _start_cache_path(config, "executables")
+        cache = None
+        if directory and not config.parallel.is_multiprocess:
+            cache = ExecutableCache(directory, jax.devices())
+        mesh = f"mesh {dict(self.mesh.shape)} on devices {[d.id for d in self.mesh.devices.flat]}"
+        statics = f"{self.model_config!r} page_size={self.page_size} {mesh}"
+        functions = {name: AotFunction(name, fn, options, statics, cache, self.compile_stats)
+                     for name, (fn, options) in self._jit_functions.items()}
+        self._forward = LayeredForward(functions["embed"], functions["layer"], functions["finish"], self.mesh)
+        self._sample = functions["sample"]
+        self._labels, self._prompt_logprobs = functions["labels"], functions["prompt_logprobs"]
 
     def fresh(self) -> "ModelRunner":
         """A new runner with the same weights: a new KV cache and new compiled functions (restart)."""
@@ -94,16 +136,35 @@ class ModelRunner:
                           mesh=self.mesh)
 
     def _plan_kv_cache(self, config: EngineConfig) -> KVCachePlan:
-        bytes_per_token = llama.kv_cache_bytes_per_token(self.model_config, self.params["embed"].dtype,
+        bytes_per_token = llama.kv_cache_bytes_per_token(self.model_config, config.resolved_kv_cache_dtype,
                                                          llama.num_kv_heads_of(self.params))
         return plan_kv_cache(config.cache, max_running=config.scheduler.max_running,
                              max_model_len=self.max_model_len, bytes_per_token=bytes_per_token,
                              available_bytes=available_memory_bytes())
 
+    def _allocate_kv(self):
+        t0 = time.perf_counter()
+        kv = llama.sharded_kv_cache(self.model_config, self.params, self.num_pages, self.page_size, self.mesh,
+                                    self.kv_struct.dtype)
+        jax.block_until_ready(kv)
+        self.start_detail["kv_cache_s"] = time.perf_counter() - t0
+        return kv
+
+    @property
+    def kv(self):
+        """The KV cache (k, v), donated to each step and replaced by its result."""
+        if self._kv is None:
+            self._kv = self._kv_allocation.result()
+        return self._kv
+
+    @kv.setter
+    def kv(self, value) -> None:
+        self._kv = value
+
     @property
     def parallel_status(self) -> dict:
         """The mesh, and what each of its devices holds of the KV cache (every page, for its heads)."""
-        k = self.kv[0]
+        k = self.kv_struct
         return dict(sharding.describe(self.mesh), kv_pages_per_device=self.num_pages,
                     kv_heads_per_device=sharding.shard_shape(k)[2],
                     kv_bytes_per_device=2 * int(np.prod(sharding.shard_shape(k))) * k.dtype.itemsize)
@@ -345,22 +406,38 @@ class ModelRunner:
         return dict(prompt_logprobs=chosen, prompt_top_ids=top_ids, prompt_top_logprobs=top_logprobs)
 
     def warmup(self) -> int:
-        """Compile every step shape, sampler, label and prompt logprobs bucket; returns the number of compiled
-        executables."""
-        label_rows, sampler_rows, prompt_lens = set(), set(), set()
-        for shape in self.plan.all_shapes():
-            step = self._step_input(shape, None)
-            logits, hidden, self.kv = self._forward(self.params, self.kv, step)
-            if shape.num_prefill_rows and not shape.is_score and shape.num_tokens not in prompt_lens:
-                prompt_lens.add(shape.num_tokens)  # prompt targets come in prefill rows only
-                jax.block_until_ready(self._prompt_logprobs(
-                    self.params, hidden, prompt_logprobs.targets(shape.num_tokens, [])))
-            num_logits = len(step.logits_indices)
-            if num_logits not in label_rows and not shape.verify_len:  # label rows are never verify rows
-                label_rows.add(num_logits)
-                jax.block_until_ready(self._labels(logits, self._label_ids(num_logits, [])))
-            if not shape.is_score and num_logits not in sampler_rows:
-                sampler_rows.add(num_logits)
-                jax.block_until_ready(self._sample(logits, self._sampling_input(num_logits, [])))
+        """Prepare every step shape's forward and the sampler, label and prompt logprobs executables its
+        outputs feed: loaded from the compile cache or compiled (in parallel threads), never run. Returns
+        the number of executables."""
+        t0 = time.perf_counter()
+        workers = max(1, min(4, os.cpu_count() or 1))
+        with ThreadPoolExecutor(workers, thread_name_prefix="kvloom-compile") as pool:
+            try:
+                self._prepare_all(pool)
+            except BaseException:
+                pool.shutdown(cancel_futures=True)
+                raise
+        self.start_detail.update(self.compile_stats.as_dict(), warmup_threads=workers,
+                                 warmup_s=time.perf_counter() - t0)
         jax.block_until_ready(self.kv)
         return self.num_compiled
+
+    def _prepare_all(self, pool: ThreadPoolExecutor) -> None:
+        kv = (self.kv_struct, self.kv_struct)  # shapes only: the cache may still be being allocated
+        forwards = {pool.submit(self._forward.prepare, self.params, kv, self._step_input(s, None)): s
+                    for s in self.plan.all_shapes()}
+        followups = []
+        for future in as_completed(forwards):
+            shape = forwards[future]
+            logits, hidden, _ = future.result().out_info  # shapes, dtypes and shardings: nothing runs
+            num_logits = logits.shape[0]
+            if not shape.verify_len:  # label rows are never verify rows
+                followups.append(pool.submit(self._labels.prepare, logits, self._label_ids(num_logits, [])))
+            if not shape.is_score:
+                sampling = self._sampling_input(num_logits, [])
+                followups.append(pool.submit(self._sample.prepare, logits, sampling))
+            if shape.num_prefill_rows and not shape.is_score:  # prompt targets come in prefill rows only
+                followups.append(pool.submit(self._prompt_logprobs.prepare, self.params, hidden,
+                                             prompt_logprobs.targets(shape.num_tokens, [])))
+        for future in followups:
+            future.result()

@@ -99,13 +99,18 @@ class Tokenizer:
             raise TokenizerLoadError(f"{source.path}: cannot read the GGUF file: {exc}") from exc
         if os.path.isfile(os.path.join(cache_dir, "tokenizer_config.json")):
             try:
-                return cls(_from_pretrained(cache_dir), source.path, extra_eos_ids, loaded_from_cache=True)
+                return cls(_from_cache(cache_dir), source.path, extra_eos_ids, loaded_from_cache=True)
             except TokenizerLoadError as exc:
                 log.warning("ignoring a broken tokenizer cache entry: %s", exc)
                 shutil.rmtree(cache_dir, ignore_errors=True)
         hf_tokenizer = _from_gguf(source.path)
         _save_atomically(hf_tokenizer, cache_dir)
         return cls(hf_tokenizer, source.path, extra_eos_ids)
+
+    def with_eos_ids(self, extra_eos_ids: Sequence[int]) -> "Tokenizer":
+        """This tokenizer, also ending sequences at `extra_eos_ids` (the model config's), loaded once:
+        the engine loads the tokenizer while the model loads, before it knows the model's ids."""
+        return Tokenizer(self._tok, self.name_or_path, extra_eos_ids, self.loaded_from_cache)
 
     # ---- text <-> ids --------------------------------------------------------------------------
 
@@ -218,6 +223,24 @@ def _from_pretrained(path: str, **kwargs):
     except Exception as exc:  # missing files, unsupported GGUF metadata, corrupt JSON
         where = os.path.join(path, kwargs["gguf_file"]) if "gguf_file" in kwargs else path
         raise TokenizerLoadError(f"{where}: cannot load the tokenizer: {exc}") from exc
+
+
+def _from_cache(cache_dir: str):
+    """A cached GGUF tokenizer: transformers' fast tokenizer class itself when the entry names it (the
+    tokenizer this module builds), which saves importing the AutoTokenizer machinery; else AutoTokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        with open(os.path.join(cache_dir, "tokenizer_config.json"), "rb") as f:
+            named = json.load(f).get("tokenizer_class")
+    except (OSError, ValueError) as exc:
+        raise TokenizerLoadError(f"{cache_dir}: cannot read tokenizer_config.json: {exc}") from exc
+    if named != PreTrainedTokenizerFast.__name__:
+        return _from_pretrained(cache_dir)
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(cache_dir, local_files_only=True)
+    except Exception as exc:  # missing files, corrupt JSON
+        raise TokenizerLoadError(f"{cache_dir}: cannot load the tokenizer: {exc}") from exc
 
 
 def _from_gguf(path: str):

@@ -102,7 +102,7 @@ def cmd_serve(args) -> int:
         engine = Engine(config, faults=faults, **runner_args)
         await serve(engine, args.host, args.port, drain_timeout=args.drain_timeout,
                     enable_admin=args.enable_admin or faults is not None, api_key=api_key,
-                    access_log=not args.no_access_log)
+                    access_log=not args.no_access_log, command_started=getattr(args, "command_started", None))
 
     try:
         uvloop.run(main())
@@ -193,12 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    started = time.monotonic()
     try:  # `kvloom serve --config FILE`: the file's flags, then the command line's (which win)
         argv = expand_config_argv(sys.argv[1:] if argv is None else argv)
     except FlagFileError as exc:
         print(f"kvloom serve: error: --config {exc}", file=sys.stderr)
         return 2
     args = build_parser().parse_args(argv)
+    args.command_started = started
     return args.func(args)
 
 

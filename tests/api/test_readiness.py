@@ -44,6 +44,9 @@ async def test_ready_only_after_warm_up(tiny_llama):
             await start
             async with s.get(served.url + "/ready") as r:
                 assert r.status == 200 and (await r.json())["state"] == "ready"
+            async with s.get(served.url + "/status") as r:  # the start's phases, the time held among them
+                phases = (await r.json())["start"]["phases"]
+                assert list(phases) == ["load_model", "tokenizer", "held", "warmup", "round_trip"]
             async with s.post(served.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}) as r:
                 assert r.status == 200
                 assert (await r.json())["usage"]["completion_tokens"] == 2

@@ -137,3 +137,37 @@ def test_serve_help_gives_every_flag_a_sentence_and_its_default():
         assert "default" in action.help, action.option_strings
     text = serve.format_help()
     assert "(default 32)" in text and "at most 2048" in text
+
+
+async def test_a_second_start_reads_every_executable_back(tiny_llama, tmp_path):
+    """Two starts with one new compile cache: the first compiles every step executable and keeps it, the
+    second compiles none (all read back) and answers the same greedy text; /status and the ready line say
+    where each start's time and executables went."""
+    starts = []
+    for _ in range(2):
+        proc, url = await launch(tiny_llama, "--compile-cache", str(tmp_path / "cache"))
+        output = []
+        try:
+            await asyncio.wait_for(wait_ready(proc, output), 360)
+            async with aiohttp.ClientSession() as session:
+                async with session.get(url + "/status") as r:
+                    start = (await r.json())["start"]
+                body = {"model": "llama", "prompt": [5, 6, 7], "max_tokens": 12, "temperature": 0,
+                        "ignore_eos": True}
+                async with session.post(url + "/v1/completions", json=body) as r:
+                    text = (await r.json())["choices"][0]["text"]
+            assert await stop(proc, output) == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        ready_line = next(line for line in output if line.startswith("kvloom: ready"))
+        starts.append((start, text, ready_line))
+    (cold, cold_text, _), (warm, warm_text, warm_line) = starts
+    compiled = cold["detail"]["executables_compiled"]
+    assert compiled > 0 and cold["detail"]["executables_loaded"] == 0
+    assert (warm["detail"]["executables_loaded"], warm["detail"]["executables_compiled"]) == (compiled, 0)
+    assert warm_text == cold_text
+    assert list(warm["phases"]) == ["load_model", "tokenizer", "warmup", "round_trip"]
+    assert f"({compiled} executables: {compiled} from the start cache, 0 compiled)" in warm_line
+    assert "since the command started" in warm_line

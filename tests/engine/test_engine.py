@@ -2,6 +2,7 @@
 
 import asyncio
 import gc
+import json
 import os
 import threading
 
@@ -269,3 +270,36 @@ async def test_create_and_stop_twenty_times_leaks_nothing(config):
     assert threading.active_count() == threads
     assert _open_fds() <= fds + 2
     assert _rss_bytes() - rss < 50 * 2**20
+
+
+async def test_start_phases_add_up_to_the_start(config):
+    async with Engine(config, runner_factory=fake_runner.factory()) as engine:
+        start = engine.status()["start"]
+        phases = start["phases"]
+        assert list(phases) == ["load_model", "tokenizer", "warmup", "round_trip"]
+        assert all(seconds >= 0 for seconds in phases.values())
+        assert sum(phases.values()) == pytest.approx(start["total_s"], abs=0.003)  # they partition the start
+        assert start["detail"]["tokenizer_load_s"] > 0  # loaded beside the model: in the detail
+        assert engine.start_summary() == (f"in {start['total_s']:.1f}s: "
+                                          + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()))
+
+
+async def test_the_grammar_compiler_is_built_by_the_first_structured_request(config):
+    from kvloom.engine.request import ResponseFormat
+
+    async with Engine(config, runner_factory=fake_runner.factory()) as engine:
+        assert engine.grammars is None  # not at start: requests without response_format never need it
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                  "additionalProperties": False}
+        params = SamplingParams(max_tokens=40, temperature=0,
+                                response_format=ResponseFormat.json_schema(schema))
+        outs, text, _ = await collect(engine, "Hi", params)
+        assert outs[-1].finish_reason is FinishReason.STOP and isinstance(json.loads(text)["ok"], bool)
+        assert engine.grammars is not None
+        await wait_for(lambda: not any(t.name.startswith("kvloom-grammar") for t in threading.enumerate()))
+
+        # a schema that does not compile: at the call, once the compiler is built
+        bad = SamplingParams(max_tokens=4, response_format=ResponseFormat.json_schema({"type": "nonsense"}))
+        with pytest.raises(ValueError, match=r"^response_format\.json_schema\.schema"):
+            engine.generate("Hi", bad)
+        assert not engine.scheduler.has_work

@@ -135,3 +135,41 @@ def test_gguf_weights_equal_the_checkpoint(tiny_checkpoints, tmp_path):
     assert len(want_leaves) == len(got_leaves)
     for (key, a), b in zip(want_leaves, got_leaves):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(key))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gguf_weights_are_kept_converted_and_read_back(tiny_checkpoints, tmp_path, monkeypatch, caplog,
+                                                       dtype):
+    import jax
+    import numpy as np
+
+    from kvloom.engine.models import loader
+    from tests import tiny_models
+
+    path = tiny_models.build_gguf(str(tmp_path / "tiny.gguf"), tiny_checkpoints("llama_untied"))
+    cache = str(tmp_path / "weights")
+    _, want_cfg, want = load_model(path, dtype)
+    _, cfg, first = load_model(path, dtype, cache_dir=cache)
+    assert len(os.listdir(cache)) == 1  # one entry for the file and dtype
+
+    opened = []
+    real_open = loader._open_gguf
+    monkeypatch.setattr(loader, "_open_gguf", lambda p: opened.append(p) or real_open(p))
+    _, cached_cfg, cached = load_model(path, dtype, cache_dir=cache)
+    assert opened == [] and cached_cfg == want_cfg == cfg  # read back: the GGUF file was not parsed
+    want_leaves, got_leaves = jax.tree_util.tree_leaves_with_path(want), jax.tree_util.tree_leaves(cached)
+    assert len(want_leaves) == len(got_leaves)
+    for (key, a), b in zip(want_leaves, got_leaves):
+        assert a.dtype == b.dtype == np.dtype(jax.numpy.dtype(dtype)), jax.tree_util.keystr(key)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(key))
+
+    os.utime(path, ns=(0, 0))  # the file changed: converted again, the entry replaced
+    load_model(path, dtype, cache_dir=cache)
+    assert opened == [path] and len(os.listdir(cache)) == 1
+
+    entry = os.path.join(cache, os.listdir(cache)[0])
+    with open(entry, "r+b") as f:  # a truncated entry is converted again, with a warning
+        f.truncate(100)
+    _, _, again = load_model(path, dtype, cache_dir=cache)
+    assert opened == [path, path] and "ignoring unreadable converted weights" in caplog.text
+    np.testing.assert_array_equal(np.asarray(again["embed"]), np.asarray(want["embed"]))

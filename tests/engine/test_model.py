@@ -101,7 +101,7 @@ def test_layered_forward_equals_the_one_program_forward(tiny_checkpoints, family
     _, cfg, params = load_model(tiny_checkpoints(family))
     page_size, width = 4, 8
     one_program = jax.jit(partial(llama.forward, cfg=cfg, page_size=page_size))
-    layered = LayeredForward(cfg, page_size)
+    layered = LayeredForward.jitted(cfg, page_size)
     kv_a = llama.init_kv_cache(cfg, 1 + 2 * width, page_size, jnp.float32)
     kv_b = llama.init_kv_cache(cfg, 1 + 2 * width, page_size, jnp.float32)
     table = (1 + np.arange(2 * width, dtype=np.int32)).reshape(2, width)

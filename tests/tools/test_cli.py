@@ -92,7 +92,22 @@ def test_serve_flags_make_the_engine_config():
     assert config.scheduler == SchedulerConfig(max_running=3, policy="lpm")
     assert config.cache == CacheConfig(num_pages=64, enable_prefix_cache=False)
     defaults = engine_config_from_args(build_parser().parse_args(["serve"]), serve=True)
-    assert defaults == EngineConfig()  # no flag given: the config's own defaults
+    # no flag given: the config's own defaults, with the start cache inside the default compile cache
+    start_cache = os.path.join(os.path.expanduser("~/.cache/kvloom/jax"), "kvloom")
+    assert defaults == EngineConfig(start_cache_dir=start_cache)
+    no_cache = build_parser().parse_args(["serve", "--compile-cache", ""])
+    assert engine_config_from_args(no_cache, serve=True) == EngineConfig()
+
+
+def test_dtype_flags_make_the_engine_config():
+    args = build_parser().parse_args(["serve", "--dtype", "float16", "--kv-cache-dtype", "bfloat16"])
+    config = engine_config_from_args(args, serve=True)
+    assert (config.dtype, config.kv_cache_dtype, config.resolved_kv_cache_dtype) == (
+        "float16", "bfloat16", "bfloat16")
+    chat = engine_config_from_args(build_parser().parse_args(["chat", "--dtype", "bfloat16"]))
+    assert (chat.dtype, chat.resolved_kv_cache_dtype) == ("bfloat16", "bfloat16")  # auto: the weights'
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--kv-cache-dtype", "int8"])
 
 
 def test_benchmark_flags_fall_back_to_the_command_sizes():
