@@ -19,9 +19,9 @@ among them is a miss, never a stale executable. Entries are written atomically; 
 compiled again.
 
 An executable that JAX read back from its own persistent cache cannot be serialized again (XLA:CPU
-loses its kernels), so with a cache each function's name carries the source digest and the cache
-directory's own random salt: new code, or a new cache directory, is new to JAX's cache too, and XLA
-compiles it. An executable that came from JAX's cache anyway (its monitoring event says so) is used
+loses its kernels), so with a cache each program's name carries the source digest, the cache
+directory's own random salt and its signature: new code, or a new cache directory, is new to JAX's
+cache too, and two signatures that lower alike never meet there, and XLA compiles each. An executable that came from JAX's cache anyway (its monitoring event says so) is used
 but not kept.
 """
 
@@ -212,9 +212,8 @@ class AotFunction:
 
     def __init__(self, name: str, fn: Callable, jit_options: dict, identity: str,
                  cache: Optional[ExecutableCache], stats: CompileStats):
-        if cache is not None:
-            fn = _named(fn, f"{name}_{cache.code_digest[:12]}_{cache.salt}")
         self._jitted = jax.jit(fn, **jit_options)
+        self._fn, self._name, self._jit_options = fn, name, jit_options
         self.identity, self._cache, self._stats = f"{name} {identity}", cache, stats
         self._table: dict[tuple, Any] = {}
         self._lock = threading.Lock()
@@ -264,7 +263,14 @@ class AotFunction:
                 self._stats.add(loaded=1, load_s=time.perf_counter() - t0)
                 return executable
         t0 = time.perf_counter()
-        lowered = self._jitted.lower(*args)
+        jitted = self._jitted
+        if self._cache is not None:
+            # Named for this signature too: two signatures whose programs lower alike (an argument the
+            # function does not read is pruned) must not meet in JAX's cache, or the second cannot be kept.
+            digest = hashlib.sha256(repr(key).encode()).hexdigest()[:12]
+            name = f"{self._name}_{self._cache.code_digest[:12]}_{self._cache.salt}_{digest}"
+            jitted = jax.jit(_named(self._fn, name), **self._jit_options)
+        lowered = jitted.lower(*args)
         t1 = time.perf_counter()
         thread, hits = threading.get_ident(), []
 

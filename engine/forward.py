@@ -1,12 +1,14 @@
 """The model step as separately compiled pieces, dispatched layer by layer from the compute thread.
 
     step (host arrays)  -> placed on the mesh once per step
-    embed               jitted: the token embeddings [T, D]
+    embed               jitted: the token embeddings [T, D] (of the token ids only)
     decoder_layer x L   jitted, one executable per step shape shared by every layer: each call gets
                         that layer's own weight arrays, the KV cache (read only) and the layer's index
                         as a traced int32, and returns h and the layer's new keys and values
     finish              jitted, the KV cache donated: every layer's new keys and values written at
                         the step's slots, the final norm, float32 logits of `logits_indices`
+    (embed and finish take only the arrays they read: steps of different shapes with the same token and
+    logits counts share their executables, and no two step shapes lower to one identical program)
     -> (logits [S, V], final hidden states [T, D], the new KV cache)
 
 Why pieces (measured with tools.profile_step): one program over all layers either runs a `lax.scan`
@@ -31,10 +33,10 @@ from kvloom.engine.config import ModelConfig
 from kvloom.engine.models import llama
 
 
-def _finish(params, kv, h, keys, values, step, *, cfg: ModelConfig):
-    kv = llama.write_kv_cache(kv, keys, values, step)
+def _finish(params, kv, h, keys, values, slot_mapping, logits_indices, *, cfg: ModelConfig):
+    kv = llama.write_kv_cache(kv, keys, values, slot_mapping)
     h = llama.final_norm(params, h, cfg=cfg)
-    return llama.logits_from_hidden(params, h[step.logits_indices], cfg=cfg), h, kv
+    return llama.logits_from_hidden(params, h[logits_indices], cfg=cfg), h, kv
 
 
 def forward_functions(cfg: ModelConfig, page_size: int, mesh) -> dict:
@@ -82,13 +84,13 @@ class LayeredForward:
 
     def __call__(self, params, kv, step: llama.StepInput):
         step = self.place(step)
-        h = self._embed(params, step)
+        h = self._embed(params, step.token_ids)
         keys, values = [], []
         for index, layer in enumerate(params["layers"]):
             h, k, v = self._layer(layer, h, kv, np.int32(index), step)
             keys.append(k)
             values.append(v)
-        return self._finish(params, kv, h, tuple(keys), tuple(values), step)
+        return self._finish(params, kv, h, tuple(keys), tuple(values), step.slot_mapping, step.logits_indices)
 
     @property
     def num_compiled(self) -> int:
@@ -98,12 +100,13 @@ class LayeredForward:
         """(compiled embed, compiled layer, compiled finish) for a step of this shape; `kv` may be
         shapes only (jax.ShapeDtypeStruct): nothing runs."""
         step = self.place(step)
-        embed = _compiled(self._embed, params, step)
+        embed = _compiled(self._embed, params, step.token_ids)
         h = _struct(embed.out_info)
         layer = _compiled(self._layer, params["layers"][0], h, kv, np.int32(0), step)
         _, k, v = (_struct(info) for info in layer.out_info)
         num_layers = len(params["layers"])
-        finish = _compiled(self._finish, params, kv, h, (k,) * num_layers, (v,) * num_layers, step)
+        finish = _compiled(self._finish, params, kv, h, (k,) * num_layers, (v,) * num_layers,
+                           step.slot_mapping, step.logits_indices)
         return embed, layer, finish
 
     def prepare(self, params, kv, step: llama.StepInput):

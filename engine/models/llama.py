@@ -273,9 +273,9 @@ def kv_cache_bytes_per_token(cfg: ModelConfig, dtype, num_kv_heads: Optional[int
     return 2 * cfg.num_layers * (num_kv_heads or cfg.num_kv_heads) * cfg.head_dim * jnp.dtype(dtype).itemsize
 
 
-def embed(params, step: StepInput):
+def embed(params, token_ids):
     """The step's token embeddings [T, D]."""
-    return params["embed"][step.token_ids]
+    return params["embed"][token_ids]
 
 
 def decoder_layer(lp, h, kv_cache, layer, step: StepInput, *, cfg: ModelConfig, page_size: int):
@@ -331,12 +331,12 @@ def decoder_layer(lp, h, kv_cache, layer, step: StepInput, *, cfg: ModelConfig, 
     return h, k, v
 
 
-def write_kv_cache(kv_cache, new_keys, new_values, step: StepInput):
+def write_kv_cache(kv_cache, new_keys, new_values, slot_mapping):
     """Every layer's new keys and values (sequences of [T, KVH, D]) into the cache, at the step's slots."""
     k_all, v_all = kv_cache
     with jax.named_scope("kv_write"):
-        k_all = k_all.at[:, step.slot_mapping].set(jnp.stack(new_keys))
-        v_all = v_all.at[:, step.slot_mapping].set(jnp.stack(new_values))
+        k_all = k_all.at[:, slot_mapping].set(jnp.stack(new_keys))
+        v_all = v_all.at[:, slot_mapping].set(jnp.stack(new_values))
     return k_all, v_all
 
 
@@ -344,13 +344,13 @@ def forward(params, kv_cache, step: StepInput, *, cfg: ModelConfig, page_size: i
     """The whole model over one step, as one function: (final-normed hidden states of every token [T, D],
     new kv_cache). The engine runs the same pieces compiled apart (`engine.forward.LayeredForward`);
     this composition is their definition, and what tests compare them with."""
-    h = embed(params, step)
+    h = embed(params, step.token_ids)
     keys, values = [], []
     for index, lp in enumerate(params["layers"]):
         h, k, v = decoder_layer(lp, h, kv_cache, index, step, cfg=cfg, page_size=page_size)
         keys.append(k)
         values.append(v)
-    return final_norm(params, h, cfg=cfg), write_kv_cache(kv_cache, keys, values, step)
+    return final_norm(params, h, cfg=cfg), write_kv_cache(kv_cache, keys, values, step.slot_mapping)
 
 
 def final_norm(params, h, *, cfg: ModelConfig):
