@@ -21,8 +21,8 @@ compiled again.
 An executable that JAX read back from its own persistent cache cannot be serialized again (XLA:CPU
 loses its kernels), so with a cache each program's name carries the source digest, the cache
 directory's own random salt and its signature: new code, or a new cache directory, is new to JAX's
-cache too, and two signatures that lower alike never meet there, and XLA compiles each. An executable that came from JAX's cache anyway (its monitoring event says so) is used
-but not kept.
+cache too, and two signatures that lower alike never meet there, and XLA compiles each. An executable
+that came from JAX's cache anyway (its monitoring event says so) is used but not kept.
 """
 
 from __future__ import annotations
