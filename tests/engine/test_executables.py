@@ -105,3 +105,28 @@ def test_the_runner_s_code_is_what_its_executables_depend_on():
     assert {"engine/runner.py", "engine/models/llama.py", "kernels/attention.py", "engine/sampling.py",
             "engine/prompt_logprobs.py", "engine/request.py"} <= files
     assert not files & {"engine/scheduler.py", "engine/engine.py", "engine/tokenizer.py", "api/server.py"}
+
+
+def test_the_digest_is_read_while_other_threads_parse_python():
+    """The digest is computed on the compute thread while other threads may run `ast.parse`, which in
+    CPython 3.11 is not safe to run on two threads at once; the digest does not parse, so it is stable."""
+    import ast
+    import threading
+
+    from kvloom.engine.source_digest import source_digest
+
+    expected, stop, results = source_digest(["kvloom.engine.runner"]), threading.Event(), []
+    source = open(source_files(["kvloom.engine.runner"])[0]).read()
+
+    def parse():
+        while not stop.is_set():
+            ast.parse(source)
+
+    parser = threading.Thread(target=parse)
+    parser.start()
+    try:
+        results = [source_digest(["kvloom.engine.runner"]) for _ in range(20)]
+    finally:
+        stop.set()
+        parser.join(30)
+    assert results == [expected] * 20 and not parser.is_alive()
