@@ -52,3 +52,35 @@ def test_kvloom_command_runs_beside_user_packages(user_project):
                          timeout=100)
     assert out.returncode == 0, out.stderr
     assert "--model" in out.stdout
+
+
+KERNELS_CHECK = """
+import importlib.metadata, sys
+import kvloom.kernels.attention
+try:
+    importlib.metadata.version("kernels")
+    installed = True
+except importlib.metadata.PackageNotFoundError:
+    installed = False
+try:
+    import kernels
+except ModuleNotFoundError:
+    assert not installed, "Hugging Face's kernels is installed but did not import"
+    print("absent")
+else:
+    assert kernels.__file__ != {own!r}, kernels.__file__
+    assert kvloom.kernels.attention.prefix_extend_attention
+    print("library")
+"""
+
+
+def test_the_checkout_s_kernels_folder_does_not_shadow_hugging_face_s_kernels_library():
+    """From the repository root (as in a test run), `import kernels` is Hugging Face's library, which
+    transformers imports to build a PyTorch model, or absent; kvloom's own stays `kvloom.kernels`."""
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    check = KERNELS_CHECK.format(own=os.path.join(ROOT, "kernels", "__init__.py"))
+    out = subprocess.run([sys.executable, "-c", check], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=100)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() in ("library", "absent")
