@@ -11,7 +11,8 @@ Shapes (one step):
     k_new, v_new:     [B, Q, KVH, D] keys and values of the new tokens
     new_lens:         [B] int32      real new tokens per row (the rest is padding)
     k_cache, v_cache: [L, num_pages, page_size, KVH, D], read at layer `layer`
-                      (or [num_pages, page_size, KVH, D] with layer=None)
+                      (or [num_pages, page_size, KVH, D] with layer=None), in a storage
+                      dtype of kernels.kv_format (k_new and v_new too, or any float)
     page_table:       [B, P] int32   page ids of each sequence, in position order
     past_lens:        [B] int32      tokens already in the cache before this step
 
@@ -32,6 +33,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from kvloom.kernels.kv_format import to_float32
 
 _NEG_INF = -1e30
 
@@ -62,8 +65,8 @@ def prefix_extend_attention_reference(q, k_new, v_new, new_lens, k_cache, v_cach
     num_past = page_table.shape[1] * page_size
     k_past = _gather_pages(k_cache, page_table, layer).reshape(b, num_past, kvh, d)
     v_past = _gather_pages(v_cache, page_table, layer).reshape(b, num_past, kvh, d)
-    k = jnp.concatenate([k_past, k_new], axis=1).astype(jnp.float32)  # [B, S + Q, KVH, D]
-    v = jnp.concatenate([v_past, v_new], axis=1).astype(jnp.float32)
+    k = jnp.concatenate([to_float32(k_past), to_float32(k_new)], axis=1)  # [B, S + Q, KVH, D]
+    v = jnp.concatenate([to_float32(v_past), to_float32(v_new)], axis=1)
     past_mask = jnp.broadcast_to(jnp.arange(num_past)[None, None, :] < past_lens[:, None, None],
                                  (b, qn, num_past))
     mask = jnp.concatenate([past_mask, _new_mask(new_lens, qn, segment_ids)], axis=-1)  # [B, Q, S + Q]
@@ -89,11 +92,11 @@ def prefix_extend_attention(q, k_new, v_new, new_lens, k_cache, v_cache, page_ta
     qt = jnp.transpose(_group(q, kvh), (0, 2, 1, 3, 4)).reshape(b, kvh, qn * g, d).astype(jnp.float32) * scale
 
     def scores(keys):  # keys: [B, S, KVH, D] -> [B, KVH, Q, G, S]
-        kt = jnp.transpose(keys.astype(jnp.float32), (0, 2, 1, 3))
+        kt = jnp.transpose(to_float32(keys), (0, 2, 1, 3))
         return jnp.einsum("bkqd,bksd->bkqs", qt, kt).reshape(b, kvh, qn, g, keys.shape[1])
 
     def weighted(p, values):  # p: [B, KVH, Q, G, S], values: [B, S, KVH, D] -> [B, KVH, Q, G, D]
-        vt = jnp.transpose(values.astype(jnp.float32), (0, 2, 1, 3))
+        vt = jnp.transpose(to_float32(values), (0, 2, 1, 3))
         out = jnp.einsum("bkqs,bksd->bkqd", p.reshape(b, kvh, qn * g, p.shape[-1]), vt)
         return out.reshape(b, kvh, qn, g, d)
 

@@ -31,6 +31,7 @@ from kvloom.engine import sharding
 from kvloom.engine.config import ModelConfig
 from kvloom.engine.sharding import TP_AXIS
 from kvloom.kernels.attention import prefix_extend_attention
+from kvloom.kernels.kv_format import storage_dtype, to_storage
 
 # HF parameter names -> (params key, transpose to [in, out]); per layer and global.
 LAYER_WEIGHTS = {
@@ -191,9 +192,10 @@ def shard_params(params, cfg: ModelConfig, mesh: Mesh):
 def kv_cache_struct(cfg: ModelConfig, params, num_pages: int, page_size: int, mesh: Mesh,
                     dtype=None) -> jax.ShapeDtypeStruct:
     """The shape, dtype (default: the weights') and sharding of each of the K and V caches for sharded
-    `params`. The forward stores keys and values in the cache's dtype and attends in float32."""
+    `params`, in the storage dtype of kernels.kv_format. The forward stores keys and values in the cache's
+    dtype and attends in float32."""
     shape = kv_cache_shape(cfg, num_pages, page_size, num_kv_heads_of(params))
-    return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype or params["embed"].dtype),
+    return jax.ShapeDtypeStruct(shape, storage_dtype(dtype or params["embed"].dtype),
                                 sharding=NamedSharding(mesh, KV_CACHE_SHARDING))
 
 
@@ -265,8 +267,8 @@ def kv_cache_shape(cfg: ModelConfig, num_pages: int, page_size: int, num_kv_head
 
 
 def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> tuple[jax.Array, jax.Array]:
-    shape = kv_cache_shape(cfg, num_pages, page_size)
-    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+    shape, storage = kv_cache_shape(cfg, num_pages, page_size), storage_dtype(dtype)
+    return jnp.zeros(shape, storage), jnp.zeros(shape, storage)
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, dtype, num_kv_heads: Optional[int] = None) -> int:
@@ -306,8 +308,8 @@ def decoder_layer(lp, h, kv_cache, layer, step: StepInput, *, cfg: ModelConfig, 
             q = rms_norm(q, lp["q_norm"], eps)
             k = rms_norm(k, lp["k_norm"], eps)
         q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin).astype(k_all.dtype)
-        v = v.astype(v_all.dtype)
+        k = to_storage(apply_rope(k, cos, sin), k_all.dtype)
+        v = to_storage(v, v_all.dtype)
     outs, offset = [], 0
     for seg in step.segments:
         rows, qn = seg.page_table.shape[0], seg.num_query_tokens

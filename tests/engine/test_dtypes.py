@@ -10,6 +10,7 @@ import pytest_asyncio
 from kvloom.engine.config import ConfigError, EngineConfig
 from kvloom.engine.engine import Engine
 from kvloom.engine.request import SamplingParams
+from kvloom.kernels.kv_format import cache_dtype, storage_dtype
 from tests import tiny_models
 from tests.conftest import tiny_engine_config
 
@@ -64,7 +65,8 @@ async def test_each_precision_stays_close_to_float32(tiny_llama, reference, dtyp
         kv_dtype = dtype if kv_cache_dtype == "auto" else kv_cache_dtype
         status = engine.status()
         assert status["config"]["kv_cache_dtype"] == kv_dtype
-        assert engine.runner.kv[0].dtype.name == kv_dtype
+        assert cache_dtype(engine.runner.kv[0].dtype).name == kv_dtype
+        assert engine.runner.kv[0].dtype == storage_dtype(kv_dtype)  # bfloat16: as uint16 bits
         assert engine.runner.params["embed"].dtype.name == dtype
         assert status["kv_cache"]["num_bytes"] == f32_bytes * ITEMSIZE[kv_dtype] // 4  # same pages, its bytes
         got = await run(engine)

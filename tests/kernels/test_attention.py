@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from kvloom.kernels.attention import prefix_extend_attention, prefix_extend_attention_reference
+from kvloom.kernels.kv_format import cache_dtype, storage_dtype, to_float32, to_storage
 
 
 def _case(rng, *, rows, qn, heads, kv_heads, dim, page_size, num_table_pages, dtype, layers=2):
@@ -22,7 +23,8 @@ def _case(rng, *, rows, qn, heads, kv_heads, dim, page_size, num_table_pages, dt
     k_new = rng.standard_normal((rows, qn, kv_heads, dim)).astype(np.float32)
     v_new = rng.standard_normal((rows, qn, kv_heads, dim)).astype(np.float32)
     c = lambda a: jnp.asarray(a, dtype)  # noqa: E731
-    return (c(q), c(k_new), c(v_new), jnp.asarray(new_lens), c(k_cache), c(v_cache), jnp.asarray(table),
+    s = lambda a: to_storage(jnp.asarray(a), storage_dtype(dtype))  # noqa: E731  (as the forward writes)
+    return (c(q), s(k_new), s(v_new), jnp.asarray(new_lens), s(k_cache), s(v_cache), jnp.asarray(table),
             jnp.asarray(past_lens))
 
 
@@ -41,6 +43,17 @@ def test_blocked_matches_reference(dtype, tol, page_size, qn):
         np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol,
                                    rtol=tol)
     assert np.all(np.asarray(ref, np.float32)[-1] == 0)  # the padding row
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
+def test_the_cache_keeps_each_dtype_s_values(dtype):
+    """bfloat16 is stored as its bits (uint16) and read back exactly as bfloat16 rounds; the others as
+    themselves."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 5)) * 100, jnp.float32)
+    stored = to_storage(x, storage_dtype(dtype))
+    assert stored.dtype == (jnp.uint16 if dtype == jnp.bfloat16 else dtype)
+    assert cache_dtype(stored.dtype) == dtype
+    np.testing.assert_array_equal(np.asarray(to_float32(stored)), np.asarray(x.astype(dtype), np.float32))
 
 
 def test_reference_is_causal_attention():
