@@ -181,11 +181,9 @@ class ModelRunner:
         step = self._step_input(shape, None)
         texts = self._forward.compiled_hlo(self.params, self.kv, step)
         if not shape.is_score:
-            spec = llama.logits_sharding(self.model_config, self.mesh.size)
-            logits = jax.ShapeDtypeStruct((len(step.logits_indices), self.vocab_size), jnp.float32,
-                                          sharding=NamedSharding(self.mesh, spec))
+            logits = self._forward.prepare(self.params, self.kv, step).out_info[0]
             sampling = self._sampling_input(len(step.logits_indices), [])
-            texts.append(self._sample.lower(logits, sampling).compile().as_text())
+            texts.append(self._sample.prepare(logits, sampling).as_text())
         return texts
 
     # ---- arrays ---------------------------------------------------------------------------------
