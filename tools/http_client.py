@@ -150,24 +150,31 @@ def reader_for(spec: RequestSpec) -> Reader:
 async def send_request(session: aiohttp.ClientSession, url: str, spec: RequestSpec, rec: RequestRecord,
                        timeout_s: float, read: Optional[Reader] = None) -> None:
     """POST spec.body to url + spec.path and fill `rec` (see the module docstring); `read` replaces the
-    reader of the spec's kind."""
+    reader of the spec's kind. A request whose kept-alive connection turns out closed before any response
+    came (llama-server closes it after each streamed response) is sent once more on a new connection."""
     start = time.perf_counter()
-    try:
-        async with session.post(url + spec.path, data=orjson.dumps(spec.body),
-                                headers={"Content-Type": "application/json"},
-                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-            if resp.status >= 400:
-                rec.error = await _http_error(resp)
-            else:
-                await (read or reader_for(spec))(resp, rec, spec, start)
-    except asyncio.TimeoutError:  # aiohttp's timeouts subclass it
-        rec.error = "timeout"
-    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
-        rec.error = "connection_error"
-    except aiohttp.ClientError:
-        rec.error = "client_error"
-    except (ValueError, TypeError, AttributeError):  # not JSON, or JSON of the wrong shape
-        rec.error = "bad_response"
+    for attempt in range(2):
+        responded = False
+        try:
+            async with session.post(url + spec.path, data=orjson.dumps(spec.body),
+                                    headers={"Content-Type": "application/json"},
+                                    timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+                responded = True
+                if resp.status >= 400:
+                    rec.error = await _http_error(resp)
+                else:
+                    await (read or reader_for(spec))(resp, rec, spec, start)
+        except asyncio.TimeoutError:  # aiohttp's timeouts subclass it
+            rec.error = "timeout"
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as error:
+            if not responded and attempt == 0 and not isinstance(error, aiohttp.ClientConnectorError):
+                continue  # a stale kept-alive connection: nothing reached the server
+            rec.error = "connection_error"
+        except aiohttp.ClientError:
+            rec.error = "client_error"
+        except (ValueError, TypeError, AttributeError):  # not JSON, or JSON of the wrong shape
+            rec.error = "bad_response"
+        return
 
 
 async def request_json(session: aiohttp.ClientSession, method: str, url: str, body: Optional[dict] = None, *,

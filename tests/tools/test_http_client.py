@@ -1,6 +1,8 @@
 """tools.http_client against a stub server on loopback: each kind of answer lands in the record as
 the module docstring says."""
 
+import asyncio
+
 import aiohttp
 import orjson
 import pytest
@@ -98,3 +100,43 @@ def test_base_url():
     assert http_client.base_url("http://h:1/v1/") == "http://h:1"
     with pytest.raises(UsageError, match="--url"):
         http_client.base_url("h:1")
+
+
+async def test_a_server_that_closes_each_kept_alive_connection_loses_no_request():
+    """llama-server closes the connection after each streamed response without saying so: the next request
+    on that connection fails before any byte comes back, and is sent again on a new one (once)."""
+    served, connections = [], 0
+
+    async def handle(reader, writer):
+        nonlocal connections
+        connections += 1
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        served.append(orjson.loads(await reader.readexactly(length)))
+        usage = {"prompt_tokens": 1, "completion_tokens": 1}
+        body = sse({"id": "r", "choices": [{"delta": {"content": "a"}}]},
+                   {"id": "r", "choices": [], "usage": usage}, b"[DONE]")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        await writer.drain()
+        writer.close()  # no "Connection: close": the client still holds the connection as kept alive
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        records = []
+        async with aiohttp.ClientSession() as session:
+            for i in range(6):
+                records.append(RequestRecord())
+                await http_client.send_request(session, url, RequestSpec("/s", {"i": i}, is_stream=True),
+                                               records[-1], timeout_s=30)
+        assert [rec.error for rec in records] == [None] * 6
+        assert [body["i"] for body in served] == list(range(6))  # each request reached the server once
+    finally:
+        server.close()
+        await server.wait_closed()
+    # a server that is not there at all is one connection error, at once
+    rec = await send(url, RequestSpec("/s", {}, is_stream=True))
+    assert rec.error == "connection_error"
