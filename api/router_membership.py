@@ -24,6 +24,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvloom.api.router_notify import Notifier
+from kvloom.engine import metrics
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +74,13 @@ class Replica:
                 "inter_token_s": self.inter_token_s}
 
 
+_PROMPT_TOKENS, _CACHE_HITS = f"{metrics.PROMPT_TOKENS}_total", f"{metrics.PREFIX_CACHE_HITS}_total"
+_TTFT_SUM = f"{metrics.TIME_TO_FIRST_TOKEN}_sum"
+_ITL_SUM, _ITL_COUNT = f"{metrics.INTER_TOKEN_LATENCY}_sum", f"{metrics.INTER_TOKEN_LATENCY}_count"
+
+
 def _counters(metrics_text: str) -> dict:
-    wanted = {"kvloom_prompt_tokens_total", "kvloom_prefix_cache_hits_total",
-              "kvloom_time_to_first_token_seconds_sum", "kvloom_inter_token_latency_seconds_sum",
-              "kvloom_inter_token_latency_seconds_count"}
+    wanted = {_PROMPT_TOKENS, _CACHE_HITS, _TTFT_SUM, _ITL_SUM, _ITL_COUNT}
     out = {}
     for family in text_string_to_metric_families(metrics_text):
         for sample in family.samples:
@@ -193,14 +197,14 @@ class Membership:
         def delta(name):
             return now.get(name, 0.0) - before.get(name, 0.0)
 
-        prefilled = delta("kvloom_prompt_tokens_total") - delta("kvloom_prefix_cache_hits_total")
-        ttft_s = delta("kvloom_time_to_first_token_seconds_sum")
+        prefilled = delta(_PROMPT_TOKENS) - delta(_CACHE_HITS)
+        ttft_s = delta(_TTFT_SUM)
         if prefilled > 0 and ttft_s > 0:
             replica.prefill_tokens_per_s = self._blend(replica.prefill_tokens_per_s, prefilled / ttft_s)
-        num_tokens = delta("kvloom_inter_token_latency_seconds_count")
+        num_tokens = delta(_ITL_COUNT)
         if num_tokens > 0:
             replica.inter_token_s = self._blend(replica.inter_token_s,
-                                                delta("kvloom_inter_token_latency_seconds_sum") / num_tokens)
+                                                delta(_ITL_SUM) / num_tokens)
 
     def _blend(self, old: Optional[float], new: float) -> float:
         return new if old is None else (1 - self.config.ewma) * old + self.config.ewma * new

@@ -18,6 +18,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 MODEL_LABEL = "model_name"
+
+# Names that other programs read back from /metrics (the router's rate estimates, tools.bench_router):
+# one definition each, so a rename reaches the readers.
+PROMPT_TOKENS = "vllm:prompt_tokens"
+PREFIX_CACHE_QUERIES = "vllm:prefix_cache_queries"
+PREFIX_CACHE_HITS = "vllm:prefix_cache_hits"
+TIME_TO_FIRST_TOKEN = "vllm:time_to_first_token_seconds"
+INTER_TOKEN_LATENCY = "vllm:inter_token_latency_seconds"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0,
                    5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 
@@ -27,9 +35,9 @@ LIVE_METRICS = (
     ("vllm:num_requests_waiting", "gauge", "Requests queued for admission.", "num_requests_waiting"),
     ("vllm:kv_cache_usage_perc", "gauge", "Fraction of KV cache pages in use (1 means 100 percent).",
      "kv_cache_usage_ratio"),
-    ("vllm:prefix_cache_queries", "counter", "Prompt tokens looked up in the prefix cache.",
+    (PREFIX_CACHE_QUERIES, "counter", "Prompt tokens looked up in the prefix cache.",
      "prefix_cache_queries"),
-    ("vllm:prefix_cache_hits", "counter", "Prompt tokens served from the prefix cache.", "prefix_cache_hits"),
+    (PREFIX_CACHE_HITS, "counter", "Prompt tokens served from the prefix cache.", "prefix_cache_hits"),
     ("vllm:num_preemptions", "counter", "Requests preempted for lack of KV cache pages.", "num_preemptions"),
     ("vllm:spec_decode_num_drafts", "counter", "Verify rows: a request's drafts checked by one step.",
      "spec_decode_num_drafts"),
@@ -82,11 +90,11 @@ class EngineMetrics:
         def counter(name, doc, *more_labels):
             return _ForModel(Counter(name, doc, labels + list(more_labels), registry=r), model_name)
 
-        self.time_to_first_token = histogram("vllm:time_to_first_token_seconds", "Arrival to first token.")
-        self.inter_token_latency = histogram("vllm:inter_token_latency_seconds",
+        self.time_to_first_token = histogram(TIME_TO_FIRST_TOKEN, "Arrival to first token.")
+        self.inter_token_latency = histogram(INTER_TOKEN_LATENCY,
                                              "Time between tokens of a request.")
         self.e2e_latency = histogram("vllm:e2e_request_latency_seconds", "Arrival to finish.")
-        self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens of finished requests.")
+        self.prompt_tokens = counter(PROMPT_TOKENS, "Prompt tokens of finished requests.")
         self.generation_tokens = counter("vllm:generation_tokens", "Generated tokens.")
         self.requests_finished = counter("vllm:request_success", "Finished requests by finish reason.",
                                          "finished_reason")

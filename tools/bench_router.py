@@ -27,6 +27,7 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvloom.engine.metrics import PREFIX_CACHE_HITS, PREFIX_CACHE_QUERIES
 from kvloom.tools.workload import WORDS
 from kvloom.tools.router_cli import free_port, launch_replicas, stop_replicas
 
@@ -45,16 +46,21 @@ def wait_ready(url: str, timeout_s: float) -> None:
 
 
 def cache_counters(urls) -> tuple[float, float]:
-    hits = queries = 0.0
+    """(prefix-cache hit tokens, looked-up tokens), summed over the replicas; an error when a replica
+    does not export them (a hit rate of 0 would not say that nothing was measured)."""
+    names = {f"{PREFIX_CACHE_HITS}_total": 0, f"{PREFIX_CACHE_QUERIES}_total": 1}
+    totals = [0.0, 0.0]
     for url in urls:
+        seen = set()
         with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
             for family in text_string_to_metric_families(r.read().decode()):
                 for sample in family.samples:
-                    if sample.name == "kvloom_prefix_cache_hits_total":
-                        hits += sample.value
-                    elif sample.name == "kvloom_prefix_cache_queries_total":
-                        queries += sample.value
-    return hits, queries
+                    if sample.name in names:
+                        totals[names[sample.name]] += sample.value
+                        seen.add(sample.name)
+        if seen != set(names):
+            raise RuntimeError(f"{url}/metrics has no {' or '.join(sorted(set(names) - seen))}")
+    return totals[0], totals[1]
 
 
 def session_prompts(seed: int, num_sessions: int, context_words: int, num_turns: int,
@@ -138,7 +144,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, metavar="OUT.json")
     p.add_argument("serve_flags", nargs=argparse.REMAINDER, help="after --: flags for each `kvloom serve`")
     args = p.parse_args(argv)
-    children = launch_replicas(args.replicas, args.model, args.serve_flags)
+    serve_flags = list(args.serve_flags)
+    if "--no-access-log" not in serve_flags:
+        serve_flags.append("--no-access-log")  # the replicas' logs stay readable: no line per /ready poll
+    children = launch_replicas(args.replicas, args.model, serve_flags)
     try:
         urls = [url for _, url in children]
         for url in urls:

@@ -3,6 +3,7 @@ a shared prefix goes where it is cached, load moves new requests away, a replica
 ready gets nothing, ties are decided by the router's seed alone."""
 
 import asyncio
+import dataclasses
 import subprocess
 import sys
 
@@ -152,3 +153,22 @@ def test_tie_breaks_prefer_cached_tokens_then_fewer_in_flight():
         assert Policy("prefix", seed).rank([b, a], None, lambda r, p: 0)[0].replica is a
     round_robin = Policy("round_robin", 0)
     assert [round_robin.rank([a, b], None, lambda r, p: 0)[0].replica for _ in range(4)] == [a, b, a, b]
+
+
+async def test_each_replica_s_rates_are_measured_from_its_metrics(fleet):
+    """With rate measuring on, the router reads each replica's prefill rate and time per output token
+    from its /metrics (the cost's inputs; until then a default rate stands)."""
+    from tests.api.router_helpers import FAST_HEALTH
+
+    a = await fleet.replica()
+    health = dataclasses.replace(FAST_HEALTH, measure_rates=True)
+    router, url = await fleet.router([a.url], health=health)
+    await router.wait_for(lambda: len(router.membership.routable()) == 1)
+    replica = router.membership.replicas[a.url]
+    assert replica.prefill_tokens_per_s is None and replica.inter_token_s is None
+    async with aiohttp.ClientSession() as session:
+        for i in range(3):
+            status, _, _, _ = await complete(session, url, [7, 8, 9 + i] * 5, max_tokens=6)
+            assert status == 200
+    await wait_until(lambda: replica.prefill_tokens_per_s is not None and replica.inter_token_s is not None)
+    assert replica.prefill_tokens_per_s > 0 and replica.inter_token_s > 0
