@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvloom.engine.metrics import PREFIX_CACHE_HITS, PREFIX_CACHE_QUERIES
 from kvloom.tools.workload import WORDS
-from kvloom.tools.router_cli import free_port, launch_replicas, stop_replicas
+from kvloom.tools.router_cli import die_with_parent, free_port, launch_replicas, stop_replicas
 
 
 def wait_ready(url: str, timeout_s: float) -> None:
@@ -91,7 +91,8 @@ def run_policy(policy: str, seed: int, replica_urls, args, workdir: str) -> dict
            "--health-interval", "0.2"] + [a for u in replica_urls for a in ("--replica", u)]
     if args.model:
         cmd += ["--model", args.model]
-    router = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    router = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              preexec_fn=die_with_parent)  # gone with this process, however it ends
     try:
         wait_ready(url, 120)
         before = cache_counters(replica_urls)

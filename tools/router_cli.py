@@ -28,7 +28,8 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """For Popen's preexec_fn: the child gets SIGTERM when its parent dies (Linux)."""
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -46,7 +47,7 @@ def launch_replicas(n: int, model: Optional[str], serve_flags: list[str], host: 
     for _ in range(n):
         port = free_port(host)
         cmd = [sys.executable, "-m", "kvloom.tools.cli", "serve", "--host", host, "--port", str(port), *flags]
-        children.append((subprocess.Popen(cmd, preexec_fn=_die_with_parent), f"http://{host}:{port}"))
+        children.append((subprocess.Popen(cmd, preexec_fn=die_with_parent), f"http://{host}:{port}"))
     return children
 
 
