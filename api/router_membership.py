@@ -74,13 +74,12 @@ class Replica:
                 "inter_token_s": self.inter_token_s}
 
 
-_PROMPT_TOKENS, _CACHE_HITS = f"{metrics.PROMPT_TOKENS}_total", f"{metrics.PREFIX_CACHE_HITS}_total"
-_TTFT_SUM = f"{metrics.TIME_TO_FIRST_TOKEN}_sum"
+_PREFILL_TOKENS, _PREFILL_S = f"{metrics.PREFILL_TOKENS}_total", f"{metrics.PREFILL_SECONDS}_total"
 _ITL_SUM, _ITL_COUNT = f"{metrics.INTER_TOKEN_LATENCY}_sum", f"{metrics.INTER_TOKEN_LATENCY}_count"
 
 
 def _counters(metrics_text: str) -> dict:
-    wanted = {_PROMPT_TOKENS, _CACHE_HITS, _TTFT_SUM, _ITL_SUM, _ITL_COUNT}
+    wanted = {_PREFILL_TOKENS, _PREFILL_S, _ITL_SUM, _ITL_COUNT}
     out = {}
     for family in text_string_to_metric_families(metrics_text):
         for sample in family.samples:
@@ -181,7 +180,10 @@ class Membership:
             self._set(replica, ReplicaState.READY, "ready")
 
     async def _scrape(self, replica: Replica) -> None:
-        """Prefill rate = uncached prompt tokens / time to first token, over the last interval."""
+        """Over the last interval: prefill rate = prompt tokens the replica's steps computed / the seconds
+        those steps spent on them (its own counters, so queueing does not lower it: a rate divided by time
+        to first token fell with every queued request and made replicas of one model look unequal); time
+        per output token from its inter-token latency."""
         try:
             async with self.session.get(replica.url + "/metrics",
                                         timeout=aiohttp.ClientTimeout(total=self.config.timeout_s)) as resp:
@@ -197,10 +199,9 @@ class Membership:
         def delta(name):
             return now.get(name, 0.0) - before.get(name, 0.0)
 
-        prefilled = delta(_PROMPT_TOKENS) - delta(_CACHE_HITS)
-        ttft_s = delta(_TTFT_SUM)
-        if prefilled > 0 and ttft_s > 0:
-            replica.prefill_tokens_per_s = self._blend(replica.prefill_tokens_per_s, prefilled / ttft_s)
+        prefilled, prefill_s = delta(_PREFILL_TOKENS), delta(_PREFILL_S)
+        if prefilled > 0 and prefill_s > 0:
+            replica.prefill_tokens_per_s = self._blend(replica.prefill_tokens_per_s, prefilled / prefill_s)
         num_tokens = delta(_ITL_COUNT)
         if num_tokens > 0:
             replica.inter_token_s = self._blend(replica.inter_token_s,

@@ -550,6 +550,7 @@ class Engine:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            started = time.monotonic()
             try:
                 result = await self._compute.run(self.runner.step, batch, timeout=self.config.step_timeout_s)
             except asyncio.CancelledError:
@@ -567,7 +568,9 @@ class Engine:
                 log.exception("engine step failed")
                 self._fail(f"step failed: {type(exc).__name__}: {exc}")
                 return
-            self.metrics.steps.inc()
+            num_prefill = sum(len(row.token_ids) for row in batch.prefill_rows)
+            num_decode = sum(len(row.token_ids) + len(row.draft_token_ids) for row in batch.decode_rows)
+            self.metrics.record_step(num_prefill, num_prefill + num_decode, time.monotonic() - started)
             if batch.score_rows:
                 self.metrics.record_score_step(batch.score_mode, len(batch.score_rows),
                                                sum(len(row.items) for row in batch.score_rows))

@@ -26,6 +26,10 @@ PREFIX_CACHE_QUERIES = "vllm:prefix_cache_queries"
 PREFIX_CACHE_HITS = "vllm:prefix_cache_hits"
 TIME_TO_FIRST_TOKEN = "vllm:time_to_first_token_seconds"
 INTER_TOKEN_LATENCY = "vllm:inter_token_latency_seconds"
+# A replica's prefill throughput, free of queueing: prompt tokens computed by steps, and those steps' seconds
+# (a mixed step's time split by its share of prefill tokens). The router's prefill rate is their ratio.
+PREFILL_TOKENS = "kvloom_prefill_tokens"
+PREFILL_SECONDS = "kvloom_prefill_seconds"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0,
                    5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 
@@ -100,11 +104,20 @@ class EngineMetrics:
                                          "finished_reason")
         self.request_errors = counter("kvloom_request_errors", "Failed requests by error type.", "error_type")
         self.steps = counter("kvloom_steps", "Engine steps run.")
+        self.prefill_tokens = counter(PREFILL_TOKENS, "Prompt tokens computed by engine steps.")
+        self.prefill_seconds = counter(PREFILL_SECONDS, "Seconds of engine steps spent on prefill chunks (a "
+                                       "step's time times its share of prefill tokens).")
         self.score_steps = counter("kvloom_score_steps", "Score steps run, by scoring mode.", "mode")
         self.score_rows = counter("kvloom_score_rows", "Rows of score steps, by scoring mode.", "mode")
         self.score_items = counter("kvloom_score_items", "Items scored by score steps, by scoring mode.",
                                    "mode")
         r.register(_LiveCollector(read_live, model_name))
+
+    def record_step(self, num_prefill_tokens: int, num_tokens: int, seconds: float) -> None:
+        self.steps.inc()
+        if num_prefill_tokens:
+            self.prefill_tokens.inc(num_prefill_tokens)
+            self.prefill_seconds.inc(seconds * num_prefill_tokens / max(num_tokens, num_prefill_tokens))
 
     def record_score_step(self, mode: str, num_rows: int, num_items: int) -> None:
         self.score_steps.labels(mode).inc()

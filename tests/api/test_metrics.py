@@ -78,3 +78,6 @@ async def test_values_after_traffic(fake_server):
     assert values[("vllm:num_requests_running", model)] == 0
     assert 0 <= values[("vllm:kv_cache_usage_perc", model)] <= 1
     assert values[("vllm:generation_tokens_total", model)] >= 8
+    # the prefill throughput the router reads: prompt tokens the steps computed (the uncached ones), seconds
+    assert values[("kvloom_prefill_tokens_total", model)] == queries - hits
+    assert values[("kvloom_prefill_seconds_total", model)] > 0
