@@ -64,6 +64,8 @@ async def test_imbalanced_load_moves_new_requests_away(fleet):
         await router.wait_for(lambda: synced(router, [a, b])
                               and router.indexes[holder.url].match(PromptPages(PREFIX)) == len(PREFIX))
         holder.gate.clear()  # the holder's steps stop: what is sent there stays queued
+        other.gate.clear()  # the other's too: a request sent there stays in flight until the end (a fast
+        # fake step could finish it between two polls of num_in_flight, and the wait below would miss it)
         rh, ro = router.membership.replicas[holder.url], router.membership.replicas[other.url]
         prompts = [PREFIX + [100 + i] * 32 for i in range(3)]  # 32 cached + 32 new tokens each
         tasks = [asyncio.ensure_future(complete(session, url, prompts[0]))]
@@ -74,6 +76,7 @@ async def test_imbalanced_load_moves_new_requests_away(fleet):
         await wait_until(lambda: ro.num_in_flight == 1)  # 96 vs 64: away from the loaded replica
         assert rh.num_in_flight == 2
         holder.gate.set()
+        other.gate.set()
         results = await asyncio.gather(*tasks)
     assert [r[1] for r in results] == [holder.url, holder.url, other.url]
     assert all(r[0] == 200 for r in results)
