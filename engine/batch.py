@@ -87,6 +87,10 @@ class ScheduledBatch:
         return [row.request_id for row in self.rows] + [row.request_id for row in self.score_rows]
 
     @property
+    def num_prefill_tokens(self) -> int:
+        return sum(len(r.token_ids) for r in self.prefill_rows)
+
+    @property
     def num_tokens(self) -> int:
         items = sum(len(t) for r in self.score_rows for _, t in r.items)
         return sum(len(r.token_ids) + len(r.draft_token_ids) for r in self.rows) + items

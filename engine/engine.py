@@ -568,9 +568,7 @@ class Engine:
                 log.exception("engine step failed")
                 self._fail(f"step failed: {type(exc).__name__}: {exc}")
                 return
-            num_prefill = sum(len(row.token_ids) for row in batch.prefill_rows)
-            num_decode = sum(len(row.token_ids) + len(row.draft_token_ids) for row in batch.decode_rows)
-            self.metrics.record_step(num_prefill, num_prefill + num_decode, time.monotonic() - started)
+            self.metrics.record_step(batch.num_prefill_tokens, batch.num_tokens, time.monotonic() - started)
             if batch.score_rows:
                 self.metrics.record_score_step(batch.score_mode, len(batch.score_rows),
                                                sum(len(row.items) for row in batch.score_rows))

@@ -21,10 +21,8 @@ MODEL_LABEL = "model_name"
 
 # Names that other programs read back from /metrics (the router's rate estimates, tools.bench_router):
 # one definition each, so a rename reaches the readers.
-PROMPT_TOKENS = "vllm:prompt_tokens"
 PREFIX_CACHE_QUERIES = "vllm:prefix_cache_queries"
 PREFIX_CACHE_HITS = "vllm:prefix_cache_hits"
-TIME_TO_FIRST_TOKEN = "vllm:time_to_first_token_seconds"
 INTER_TOKEN_LATENCY = "vllm:inter_token_latency_seconds"
 # A replica's prefill throughput, free of queueing: prompt tokens computed by steps, and those steps' seconds
 # (a mixed step's time split by its share of prefill tokens). The router's prefill rate is their ratio.
@@ -94,11 +92,11 @@ class EngineMetrics:
         def counter(name, doc, *more_labels):
             return _ForModel(Counter(name, doc, labels + list(more_labels), registry=r), model_name)
 
-        self.time_to_first_token = histogram(TIME_TO_FIRST_TOKEN, "Arrival to first token.")
+        self.time_to_first_token = histogram("vllm:time_to_first_token_seconds", "Arrival to first token.")
         self.inter_token_latency = histogram(INTER_TOKEN_LATENCY,
                                              "Time between tokens of a request.")
         self.e2e_latency = histogram("vllm:e2e_request_latency_seconds", "Arrival to finish.")
-        self.prompt_tokens = counter(PROMPT_TOKENS, "Prompt tokens of finished requests.")
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens of finished requests.")
         self.generation_tokens = counter("vllm:generation_tokens", "Generated tokens.")
         self.requests_finished = counter("vllm:request_success", "Finished requests by finish reason.",
                                          "finished_reason")
@@ -114,10 +112,11 @@ class EngineMetrics:
         r.register(_LiveCollector(read_live, model_name))
 
     def record_step(self, num_prefill_tokens: int, num_tokens: int, seconds: float) -> None:
+        """A step of num_tokens tokens, num_prefill_tokens of them prompt chunks, that took `seconds`."""
         self.steps.inc()
         if num_prefill_tokens:
             self.prefill_tokens.inc(num_prefill_tokens)
-            self.prefill_seconds.inc(seconds * num_prefill_tokens / max(num_tokens, num_prefill_tokens))
+            self.prefill_seconds.inc(seconds * num_prefill_tokens / num_tokens)
 
     def record_score_step(self, mode: str, num_rows: int, num_items: int) -> None:
         self.score_steps.labels(mode).inc()
