@@ -4,7 +4,12 @@ A step is D decode rows (one token each) followed by R prefill rows of Q tokens
 each. Every shape the runner can see is listed here, so warm-up compiles them
 all and steady state never compiles. Decode-only steps take D from powers of
 two up to max_running; steps with prefill take D = 0 or D = the largest decode
-bucket, and (R, Q) from a short menu with R * Q within the step's token budget.
+bucket, and (R, Q) from powers of two (Q from 16 tokens up to the chunk size, R
+up to max_prefill_seqs) with R * Q within the step's token budget. Powers of two
+keep a burst of short prompts cheap: 32 chat prompts of 20-32 tokens are two
+steps of 16 x 32 tokens, where a menu of 64-token rows, 4 per step, took eight
+steps padded to twice their length (tools.profile_step and kvloom compare's
+decode@32 measure it).
 The attention's page loop has a dynamic trip count, so context length is not a
 shape dimension.
 
@@ -81,7 +86,7 @@ class BucketPlan:
         return cls(
             decode_rows=_powers(cfg.max_running),
             prefill_rows=_powers(cfg.max_prefill_seqs),
-            prefill_lens=_powers(cfg.chunk_size, base=4, start=min(16, cfg.chunk_size)),
+            prefill_lens=_powers(cfg.chunk_size, base=2, start=min(16, cfg.chunk_size)),
             max_prefill_tokens=max(cfg.max_tokens_per_step, cfg.chunk_size),
             score_shapes=tuple((mode, _score_shapes(mode, scoring)) for mode in scoring.multi_item_modes),
             score_logits_rows=scoring.max_items_per_step,

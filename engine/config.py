@@ -188,7 +188,7 @@ class SchedulerConfig:
     chunk_size: int = 256  # longest prefill chunk of one request in one step
     policy: str = "fcfs"  # or "lpm": longest cached prefix first
     max_waiting: int = 1024  # past it, submissions fail with QueueFullError
-    max_prefill_seqs: int = 4  # prefill chunks in one step
+    max_prefill_seqs: int = 16  # prefill chunks in one step
 
     def __post_init__(self):
         if self.policy not in ("fcfs", "lpm"):

@@ -330,3 +330,20 @@ def test_max_tokens_zero_samples_nothing():
     assert [row.sample for row in last.rows] == [False]
     assert s.apply(last, compute(s, last)) == [r]  # news: its prompt logprobs, all there
     assert r.output_ids == [] and r.has_all_prompt_logprobs
+
+
+def test_a_burst_of_short_prompts_is_prefilled_in_few_unpadded_steps():
+    """The default menu: 32 prompts of 32 tokens at once are two steps of 16 rows x 32 tokens (the second
+    with the first's 16 decode rows, so its last prompt is chunked and ends in a third), not eight steps
+    of 4 rows padded to 64 tokens."""
+    cfg = SchedulerConfig()
+    allocator = PageAllocator(1024)
+    s = Scheduler(cfg, BucketPlan.from_config(cfg), allocator, make_prefix_cache(allocator, 16, True),
+                  page_size=16)
+    s.max_model_len = 256
+    for i in range(32):
+        s.add(make_request(f"r{i}", [10 + i] * 32, max_tokens=4))
+    prefill_steps = [b for b in run(s) if b.prefill_rows]
+    shapes = [(b.shape.num_prefill_rows, b.shape.prefill_len) for b in prefill_steps]
+    assert shapes == [(16, 32), (16, 32), (1, 16)]
+    assert sum(b.num_prefill_tokens for b in prefill_steps) == 32 * 32
