@@ -4,6 +4,15 @@
     runner.step(batch)    -> StepResult          (compute thread: numpy arrays, nothing else)
     scheduler.apply(batch, result)               (event loop: the only place requests change)
 
+One step ahead (a runner with `launch`/`collect`, `EngineConfig.overlap_schedule`): while step N
+runs, the event loop builds step N+1 with `scheduler.schedule_ahead(N)`. Its decode rows carry
+`pending_row`: their input token is the one step N samples for that row of N (`PENDING_TOKEN` stands
+in their `token_ids`), which the runner reads on the device from N's output; then N's result is
+collected and applied, then N+1's:
+
+    runner.launch(batch N+1, prev=handle N) -> handle N+1   (dispatched, not waited for)
+    runner.collect(handle N)                -> StepResult N
+
 A batch is either a generation step (decode rows, then prefill rows: `ScheduledRow`)
 or a score step (`ScoreRow`s of one scoring mode). With speculative decoding a
 generation step may be a verify step (`shape.verify_len`): decode rows only, each
@@ -54,6 +63,12 @@ class ScheduledRow:
     # A verify step's decode row (engine.speculative): proposed next tokens, computed after token_ids (their
     # KV is written at the positions after it; page_ids cover them) and checked against the greedy tokens.
     draft_token_ids: tuple[int, ...] = ()
+    # A row of a step built one ahead (scheduler.schedule_ahead): token_ids is (PENDING_TOKEN,), and the
+    # token is the one sampled for row `pending_row` (an index of `rows`) of the step before. -1: none.
+    pending_row: int = -1
+
+
+PENDING_TOKEN = -1  # a token id not known when the batch was built (ScheduledRow.pending_row)
 
 
 @dataclass(frozen=True)
@@ -149,9 +164,20 @@ class Runner(Protocol):
     def fresh(self) -> "Runner":
         """A new runner sharing this one's weights, with a new KV cache (restart in place)."""
 
+    # Optional: a runner that can run one step ahead has both of these (`runs_ahead`).
+    # def launch(self, batch: ScheduledBatch, prev: Optional[handle]) -> handle:
+    #     dispatch the batch without waiting for it; `prev` is the launched step before it, whose sampled
+    #     tokens feed this batch's pending rows. RowError as `step`; `step(b)` is collect(launch(b, None)).
+    # def collect(self, handle) -> StepResult:  wait for a launched step's result.
+
 
 RUNNER_MEMBERS = ("source", "model_config", "vocab_size", "page_size", "max_model_len", "num_pages",
                   "num_compiled", "warmup", "step", "fresh")
+
+
+def runs_ahead(runner) -> bool:
+    """Whether `runner` has the optional launch/collect pair (one step ahead)."""
+    return callable(getattr(runner, "launch", None)) and callable(getattr(runner, "collect", None))
 
 
 def check_runner(runner) -> None:

@@ -203,6 +203,7 @@ class SchedulerConfig:
 
 
 SCORING_MODES = ("single", "batched", "packed")
+OVERLAP_SCHEDULE = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -336,6 +337,10 @@ class EngineConfig:
     # (engine/models/weights_cache.py); None: nothing is kept
     start_cache_dir: Optional[str] = None
     step_timeout_s: float = 120.0  # the watchdog: a step running longer fails the engine
+    # "on": build and launch the next decode step while one runs (engine.engine; a runner with
+    # launch/collect); "auto": on an accelerator only. On a CPU the device's threads and the host's share
+    # the cores, and overlapping them measured slower (tools.profile_step: device time +15-20% per step).
+    overlap_schedule: str = "auto"
     max_restarts: int = 0  # automatic restarts after a failure (0: stay FAILED until restart())
     restart_backoff_s: float = 1.0  # first automatic restart after this long, doubling each time
     # names the API answers to, the first in responses; (): the model's own name
@@ -352,6 +357,9 @@ class EngineConfig:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"kv_cache_dtype: must be one of {', '.join(KV_CACHE_DTYPES)}, "
                               f"got {self.kv_cache_dtype!r}")
+        if self.overlap_schedule not in OVERLAP_SCHEDULE:
+            raise ConfigError(f"overlap_schedule: must be one of {', '.join(OVERLAP_SCHEDULE)}, "
+                              f"got {self.overlap_schedule!r}")
         if not self.step_timeout_s > 0:
             raise ConfigError(f"step_timeout_s: must be positive, got {self.step_timeout_s}")
         if self.max_restarts < 0 or self.restart_backoff_s < 0:
@@ -369,6 +377,10 @@ class EngineConfig:
     @property
     def resolved_kv_cache_dtype(self) -> str:
         return self.dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
+
+    def overlaps_steps(self, platform: str) -> bool:
+        """Whether steps are built one ahead on a device of this platform ("cpu", "gpu", "tpu")."""
+        return self.overlap_schedule == "on" or (self.overlap_schedule == "auto" and platform != "cpu")
 
     def resolved_max_model_len(self, model: ModelConfig) -> int:
         limit = model.max_position_embeddings

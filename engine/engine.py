@@ -13,6 +13,12 @@ it and wakes the engine loop; the loop runs one step at a time:
     updated = scheduler.apply(batch, result)           # requests change only here
     _emit(updated)                                     # engine.output.next_output: text, finish -> queue
 
+One step ahead (`EngineConfig.overlap_schedule`, by default on an accelerator only; a runner with
+launch/collect): while step N runs on the device, the loop builds and launches step N+1
+(`scheduler.schedule_ahead`: the same decodes, their tokens still pending), then collects and applies
+N; so the host's work between steps (results, apply, emit, schedule, batch arrays, dispatch) overlaps
+the device's. Results are applied in step order.
+
 A structured output (`SamplingParams.response_format`) gets its grammar matcher here, compiled
 by the engine's `GrammarCompiler` (engine.grammar), which the first such request builds on a thread of
 its own (`structured_output()`); the scheduler reads its bitmask into each row and advances it in `apply`.
@@ -39,7 +45,7 @@ import time
 from typing import AsyncIterator, Callable, Optional, Sequence, Union
 
 from kvloom.engine import scoring, spans
-from kvloom.engine.batch import RowError, check_runner
+from kvloom.engine.batch import RowError, ScheduledBatch, check_runner, runs_ahead
 from kvloom.engine.buckets import BucketPlan
 from kvloom.engine.config import EngineConfig
 from kvloom.engine.executor import ComputeThread
@@ -537,6 +543,8 @@ class Engine:
             self._fail(f"internal error in the engine loop: {type(exc).__name__}: {exc}")
 
     async def _steps(self) -> None:
+        platform = getattr(self.runner, "platform", "cpu")
+        ahead = runs_ahead(self.runner) and self.config.overlaps_steps(platform)
         while True:
             if not self.scheduler.has_work:
                 self._idle.set()
@@ -550,30 +558,76 @@ class Engine:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            started = time.monotonic()
+            if not await (self._run_ahead(batch) if ahead else self._run_one(batch)):
+                return
+
+    async def _run_one(self, batch: ScheduledBatch) -> bool:
+        """Run one step and apply it; False when the engine failed."""
+        started = time.monotonic()
+        try:
+            result = await self._compute.run(self.runner.step, batch, timeout=self.config.step_timeout_s)
+        except RowError as exc:
+            self._refuse(exc)
+            return True
+        except Exception as exc:  # noqa: BLE001 (CancelledError is not an Exception: it propagates)
+            return self._step_failed(exc)
+        self._apply(batch, result, time.monotonic() - started)
+        return True
+
+    async def _run_ahead(self, batch: ScheduledBatch) -> bool:
+        """Run `batch` and the steps built one ahead of it, until none can be; False when the engine
+        failed. Each step is launched before the one before it is collected and applied."""
+        started = time.monotonic()
+        try:
+            handle = await self._compute.run(self.runner.launch, batch, None)
+        except RowError as exc:
+            self._refuse(exc)
+            return True
+        except Exception as exc:  # noqa: BLE001
+            return self._step_failed(exc)
+        while True:
+            with span(spans.SCHEDULE):
+                following = self.scheduler.schedule_ahead(batch)
+            next_handle = None
+            if following is not None:
+                try:
+                    next_handle = await self._compute.run(self.runner.launch, following, handle)
+                except RowError as exc:
+                    self._refuse(exc)
+                except Exception as exc:  # noqa: BLE001
+                    return self._step_failed(exc)
             try:
-                result = await self._compute.run(self.runner.step, batch, timeout=self.config.step_timeout_s)
-            except asyncio.CancelledError:
-                raise
-            except RowError as exc:  # some rows were refused: those requests fail alone (nothing was applied)
-                failed = [self.scheduler.abort(rid, FinishReason.ERROR, error=str(exc),
-                                               error_code="request_failed")
-                          for rid in exc.request_ids]
-                self._emit([r for r in failed if r is not None])
-                continue
-            except asyncio.TimeoutError:
-                self._fail(f"a step ran past the watchdog timeout of {self.config.step_timeout_s:g}s")
-                return
-            except Exception as exc:  # noqa: BLE001 - the engine fails loudly, every request is told
-                log.exception("engine step failed")
-                self._fail(f"step failed: {type(exc).__name__}: {exc}")
-                return
-            self.metrics.record_step(batch.num_prefill_tokens, batch.num_tokens, time.monotonic() - started)
-            if batch.score_rows:
-                self.metrics.record_score_step(batch.score_mode, len(batch.score_rows),
-                                               sum(len(row.items) for row in batch.score_rows))
-            with span(spans.APPLY):
-                self._emit(self.scheduler.apply(batch, result))
+                result = await self._compute.run(self.runner.collect, handle,
+                                                 timeout=self.config.step_timeout_s)
+            except Exception as exc:  # noqa: BLE001
+                return self._step_failed(exc)
+            done = time.monotonic()
+            self._apply(batch, result, done - started)
+            if next_handle is None:
+                return True
+            batch, handle, started = following, next_handle, done
+
+    def _refuse(self, exc: RowError) -> None:
+        """Some rows were refused: those requests fail alone (nothing was applied)."""
+        failed = [self.scheduler.abort(rid, FinishReason.ERROR, error=str(exc), error_code="request_failed")
+                  for rid in exc.request_ids]
+        self._emit([r for r in failed if r is not None])
+
+    def _step_failed(self, exc: Exception) -> bool:
+        if isinstance(exc, asyncio.TimeoutError):
+            self._fail(f"a step ran past the watchdog timeout of {self.config.step_timeout_s:g}s")
+        else:
+            log.error("engine step failed", exc_info=exc)
+            self._fail(f"step failed: {type(exc).__name__}: {exc}")
+        return False
+
+    def _apply(self, batch: ScheduledBatch, result, seconds: float) -> None:
+        self.metrics.record_step(batch.num_prefill_tokens, batch.num_tokens, seconds)
+        if batch.score_rows:
+            self.metrics.record_score_step(batch.score_mode, len(batch.score_rows),
+                                           sum(len(row.items) for row in batch.score_rows))
+        with span(spans.APPLY):
+            self._emit(self.scheduler.apply(batch, result))
 
     def _fail_all(self, message: str) -> None:
         if self.scheduler is None:

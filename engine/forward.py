@@ -1,7 +1,9 @@
 """The model step as separately compiled pieces, dispatched layer by layer from the compute thread.
 
     step (host arrays)  -> placed on the mesh once per step
-    embed               jitted: the token embeddings [T, D] (of the token ids only)
+    embed               jitted: the token embeddings [T, D] (of the token ids only); a token whose
+                        `prev_index` is set is read from `prev_tokens`, the step before's sampled
+                        tokens still on the device (a step built one ahead: engine.batch)
     decoder_layer x L   jitted, one executable per step shape shared by every layer: each call gets
                         that layer's own weight arrays, the KV cache (read only) and the layer's index
                         as a traced int32, and returns h and the layer's new keys and values
@@ -25,12 +27,19 @@ from __future__ import annotations
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kvloom.engine import sharding
 from kvloom.engine.config import ModelConfig
 from kvloom.engine.models import llama
+
+
+def _embed(params, token_ids, prev_tokens, prev_index):
+    """Embeddings of the step's tokens; token t is prev_tokens[prev_index[t]] where prev_index[t] >= 0."""
+    ids = jnp.where(prev_index >= 0, prev_tokens[jnp.maximum(prev_index, 0)], token_ids)
+    return llama.embed(params, ids)
 
 
 def _finish(params, kv, h, keys, values, slot_mapping, logits_indices, *, cfg: ModelConfig):
@@ -46,7 +55,7 @@ def forward_functions(cfg: ModelConfig, page_size: int, mesh) -> dict:
     kv_sharding = NamedSharding(mesh, llama.KV_CACHE_SHARDING)
     logits_sharding = NamedSharding(mesh, llama.logits_sharding(cfg, mesh.size))
     return dict(
-        embed=(llama.embed, dict(out_shardings=whole)),
+        embed=(_embed, dict(out_shardings=whole)),
         layer=(partial(llama.decoder_layer, cfg=cfg, page_size=page_size), {}),
         # the hidden states are whole on every device (prompt logprobs project them when asked)
         finish=(partial(_finish, cfg=cfg),
@@ -82,9 +91,17 @@ class LayeredForward:
         """The step's host arrays, whole on every device of the mesh: copied once, read by every piece."""
         return jax.tree.map(lambda a: sharding.place(a, self._whole), step)
 
-    def __call__(self, params, kv, step: llama.StepInput):
+    def _pending(self, step: llama.StepInput, pending):
+        """(prev_tokens, prev_index) on the mesh: `pending` as given, or none (every index -1)."""
+        if pending is None:
+            pending = (np.zeros(1, np.int32), np.full(len(step.token_ids), -1, np.int32))
+        return tuple(a if isinstance(a, jax.Array) else sharding.place(a, self._whole) for a in pending)
+
+    def __call__(self, params, kv, step: llama.StepInput, pending=None):
+        """`pending`: (prev_tokens, prev_index) for `_embed`; None: every token is in step.token_ids."""
+        prev_tokens, prev_index = self._pending(step, pending)
         step = self.place(step)
-        h = self._embed(params, step.token_ids)
+        h = self._embed(params, step.token_ids, prev_tokens, prev_index)
         keys, values, run_layer = [], [], self._layer
         for index, layer in enumerate(params["layers"]):
             if index == 0 and hasattr(self._layer, "prepare"):
@@ -100,11 +117,12 @@ class LayeredForward:
     def num_compiled(self) -> int:
         return self._embed._cache_size() + self._layer._cache_size() + self._finish._cache_size()
 
-    def _pieces(self, params, kv, step: llama.StepInput):
+    def _pieces(self, params, kv, step: llama.StepInput, pending=None):
         """(compiled embed, compiled layer, compiled finish) for a step of this shape; `kv` may be
         shapes only (jax.ShapeDtypeStruct): nothing runs."""
+        prev_tokens, prev_index = self._pending(step, pending)
         step = self.place(step)
-        embed = _compiled(self._embed, params, step.token_ids)
+        embed = _compiled(self._embed, params, step.token_ids, prev_tokens, prev_index)
         h = _struct(embed.out_info)
         layer = _compiled(self._layer, params["layers"][0], h, kv, np.int32(0), step)
         _, k, v = (_struct(info) for info in layer.out_info)
@@ -113,11 +131,11 @@ class LayeredForward:
                            step.slot_mapping, step.logits_indices)
         return embed, layer, finish
 
-    def prepare(self, params, kv, step: llama.StepInput):
+    def prepare(self, params, kv, step: llama.StepInput, pending=None):
         """Compile (or load) every piece a step of this shape runs; returns the last one, whose `out_info`
         is the step's (logits, hidden, kv)."""
-        return self._pieces(params, kv, step)[-1]
+        return self._pieces(params, kv, step, pending)[-1]
 
-    def compiled_hlo(self, params, kv, step: llama.StepInput) -> list[str]:
+    def compiled_hlo(self, params, kv, step: llama.StepInput, pending=None) -> list[str]:
         """The optimized HLO text of each piece a step of this shape runs (the layer's once)."""
-        return [piece.as_text() for piece in self._pieces(params, kv, step)]
+        return [piece.as_text() for piece in self._pieces(params, kv, step, pending)]

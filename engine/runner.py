@@ -28,6 +28,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Optional
 
@@ -46,11 +47,25 @@ from kvloom.engine.kv_sizing import KVCachePlan, available_memory_bytes, plan_kv
 from kvloom.engine.models import llama
 from kvloom.engine.models.loader import load_model
 from kvloom.engine.request import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
-from kvloom.engine.sampling import SamplingInput, sample
+from kvloom.engine.sampling import SamplingInput, SamplingOutput, sample
 from kvloom.engine.spans import span
 from kvloom.engine.batch import ScheduledBatch, ScheduledRow, StepResult
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Launched:
+    """A step dispatched by `ModelRunner.launch`: its outputs still on the device (or, for a score or
+    verify step, its result already)."""
+
+    batch: ScheduledBatch
+    positions: list = field(default_factory=list)  # the logits row of each of batch.rows
+    sampling: Optional[SamplingInput] = None
+    logits: Optional[jax.Array] = None
+    hidden: Optional[jax.Array] = None
+    out: Optional[SamplingOutput] = None
+    result: Optional[StepResult] = None
 
 
 def _label_logprobs(logits, label_ids):
@@ -81,6 +96,7 @@ class ModelRunner:
             jax.block_until_ready(self.params)
         self.start_detail.update(read_weights_s=t1 - t0, place_weights_s=time.perf_counter() - t1)
         self.plan = plan
+        self.platform = self.mesh.devices.flat[0].platform  # "cpu", "gpu", "tpu"
         self.page_size = config.cache.page_size
         self.max_model_len = config.resolved_max_model_len(cfg)
         self.pages_per_seq = -(-self.max_model_len // self.page_size)
@@ -98,11 +114,14 @@ class ModelRunner:
         self._kv_allocation = allocator.submit(self._allocate_kv)
         allocator.shutdown(wait=False)  # its thread exits once the cache is allocated
         whole = NamedSharding(self.mesh, P())
+        # a step's sampled tokens, padded to one length for every shape (SamplingOutput.next_inputs)
+        self.max_logits_rows = max(plan.logits_rows(s) for s in plan.all_shapes())
+        self._no_prev_tokens = sharding.place(np.zeros(self.max_logits_rows, np.int32), whole)
         # name -> (function, jax.jit options), compiled ahead of time (_use_executables): the forward's pieces
         # (engine.forward), the sampler, label and prompt logprobs
         self._jit_functions = dict(
             forward_functions(cfg, self.page_size, self.mesh),
-            sample=(sample, dict(out_shardings=whole)),
+            sample=(partial(sample, pad_to=self.max_logits_rows), dict(out_shardings=whole)),
             labels=(_label_logprobs, dict(out_shardings=whole)),
             prompt_logprobs=(partial(prompt_logprobs.prompt_logprobs, cfg=cfg), dict(out_shardings=whole)))
         self.max_label_tokens = config.scoring.max_label_tokens
@@ -179,14 +198,17 @@ class ModelRunner:
         """The optimized HLO text of the forward's pieces and the sampler a step of `shape` runs (profiling:
         tools.profile_step names each op of a trace from it). Compiles again, or loads from the cache."""
         step = self._step_input(shape, None)
-        texts = self._forward.compiled_hlo(self.params, self.kv, step)
+        texts = self._forward.compiled_hlo(self.params, self.kv, step, self._no_pending(step))
         if not shape.is_score:
-            logits = self._forward.prepare(self.params, self.kv, step).out_info[0]
+            logits = self._forward.prepare(self.params, self.kv, step, self._no_pending(step)).out_info[0]
             sampling = self._sampling_input(len(step.logits_indices), [])
             texts.append(self._sample.prepare(logits, sampling).as_text())
         return texts
 
     # ---- arrays ---------------------------------------------------------------------------------
+
+    def _no_pending(self, step: llama.StepInput):
+        return self._no_prev_tokens, np.full(len(step.token_ids), -1, np.int32)
 
     def _step_input(self, shape: StepShape, batch: Optional[ScheduledBatch]):
         if shape.is_score:
@@ -330,30 +352,56 @@ class ModelRunner:
     # ---- steps ----------------------------------------------------------------------------------
 
     def step(self, batch: ScheduledBatch) -> StepResult:
+        return self.collect(self.launch(batch, None))
+
+    def launch(self, batch: ScheduledBatch, prev: Optional["Launched"] = None) -> "Launched":
+        """Dispatch a step without waiting for it (JAX runs it after the steps dispatched before); its
+        pending rows read their tokens from `prev`'s sampled tokens on the device. A score or verify step
+        runs to its result here (no step is built ahead of one)."""
         shape = batch.shape
         if shape.verify_len:
-            return self._verify_step(batch)
+            return Launched(batch, result=self._verify_step(batch))
         with span(spans.INPUTS):
             step = self._step_input(shape, batch)
         num_logits = len(step.logits_indices)
         if shape.is_score:
             with span(spans.DISPATCH):
-                logits, _, self.kv = self._forward(self.params, self.kv, step)
+                logits, _, self.kv = self._forward(self.params, self.kv, step, self._no_pending(step))
                 items = [row.label_ids for row in batch.score_rows for _ in row.items]
                 labels = self._labels(logits, self._label_ids(num_logits, list(enumerate(items))))
             with span(spans.RESULTS):
-                return StepResult(batch.step_id, np.zeros(0, np.int64),
-                                  label_logprobs=np.asarray(labels)[:len(items)])
+                return Launched(batch, result=StepResult(batch.step_id, np.zeros(0, np.int64),
+                                                         label_logprobs=np.asarray(labels)[:len(items)]))
         d = shape.num_decode_rows
         positions = list(range(len(batch.decode_rows))) + [d + j for j in range(len(batch.prefill_rows))]
         with span(spans.INPUTS):
             sampled = [(i, row) for i, row in zip(positions, batch.rows) if row.sample]
             sampling = self._sampling_input(num_logits, sampled)
+            pending = self._pending(step, batch, prev)
         with span(spans.DISPATCH):
-            logits, hidden, self.kv = self._forward(self.params, self.kv, step)
+            logits, hidden, self.kv = self._forward(self.params, self.kv, step, pending)
             out = self._sample(logits, sampling)
+        return Launched(batch, positions, sampling, logits, hidden, out)
+
+    def collect(self, launched: "Launched") -> StepResult:
+        """Wait for a launched step; its results as numpy arrays."""
+        if launched.result is not None:
+            return launched.result
         with span(spans.RESULTS):
-            return self._step_result(batch, positions, sampling, logits, hidden, out)
+            return self._step_result(launched.batch, launched.positions, launched.sampling, launched.logits,
+                                     launched.hidden, launched.out)
+
+    def _pending(self, step: llama.StepInput, batch: ScheduledBatch, prev: Optional["Launched"]):
+        """(prev_tokens, prev_index) for the forward's embed: token t of the step is prev's sampled token
+        at logits row prev_index[t] when that is >= 0 (decode rows are the step's first tokens)."""
+        index = np.full(len(step.token_ids), -1, np.int32)
+        for i, row in enumerate(batch.decode_rows):
+            if row.pending_row >= 0:
+                if prev is None or prev.out is None:
+                    raise RuntimeError(f"row {row.request_id}: its token comes from a step not launched")
+                index[i] = prev.positions[row.pending_row]
+        tokens = prev.out.next_inputs if prev is not None and prev.out is not None else self._no_prev_tokens
+        return tokens, index
 
     def _step_result(self, batch: ScheduledBatch, positions, sampling, logits, hidden, out) -> StepResult:
         prompt = self._prompt_result(batch, hidden)
@@ -381,7 +429,7 @@ class ModelRunner:
         lengths = np.asarray([1 + len(row.draft_token_ids) for row in rows], np.int64)
         sampled = [(i * v + j, row) for i, row in enumerate(rows) for j in range(lengths[i])]
         sampling = self._sampling_input(len(step.logits_indices), sampled)
-        logits, _, self.kv = self._forward(self.params, self.kv, step)
+        logits, _, self.kv = self._forward(self.params, self.kv, step, self._no_pending(step))
         out = self._sample(logits, sampling)
         n = len(rows)
         tokens = np.asarray(out.token_ids)[:n * v].reshape(n, v)
@@ -422,8 +470,10 @@ class ModelRunner:
 
     def _prepare_all(self, pool: ThreadPoolExecutor) -> None:
         kv = (self.kv_struct, self.kv_struct)  # shapes only: the cache may still be being allocated
-        forwards = {pool.submit(self._forward.prepare, self.params, kv, self._step_input(s, None)): s
-                    for s in self.plan.all_shapes()}
+        forwards = {}
+        for s in self.plan.all_shapes():
+            step = self._step_input(s, None)
+            forwards[pool.submit(self._forward.prepare, self.params, kv, step, self._no_pending(step))] = s
         followups = []
         for future in as_completed(forwards):
             shape = forwards[future]

@@ -66,6 +66,9 @@ class SamplingOutput:
     top_ids: jax.Array  # [S, MAX_TOP_LOGPROBS] int32
     top_logprobs: jax.Array  # [S, MAX_TOP_LOGPROBS]
     finite: jax.Array  # [S] bool: the row's logits are all finite
+    # token_ids padded with zeros to one length for every S: the step after reads its pending tokens
+    # from here on the device (engine.forward's embed), whatever this step's shape
+    next_inputs: jax.Array  # [pad_to] int32
 
 
 def _counts(ids, vocab_size):
@@ -194,8 +197,8 @@ def _draw(z, inp: SamplingInput):
     return argmax_rows(z + noise)
 
 
-def sample(logits, inp: SamplingInput) -> SamplingOutput:
-    """logits: [S, V] float32 -> one token per row."""
+def sample(logits, inp: SamplingInput, pad_to: int = 0) -> SamplingOutput:
+    """logits: [S, V] float32 -> one token per row (next_inputs: padded to pad_to, at least S)."""
     x = jax.lax.cond(inp.any_bias, lambda: apply_logit_bias(logits, inp), lambda: logits)
     x = jax.lax.cond(inp.any_penalties, lambda: apply_penalties(x, inp), lambda: x)
     x = jax.lax.cond(inp.any_bitmask, lambda: apply_token_bitmask(x, inp.token_bitmask), lambda: x)
@@ -220,4 +223,5 @@ def sample(logits, inp: SamplingInput) -> SamplingOutput:
         lambda: (jnp.zeros((s,), jnp.float32), jnp.zeros((s, MAX_TOP_LOGPROBS), jnp.int32),
                  jnp.zeros((s, MAX_TOP_LOGPROBS), jnp.float32)),
     )
-    return SamplingOutput(tokens, chosen, top_ids, top_lp, rows_finite(logits))
+    next_inputs = jnp.pad(tokens, (0, max(0, pad_to - s)))
+    return SamplingOutput(tokens, chosen, top_ids, top_lp, rows_finite(logits), next_inputs)

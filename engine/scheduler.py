@@ -39,6 +39,17 @@ Structured outputs: a sampling row of a request with a grammar carries the bitma
 grammar allows next (`engine.grammar`), read from the request's matcher here; `apply()` advances the
 matcher with each token it appends, so the matcher always stands after the request's last output token.
 
+One step ahead (`schedule_ahead`): while a generation step runs, the next one may be built before its
+result is applied, when it can only be a decode step of the same requests: nothing waits, and every
+running request has a sampling row in the running step that the next step may extend on trust (no
+grammar or penalties, which need the pending token on the host; not at its max_tokens; no scoring or
+speculation). Each such request gets a decode row one position further whose token is pending
+(`ScheduledRow.pending_row`); its pages grow for it without preempting anyone. Anything else returns
+None and the engine applies the running step first, so the synchronous `schedule()` decides every
+admission, preemption, score step and verify step, and a request left out of a step ahead is never
+starved. A request that the pending token ends (a stop token or string) has one row computed in vain,
+dropped as stale.
+
 Speculative decoding (`SpeculativeConfig`, `engine.speculative`): a step with decode rows and no prefill
 chunk becomes a verify step when some plain greedy request finds drafts in its own tokens. Drafts take
 token budget and KV slots: the request's pages grow to cover them from free pages only (never evicting
@@ -55,7 +66,7 @@ import time
 from collections import deque
 from typing import Optional
 
-from kvloom.engine.batch import ScheduledBatch, ScheduledRow, ScoreRow, StepResult
+from kvloom.engine.batch import PENDING_TOKEN, ScheduledBatch, ScheduledRow, ScoreRow, StepResult
 from kvloom.engine.buckets import BucketPlan
 from kvloom.engine.config import SchedulerConfig, SpeculativeConfig
 from kvloom.engine.pages import PageAllocator
@@ -266,6 +277,37 @@ class Scheduler:
             decode_rows=tuple(self._row(r, 1) for r in decodes),
             prefill_rows=tuple(self._row(r, n) for r, n in prefills),
         )
+
+    def schedule_ahead(self, running: ScheduledBatch) -> Optional[ScheduledBatch]:
+        """The decode step after `running` (launched, not applied), built before its result: None unless
+        every running request may take it (see the module docstring). Changes nothing but pages."""
+        if running.score_rows or running.shape.verify_len or self.waiting or self.speculative.enabled:
+            return None
+        sampled = {row.request_id: (i, row) for i, row in enumerate(running.rows) if row.sample}
+        ahead: list[tuple[Request, int, int]] = []
+        for request in self.running:
+            i, row = sampled.get(request.request_id, (-1, None))
+            if (row is None or row.version != request.version or row.start_pos != request.num_computed_tokens
+                    or request.score is not None or request.grammar is not None
+                    or request.params.has_penalties
+                    or len(request.output_ids) + 1 >= request.params.max_tokens):
+                return None
+            ahead.append((request, i, row.start_pos + len(row.token_ids)))
+        if not ahead:
+            return None
+        for request, _, start in ahead:
+            if not self._grow(request, start + 1):
+                return None
+        rows = tuple(self._pending_row(request, i, start) for request, i, start in ahead)
+        return ScheduledBatch(step_id=next(self._step_ids), shape=self.plan.step_shape(len(rows), []),
+                              decode_rows=rows)
+
+    def _pending_row(self, request: Request, pending_row: int, start: int) -> ScheduledRow:
+        return ScheduledRow(
+            request_id=request.request_id, version=request.version, token_ids=(PENDING_TOKEN,),
+            start_pos=start, page_ids=tuple(request.pages[:self._num_pages_for(start + 1)]), sample=True,
+            params=request.params, seed=request.seed, num_output_tokens=len(request.output_ids) + 1,
+            pending_row=pending_row)
 
     def _drafts(self, decodes: list[Request], budget: int) -> dict[str, tuple[int, ...]]:
         """Speculative decoding: request id -> the drafts its verify row checks, for the plain greedy

@@ -11,10 +11,13 @@ A verify row (speculative decoding) gets the greedy token after its token and af
 A structured output's row (a token bitmask) takes that token when its grammar allows it, else the
 allowed token at index (that token % the number allowed), eos included when the JSON may end there.
 Tests pass hooks to pause a step or make one fail.
+It runs one step ahead too (`launch`/`collect`, for `overlap_schedule="on"`): a pending row takes the
+token the step before sampled for its row, as the real runner does on the device.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -65,6 +68,21 @@ class FakeRunner:
     def fresh(self) -> "FakeRunner":
         return FakeRunner(self.config, self.plan, num_pages=self.num_pages, before_step=self.before_step,
                           next_token=self.next_token)
+
+    def launch(self, batch, prev=None):
+        """Resolve the pending rows from `prev` (a launched (batch, result)), then run the step."""
+        rows = []
+        for row in batch.decode_rows:
+            if row.pending_row >= 0:
+                assert prev is not None, "a pending row without the step before it"
+                row = dataclasses.replace(row, token_ids=(int(prev[1].token_ids[row.pending_row]),))
+            rows.append(row)
+        batch = dataclasses.replace(batch, decode_rows=tuple(rows))
+        return batch, self.step(batch)
+
+    @staticmethod
+    def collect(launched) -> StepResult:
+        return launched[1]
 
     def step(self, batch) -> StepResult:
         self.step_thread = threading.current_thread()

@@ -39,6 +39,8 @@ SIZE_FLAGS = (
     ("--max-prefill-seqs", "scheduler", "max_prefill_seqs", int, "prefill chunks in one step"),
     ("--tensor-parallel-size", "parallel", "tensor_parallel_size", int,
      "devices the weights and KV cache split over (of every process)"),
+    ("--overlap-schedule", "engine", "overlap_schedule", str,
+     "build and launch the next decode step while one runs: on, off, or auto (on an accelerator only)"),
 )
 SPECULATIVE_FLAGS = (
     ("--speculative", "speculative", "method", str,
@@ -64,7 +66,8 @@ SERVE_FLAGS = (
      "HOST:PORT of process 0's jax.distributed coordinator (its step channel: PORT + 1; "
      "default: none, one process)"),
 )
-CHOICES = {"--policy": ("fcfs", "lpm"), "--speculative": ("ngram",)}
+CHOICES = {"--policy": ("fcfs", "lpm"), "--speculative": ("ngram",),
+           "--overlap-schedule": ("auto", "on", "off")}
 
 
 def _derived_defaults() -> dict:
