@@ -9,8 +9,10 @@
                         as a traced int32, and returns h and the layer's new keys and values
     finish              jitted, the KV cache donated: every layer's new keys and values written at
                         the step's slots, the final norm, float32 logits of `logits_indices`
-    (embed and finish take only the arrays they read: steps of different shapes with the same token and
-    logits counts share their executables, and no two step shapes lower to one identical program)
+    (embed and finish take only the arrays they read, the weights included (`_HEAD`): steps of different
+    shapes with the same token and logits counts share their executables, no two step shapes lower to one
+    identical program, and a call does not walk the whole weight tree: passing every layer's weights to
+    embed and finish cost ~4 ms of host time per step, a tenth of a batch-1 decode step)
     -> (logits [S, V], final hidden states [T, D], the new KV cache)
 
 Why pieces (measured with tools.profile_step): one program over all layers either runs a `lax.scan`
@@ -34,6 +36,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from kvloom.engine import sharding
 from kvloom.engine.config import ModelConfig
 from kvloom.engine.models import llama
+
+
+_HEAD = ("embed", "final_norm", "lm_head")  # the weights outside the layers: all that embed and finish read
+
+
+def _head(params) -> dict:
+    return {name: params[name] for name in _HEAD}
 
 
 def _embed(params, token_ids, prev_tokens, prev_index):
@@ -101,7 +110,8 @@ class LayeredForward:
         """`pending`: (prev_tokens, prev_index) for `_embed`; None: every token is in step.token_ids."""
         prev_tokens, prev_index = self._pending(step, pending)
         step = self.place(step)
-        h = self._embed(params, step.token_ids, prev_tokens, prev_index)
+        head = _head(params)
+        h = self._embed(head, step.token_ids, prev_tokens, prev_index)
         keys, values, run_layer = [], [], self._layer
         for index, layer in enumerate(params["layers"]):
             if index == 0 and hasattr(self._layer, "prepare"):
@@ -111,7 +121,7 @@ class LayeredForward:
             h, k, v = run_layer(layer, h, kv, np.int32(index), step)
             keys.append(k)
             values.append(v)
-        return self._finish(params, kv, h, tuple(keys), tuple(values), step.slot_mapping, step.logits_indices)
+        return self._finish(head, kv, h, tuple(keys), tuple(values), step.slot_mapping, step.logits_indices)
 
     @property
     def num_compiled(self) -> int:
@@ -122,12 +132,13 @@ class LayeredForward:
         shapes only (jax.ShapeDtypeStruct): nothing runs."""
         prev_tokens, prev_index = self._pending(step, pending)
         step = self.place(step)
-        embed = _compiled(self._embed, params, step.token_ids, prev_tokens, prev_index)
+        head = _head(params)
+        embed = _compiled(self._embed, head, step.token_ids, prev_tokens, prev_index)
         h = _struct(embed.out_info)
         layer = _compiled(self._layer, params["layers"][0], h, kv, np.int32(0), step)
         _, k, v = (_struct(info) for info in layer.out_info)
         num_layers = len(params["layers"])
-        finish = _compiled(self._finish, params, kv, h, (k,) * num_layers, (v,) * num_layers,
+        finish = _compiled(self._finish, head, kv, h, (k,) * num_layers, (v,) * num_layers,
                            step.slot_mapping, step.logits_indices)
         return embed, layer, finish
 
