@@ -25,8 +25,10 @@ Grouped-query attention: head h reads kv head h // (H // KVH).
 `prefix_extend_attention_reference` is the pure-jnp definition: it gathers the
 whole page table. `prefix_extend_attention` is what the model runs: it walks
 the past in blocks of pages with an online softmax and stops after the longest
-past, so its cost follows the real context, not the table's width. The test
-compares the two over dtypes, page sizes and lengths.
+past, so its cost follows the real context, not the table's width; a decode step
+(one new token per row) takes `_decode_attention`, the same walk with scores read
+from the gathered pages' own layout. The test compares them with the reference
+over dtypes, page sizes and lengths.
 """
 
 from __future__ import annotations
@@ -78,6 +80,29 @@ def prefix_extend_attention_reference(q, k_new, v_new, new_lens, k_cache, v_cach
     return out.reshape(b, qn, h, d).astype(q.dtype)
 
 
+def _blocks(page_table, past_lens, page_size: int, block_pages: int):
+    """(page table padded to whole blocks, pages per block, the number of blocks the longest past needs)."""
+    num_table_pages = page_table.shape[1]
+    block_pages = min(block_pages, num_table_pages)
+    num_blocks_total = -(-num_table_pages // block_pages)
+    pad = num_blocks_total * block_pages - num_table_pages
+    if pad:
+        page_table = jnp.pad(page_table, ((0, 0), (0, pad)))
+    block_kv = block_pages * page_size
+    num_blocks = jnp.minimum((jnp.max(past_lens) + block_kv - 1) // block_kv, num_blocks_total)
+    return page_table, block_pages, num_blocks
+
+
+def _online_softmax_step(m, denom, acc, s, visible):
+    """Fold one block's scores s (masked by `visible`) into the running max m, sum denom and acc; returns
+    (m, denom, acc scaled to the new max, the block's probabilities)."""
+    s = jnp.where(visible, s, _NEG_INF)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
+    correction = jnp.exp(m - m_new)
+    return m_new, denom * correction + jnp.sum(p, axis=-1), acc * correction[..., None], p
+
+
 @jax.named_scope("attention")  # tools.profile_step counts its ops, page gathers included, as attention
 def prefix_extend_attention(q, k_new, v_new, new_lens, k_cache, v_cache, page_table, past_lens,
                             *, scale, layer=None, segment_ids=None, block_pages=None):
@@ -85,9 +110,15 @@ def prefix_extend_attention(q, k_new, v_new, new_lens, k_cache, v_cache, page_ta
 
     Inside, queries are laid out [B, KVH, Q*G, D] and keys [B, KVH, S, D], so every score and
     value product is one batched matmul over (B, KVH) (XLA on CPU runs the 5-d einsum of the
-    reference several times slower); scores are viewed as [B, KVH, Q, G, S] for masking."""
+    reference several times slower); scores are viewed as [B, KVH, Q, G, S] for masking.
+    A decode step (one new token per row) takes `_decode_attention`."""
     b, qn, h, d = q.shape
     page_size, kvh = k_cache.shape[-3], k_cache.shape[-2]
+    if block_pages is None:  # decode rows gather little per block; prefill rows amortise bigger blocks
+        block_pages = max(1, (32 if qn == 1 else 256) // page_size)
+    if qn == 1 and segment_ids is None:
+        return _decode_attention(q, k_new, v_new, new_lens, k_cache, v_cache, page_table, past_lens,
+                                 scale=scale, layer=layer, block_pages=block_pages)
     g = h // kvh
     qt = jnp.transpose(_group(q, kvh), (0, 2, 1, 3, 4)).reshape(b, kvh, qn * g, d).astype(jnp.float32) * scale
 
@@ -107,17 +138,8 @@ def prefix_extend_attention(q, k_new, v_new, new_lens, k_cache, v_cache, page_ta
     p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
     denom = jnp.sum(p, axis=-1)
     acc = weighted(p, v_new)
-
-    num_table_pages = page_table.shape[1]
-    if block_pages is None:  # decode rows gather little per block; prefill rows amortise bigger blocks
-        block_pages = max(1, (32 if qn == 1 else 256) // page_size)
-    block_pages = min(block_pages, num_table_pages)
-    num_blocks_total = -(-num_table_pages // block_pages)
-    pad = num_blocks_total * block_pages - num_table_pages
-    if pad:
-        page_table = jnp.pad(page_table, ((0, 0), (0, pad)))
+    page_table, block_pages, num_blocks = _blocks(page_table, past_lens, page_size, block_pages)
     block_kv = block_pages * page_size
-    num_blocks = jnp.minimum((jnp.max(past_lens) + block_kv - 1) // block_kv, num_blocks_total)
 
     def body(state):
         j, m, denom, acc = state
@@ -125,16 +147,40 @@ def prefix_extend_attention(q, k_new, v_new, new_lens, k_cache, v_cache, page_ta
         k = _gather_pages(k_cache, pages, layer).reshape(b, block_kv, kvh, d)
         v = _gather_pages(v_cache, pages, layer).reshape(b, block_kv, kvh, d)
         visible = (j * block_kv + jnp.arange(block_kv))[None, :] < past_lens[:, None]  # [B, bk]
-        visible = visible[:, None, None, None, :]
-        s = jnp.where(visible, scores(k), _NEG_INF)
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
-        correction = jnp.exp(m - m_new)
-        denom = denom * correction + jnp.sum(p, axis=-1)
-        acc = acc * correction[..., None] + weighted(p, v)
-        return j + 1, m_new, denom, acc
+        m, denom, acc, p = _online_softmax_step(m, denom, acc, scores(k), visible[:, None, None, None, :])
+        return j + 1, m, denom, acc + weighted(p, v)
 
     _, _, denom, acc = jax.lax.while_loop(lambda st: st[0] < num_blocks, body, (jnp.int32(0), m, denom, acc))
     out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]  # [B, KVH, Q, G, D]
     out = jnp.where((jnp.arange(qn)[None, :] < new_lens[:, None])[:, None, :, None, None], out, 0.0)
     return jnp.transpose(out, (0, 2, 1, 3, 4)).reshape(b, qn, h, d).astype(q.dtype)
+
+
+def _decode_attention(q, k_new, v_new, new_lens, k_cache, v_cache, page_table, past_lens, *, scale, layer,
+                      block_pages):
+    """One new token per row: scores [B, KVH, G, S] straight from the gathered keys' own layout
+    [B, S, KVH, D], with no transposed copy of each block (the general path's transposes cost ~20% of a
+    decode step's attention on a CPU: kvloom.tools.profile_step)."""
+    b, _, h, d = q.shape
+    page_size, kvh = k_cache.shape[-3], k_cache.shape[-2]
+    qg = q.reshape(b, kvh, h // kvh, d).astype(jnp.float32) * scale  # [B, KVH, G, D]
+    k_own, v_own = to_float32(k_new).reshape(b, kvh, d), to_float32(v_new).reshape(b, kvh, d)
+    m = jnp.einsum("bkgd,bkd->bkg", qg, k_own)  # the row's own token seeds the softmax: weight exp(0) = 1
+    denom = jnp.ones_like(m)
+    acc = jnp.broadcast_to(v_own[:, :, None, :], qg.shape)
+    page_table, block_pages, num_blocks = _blocks(page_table, past_lens, page_size, block_pages)
+    block_kv = block_pages * page_size
+
+    def body(state):
+        j, m, denom, acc = state
+        pages = jax.lax.dynamic_slice_in_dim(page_table, j * block_pages, block_pages, axis=1)  # [B, bp]
+        k = to_float32(_gather_pages(k_cache, pages, layer).reshape(b, block_kv, kvh, d))
+        v = to_float32(_gather_pages(v_cache, pages, layer).reshape(b, block_kv, kvh, d))
+        visible = ((j * block_kv + jnp.arange(block_kv))[None, :] < past_lens[:, None])[:, None, None, :]
+        s = jnp.einsum("bkgd,bskd->bkgs", qg, k)
+        m, denom, acc, p = _online_softmax_step(m, denom, acc, s, visible)
+        return j + 1, m, denom, acc + jnp.einsum("bkgs,bskd->bkgd", p, v)
+
+    _, _, denom, acc = jax.lax.while_loop(lambda st: st[0] < num_blocks, body, (jnp.int32(0), m, denom, acc))
+    out = jnp.where((new_lens > 0)[:, None, None, None], acc / denom[..., None], 0.0)
+    return out.reshape(b, 1, h, d).astype(q.dtype)
