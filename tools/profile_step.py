@@ -243,9 +243,9 @@ def _recording_factory(shapes: list):
         from kvloom.engine.runner import ModelRunner
 
         class RecordingRunner(ModelRunner):
-            def step(self, batch):
+            def launch(self, batch, prev=None):  # every step, one ahead (--overlap-schedule on) or not
                 shapes.append(batch.shape)
-                return super().step(batch)
+                return super().launch(batch, prev)
 
         return RecordingRunner(config, plan)
     return make
