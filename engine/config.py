@@ -339,7 +339,7 @@ class EngineConfig:
     step_timeout_s: float = 120.0  # the watchdog: a step running longer fails the engine
     # "on": build and launch the next decode step while one runs (engine.engine; a runner with
     # launch/collect); "auto": on an accelerator only. On a CPU the device's threads and the host's share
-    # the cores, and overlapping them measured slower (tools.profile_step: device time +15-20% per step).
+    # the cores, and on and off measured within noise (engine/ARCHITECTURE.md).
     overlap_schedule: str = "auto"
     max_restarts: int = 0  # automatic restarts after a failure (0: stay FAILED until restart())
     restart_backoff_s: float = 1.0  # first automatic restart after this long, doubling each time
