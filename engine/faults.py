@@ -21,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-from kvloom.engine.batch import RowError, ScheduledBatch, StepResult
+from kvloom.engine.batch import RowError, ScheduledBatch, StepResult, runs_ahead
 from kvloom.engine.executor import KillComputeThread
 
 KINDS = ("raise", "kill", "hang", "fail_warmup", "fail_request", "nan_request")
@@ -112,6 +112,9 @@ class FaultyRunner:
         self.source, self.model_config, self.vocab_size = inner.source, inner.model_config, inner.vocab_size
         self.page_size, self.max_model_len = inner.page_size, inner.max_model_len
         self.num_pages = inner.num_pages
+        self.platform = getattr(inner, "platform", "cpu")
+        if runs_ahead(inner):  # one step ahead too: the faults fire at launch, results are checked at collect
+            self.launch, self.collect = self._launch, self._collect
 
     @property
     def wrapped(self):
@@ -133,10 +136,19 @@ class FaultyRunner:
         return self._runner.warmup()
 
     def step(self, batch: ScheduledBatch) -> StepResult:
-        ids = batch.request_ids
-        self._faults.before_step(ids)
-        result = self._runner.step(batch)
+        self._faults.before_step(batch.request_ids)
+        return self._after(batch, self._runner.step(batch))
+
+    def _launch(self, batch: ScheduledBatch, prev=None):
+        self._faults.before_step(batch.request_ids)
+        return batch, self._runner.launch(batch, None if prev is None else prev[1])
+
+    def _collect(self, launched) -> StepResult:
+        batch, handle = launched
+        return self._after(batch, self._runner.collect(handle))
+
+    def _after(self, batch: ScheduledBatch, result: StepResult) -> StepResult:
         if result.row_finite is None and batch.rows:
             result = dataclasses.replace(result, row_finite=np.ones(len(batch.rows), bool))
-        self._faults.after_step(ids, result)
+        self._faults.after_step(batch.request_ids, result)
         return result

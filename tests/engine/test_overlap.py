@@ -192,3 +192,32 @@ async def test_the_real_runner_gives_the_same_tokens_one_step_ahead(tiny_llama):
             assert bool(pending) == (overlap == "on")
     assert results["on"] == results["off"]
     assert all(len(tokens) == sp.max_tokens for (tokens, _), sp in zip(results["on"], params))
+
+
+async def test_injected_faults_with_steps_ahead(tiny_llama):
+    """A refused row and a non-finite row each fail their own request alone, with steps built ahead in
+    flight; then a failing step fails the engine with an explicit error for every stream."""
+    from kvloom.engine.faults import FaultInjector
+
+    faults = FaultInjector()
+    greedy = SamplingParams(max_tokens=20, temperature=0)
+    make = fake_runner.factory()
+    async with Engine(_config(tiny_llama, "on"), runner_factory=make, faults=faults) as engine:
+        faults.arm("fail_request", after_steps=4, request_id="refused")
+        faults.arm("nan_request", after_steps=6, request_id="nan")
+        streams = (_tokens_of(engine, rid, greedy) for rid in ("refused", "nan", "a", "b"))
+        (refused, why_refused), (nan, why_nan), *others = await asyncio.gather(*streams)
+        prompt = engine.tokenizer.encode("Hello world")
+        expected = fake_runner.fake_greedy(prompt, 20, engine.runner.vocab_size)
+        for tokens, why in ((refused, why_refused), (nan, why_nan)):
+            assert why is FinishReason.ERROR and tokens == expected[:len(tokens)] and tokens != expected
+        assert others == [(expected, FinishReason.LENGTH)] * 2
+        assert any(row.pending_row >= 0 for b in make.made[-1].batches for row in b.decode_rows)
+        faults.arm("raise", after_steps=3)
+        failed = await asyncio.gather(*(_tokens_of(engine, f"r{i}", greedy) for i in range(3)))
+        assert all(why is FinishReason.ERROR for _, why in failed) and not engine.is_ready
+
+
+async def _tokens_of(engine, request_id, params):
+    outs = [o async for o in engine.generate("Hello world", params, request_id=request_id)]
+    return [t for o in outs for t in o.token_ids], outs[-1].finish_reason
