@@ -4,7 +4,13 @@ Built and called only on the compute thread. Each step pads the batch into the
 arrays of its bucket (`engine.buckets`), runs the forward (`engine.forward`:
 compiled pieces, dispatched layer by layer, the KV cache donated to the last
 one and returned), then the jitted sampler on the logits (which stay on the
-device), and brings back the sampled tokens as numpy arrays.
+device), and brings back the sampled tokens as numpy arrays:
+
+    step(batch) = collect(launch(batch, prev=None))
+    launch(batch, prev)  inputs -> forward (embed reads pending tokens from prev's sampled tokens,
+                         still on the device) -> sampler, dispatched without waiting -> Launched
+    collect(launched)    waits, copies the results back -> StepResult
+
 The public methods are host-side; the jitted functions are private.
 
 With `parallel.tensor_parallel_size` N the weights and the KV cache live on a
