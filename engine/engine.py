@@ -577,9 +577,9 @@ class Engine:
     async def _run_ahead(self, batch: ScheduledBatch) -> bool:
         """Run `batch` and the steps built one ahead of it, until none can be; False when the engine
         failed. Each step is launched before the one before it is collected and applied."""
-        started = time.monotonic()
-        try:
-            handle = await self._compute.run(self.runner.launch, batch, None)
+        started, timeout = time.monotonic(), self.config.step_timeout_s
+        try:  # a launch may wait for room in the device's queue, up to a step: it has the watchdog too
+            handle = await self._compute.run(self.runner.launch, batch, None, timeout=timeout)
         except RowError as exc:
             self._refuse(exc)
             return True
@@ -591,14 +591,14 @@ class Engine:
             next_handle = None
             if following is not None:
                 try:
-                    next_handle = await self._compute.run(self.runner.launch, following, handle)
+                    next_handle = await self._compute.run(self.runner.launch, following, handle,
+                                                          timeout=timeout)
                 except RowError as exc:
                     self._refuse(exc)
                 except Exception as exc:  # noqa: BLE001
                     return self._step_failed(exc)
             try:
-                result = await self._compute.run(self.runner.collect, handle,
-                                                 timeout=self.config.step_timeout_s)
+                result = await self._compute.run(self.runner.collect, handle, timeout=timeout)
             except Exception as exc:  # noqa: BLE001
                 return self._step_failed(exc)
             done = time.monotonic()

@@ -221,3 +221,22 @@ async def test_injected_faults_with_steps_ahead(tiny_llama):
 async def _tokens_of(engine, request_id, params):
     outs = [o async for o in engine.generate("Hello world", params, request_id=request_id)]
     return [t for o in outs for t in o.token_ids], outs[-1].finish_reason
+
+
+async def test_a_hung_step_ahead_trips_the_watchdog(tiny_llama):
+    """A launch that never returns (a hung device) fails the engine after step_timeout_s, as a step does."""
+    from kvloom.engine.faults import FaultInjector
+
+    faults = FaultInjector()
+    config = tiny_engine_config(tiny_llama, overlap_schedule="on", step_timeout_s=1.0)
+    engine = Engine(config, runner_factory=fake_runner.factory(), faults=faults)
+    try:
+        await engine.start()
+        faults.arm("hang", after_steps=3)
+        tokens, why = await _tokens_of(engine, "hung", SamplingParams(max_tokens=20, temperature=0))
+        assert why is FinishReason.ERROR and len(tokens) < 20 and not engine.is_ready
+        assert "watchdog" in engine.state_detail
+    finally:
+        faults.clear()  # the hung launch returns; its thread exits
+        await engine.stop()
+    assert engine.join_compute_thread(10)
