@@ -13,6 +13,8 @@ Per combination:
   3. speed: the same Engine, decode tok/s of one request and of --batch requests submitted at once
      (tools.bench_engine.run_batch: new tokens / wall time, prefill included), each run once untimed
      first so that nothing compiles while timed.
+  4. weight reads: per weights dtype, the bytes/s XLA reads weights at in a batch-1 matvec of that
+     dtype (tools.machine.measure_weight_reads over --probe-mib MiB): what bounds single-stream decode.
 The prompts are chat questions through the model's template. Nothing is asserted.
 """
 
@@ -25,6 +27,7 @@ import time
 import numpy as np
 
 from kvloom.tools.bench_engine import ready_engine, run_batch
+from kvloom.tools.machine import measure_weight_reads
 from kvloom.tools.engine_args import (add_compile_cache_arg, add_model_args, engine_config_from_args,
                                       use_compile_cache)
 from kvloom.tools.report import format_table, format_value, log, print_figures, publish
@@ -122,8 +125,10 @@ def measure(args) -> dict:
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
     _log("transformers float32: logits and greedy continuations")
     reference = hf_reference(source, prompts, args.new_tokens)
-    rows = []
+    rows, reads = [], {}
     for dtype, kv in args.combos:
+        if dtype not in reads:
+            reads[dtype] = measure_weight_reads(dtype, args.probe_mib << 20, 3)["bytes_per_s"]
         _log(f"weights {dtype}, KV cache {kv}")
         t0 = time.perf_counter()
         error = logits_error(args.model, dtype, kv, prompts, reference["logits"])
@@ -132,6 +137,7 @@ def measure(args) -> dict:
         ours = asyncio.run(greedy_and_speed(config, prompts, args))
         rows.append(dict(dtype=dtype, kv_cache_dtype=config.resolved_kv_cache_dtype,
                          max_abs_logit_error=error, greedy=agreement(ours.pop("greedy"), reference["greedy"]),
+                         weight_read_bytes_per_s=reads[dtype],
                          seconds=time.perf_counter() - t0, **ours))
         _log(f"  max |dlogit| {error:.4f}, decode {rows[-1]['single_tok_s']:.1f} / "
              f"{rows[-1]['batch_tok_s']:.1f} tok/s")
@@ -141,17 +147,20 @@ def measure(args) -> dict:
 
 def print_report(report: dict) -> None:
     head = ("weights", "KV cache", "max |dlogit|", f"greedy = HF ({report['new_tokens']} tok)",
-            "agreeing prefix", "decode tok/s @1", f"decode tok/s @{report['batch']}", "KV bytes/token")
+            "agreeing prefix", "decode tok/s @1", f"decode tok/s @{report['batch']}", "KV bytes/token",
+            "weight reads GB/s")
     cells = [head] + [
         (r["dtype"], r["kv_cache_dtype"], format_value(r["max_abs_logit_error"], ".4f"),
          f"{r['greedy']['identical']}/{r['greedy']['prompts']}",
          format_value(r["greedy"]["mean_prefix"], ".1f"), format_value(r["single_tok_s"], ".1f"),
-         format_value(r["batch_tok_s"], ".1f"), str(r["kv_bytes_per_token"]))
+         format_value(r["batch_tok_s"], ".1f"), str(r["kv_bytes_per_token"]),
+         format_value(r["weight_read_bytes_per_s"] / 1e9, ".1f"))
         for r in report["rows"]]
     print_figures(f"kvloom precision: {report['model']} against transformers float32 "
                   f"({report['prompts']} chat prompts)", format_table(cells, num_left=2),
                   [f"decode tok/s: {report['speed_tokens']} new tokens per request over the wall time, "
-                   f"prefill included"])
+                   f"prefill included",
+                   "weight reads: bytes/s of a batch-1 matvec in the weights' dtype (what bounds decode @1)"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed-tokens", type=int, default=64, help="new tokens per request when timing decode")
     p.add_argument("--batch", type=int, default=32, help="requests at once for the batch decode figure")
     p.add_argument("--seed", type=int, default=0, help="numpy seed of the batch's random prompts")
+    p.add_argument("--probe-mib", type=int, default=256, help="weights read by the matvec probe, per dtype")
     p.add_argument("--json", default=None, help="write every figure to this file")
     add_compile_cache_arg(p)
     return p
@@ -170,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    for name in ("new_tokens", "speed_tokens", "batch"):
+    for name in ("new_tokens", "speed_tokens", "batch", "probe_mib"):
         if getattr(args, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')}: must be positive")
     use_compile_cache(args.compile_cache)

@@ -4,6 +4,8 @@
     measure_matmul_peak(sizes, ...)  GFLOP/s of a jitted square jnp.dot, float32 or bfloat16 (the compute
                                      ceiling)
     measure_bandwidth(bytes, ...)    copy bandwidth of numpy and of a jitted jnp `x + 1`
+    measure_weight_reads(dtype, ...) bytes/s a batch-1 decode reads weights at: jitted [1, K] @ [K, N]
+                                     matvecs in one dtype over more matrices than the caches hold
     roofline_tokens_per_s, roofline_items_per_s, Roofline
                                      tokens/s (items/s) bounds of a float32 model under those ceilings
 
@@ -63,6 +65,31 @@ def measure_bandwidth(num_bytes: int, repeats: int) -> dict:
     by_method = {"numpy_copy": 2 * n * 4 / numpy_s, "jax_add": 2 * n * 4 / jax_s}
     return dict(num_bytes=n * 4, repeats=repeats, bytes_per_s_by_method=by_method,
                 bytes_per_s=max(by_method.values()))
+
+
+def measure_weight_reads(dtype: str, num_bytes: int, repeats: int,
+                         shape: tuple[int, int] = (576, 3072)) -> dict:
+    """Best bytes/s of weights read by jitted `x @ w` (x [1, K] and w [K, N], both `dtype`, as the model
+    runs a batch-1 decode in that dtype) over matrices totalling num_bytes, each read once per pass."""
+    import jax
+    import jax.numpy as jnp
+
+    k, n = shape
+    count = max(1, num_bytes // (k * n * jnp.dtype(dtype).itemsize))
+    weights = [jax.random.normal(jax.random.PRNGKey(i), (k, n), dtype) for i in range(count)]
+    x = jnp.ones((1, k), dtype)
+    matvec = jax.jit(lambda x, w: x @ w)
+    matvec(x, weights[0]).block_until_ready()  # compile
+
+    def one_pass():
+        out = None
+        for w in weights:
+            out = matvec(x, w)
+        out.block_until_ready()
+
+    seconds = best_of(one_pass, repeats)
+    total = count * k * n * jnp.dtype(dtype).itemsize
+    return dict(dtype=dtype, shape=list(shape), num_bytes=total, repeats=repeats, bytes_per_s=total / seconds)
 
 
 def roofline_tokens_per_s(peak_flops: float, num_parameters: int) -> float:

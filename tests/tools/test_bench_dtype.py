@@ -20,7 +20,7 @@ def test_combinations_are_checked_by_the_engine_config():
 def test_main_on_a_tiny_checkpoint(tiny_llama, tmp_path, capsys):
     out = tmp_path / "out.json"
     bench_dtype.main(["--model", tiny_llama, "--combos", "float32:auto,float32:bfloat16", "--new-tokens", "6",
-                      "--speed-tokens", "3", "--batch", "2", "--json", str(out),
+                      "--speed-tokens", "3", "--batch", "2", "--probe-mib", "1", "--json", str(out),
                       # keep the cache conftest chose: main() sets process-wide JAX config
                       "--jax-cache-dir", jax.config.jax_compilation_cache_dir])
     report = json.loads(out.read_text())
@@ -32,5 +32,8 @@ def test_main_on_a_tiny_checkpoint(tiny_llama, tmp_path, capsys):
     assert 0 < bf16_kv["max_abs_logit_error"] < 0.1
     assert bf16_kv["kv_bytes_per_token"] * 2 == f32["kv_bytes_per_token"]
     assert all(row["single_tok_s"] > 0 and row["batch_tok_s"] > 0 for row in report["rows"])
+    # one probe per weights dtype
+    assert f32["weight_read_bytes_per_s"] == bf16_kv["weight_read_bytes_per_s"] > 0
     printed = capsys.readouterr().out
     assert "kvloom precision:" in printed and "max |dlogit|" in printed and "decode tok/s @2" in printed
+    assert "weight reads GB/s" in printed

@@ -32,3 +32,8 @@ def test_measured_ceilings_are_positive():
     assert bandwidth["num_bytes"] == 1 << 16 and bandwidth["bytes_per_s"] == max(
         bandwidth["bytes_per_s_by_method"].values()) > 0
     assert machine.best_of(lambda: None, 3) >= 0
+    for dtype in ("float32", "bfloat16"):
+        reads = machine.measure_weight_reads(dtype, 1 << 18, repeats=2, shape=(32, 64))
+        item = 4 if dtype == "float32" else 2
+        assert reads["num_bytes"] == (1 << 18) // (32 * 64 * item) * 32 * 64 * item
+        assert reads["bytes_per_s"] > 0
