@@ -84,9 +84,13 @@ class LayeredForward:
     """`forward(params, kv, step) -> (logits, hidden, kv)` with the KV cache donated, from the three
     compiled pieces of `forward_functions`, for params placed on `mesh`."""
 
-    def __init__(self, embed, layer, finish, mesh):
+    def __init__(self, embed, layer, finish, mesh, num_prev_tokens: int = 1):
+        """num_prev_tokens: the length of the sampled-token arrays that pending tokens are read from
+        (`SamplingOutput.next_inputs`); a step without pending tokens gets zeros of that length, so every
+        step of one token count shares one embed executable."""
         self._embed, self._layer, self._finish, self.mesh = embed, layer, finish, mesh
         self._whole = NamedSharding(mesh, P())
+        self._no_prev_tokens = sharding.place(np.zeros(num_prev_tokens, np.int32), self._whole)
 
     @classmethod
     def jitted(cls, cfg: ModelConfig, page_size: int, mesh=None) -> "LayeredForward":
@@ -103,7 +107,7 @@ class LayeredForward:
     def _pending(self, step: llama.StepInput, pending):
         """(prev_tokens, prev_index) on the mesh: `pending` as given, or none (every index -1)."""
         if pending is None:
-            pending = (np.zeros(1, np.int32), np.full(len(step.token_ids), -1, np.int32))
+            pending = (self._no_prev_tokens, np.full(len(step.token_ids), -1, np.int32))
         return tuple(a if isinstance(a, jax.Array) else sharding.place(a, self._whole) for a in pending)
 
     def __call__(self, params, kv, step: llama.StepInput, pending=None):

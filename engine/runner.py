@@ -122,7 +122,6 @@ class ModelRunner:
         whole = NamedSharding(self.mesh, P())
         # a step's sampled tokens, padded to one length for every shape (SamplingOutput.next_inputs)
         self.max_logits_rows = max(plan.logits_rows(s) for s in plan.all_shapes())
-        self._no_prev_tokens = sharding.place(np.zeros(self.max_logits_rows, np.int32), whole)
         # name -> (function, jax.jit options), compiled ahead of time (_use_executables): the forward's pieces
         # (engine.forward), the sampler, label and prompt logprobs
         self._jit_functions = dict(
@@ -151,7 +150,8 @@ class ModelRunner:
         statics = f"{self.model_config!r} page_size={self.page_size} {mesh}"
         functions = {name: AotFunction(name, fn, options, statics, cache, self.compile_stats)
                      for name, (fn, options) in self._jit_functions.items()}
-        self._forward = LayeredForward(functions["embed"], functions["layer"], functions["finish"], self.mesh)
+        self._forward = LayeredForward(functions["embed"], functions["layer"], functions["finish"], self.mesh,
+                                       num_prev_tokens=self.max_logits_rows)
         self._sample = functions["sample"]
         self._labels, self._prompt_logprobs = functions["labels"], functions["prompt_logprobs"]
 
@@ -204,17 +204,14 @@ class ModelRunner:
         """The optimized HLO text of the forward's pieces and the sampler a step of `shape` runs (profiling:
         tools.profile_step names each op of a trace from it). Compiles again, or loads from the cache."""
         step = self._step_input(shape, None)
-        texts = self._forward.compiled_hlo(self.params, self.kv, step, self._no_pending(step))
+        texts = self._forward.compiled_hlo(self.params, self.kv, step)
         if not shape.is_score:
-            logits = self._forward.prepare(self.params, self.kv, step, self._no_pending(step)).out_info[0]
+            logits = self._forward.prepare(self.params, self.kv, step).out_info[0]
             sampling = self._sampling_input(len(step.logits_indices), [])
             texts.append(self._sample.prepare(logits, sampling).as_text())
         return texts
 
     # ---- arrays ---------------------------------------------------------------------------------
-
-    def _no_pending(self, step: llama.StepInput):
-        return self._no_prev_tokens, np.full(len(step.token_ids), -1, np.int32)
 
     def _step_input(self, shape: StepShape, batch: Optional[ScheduledBatch]):
         if shape.is_score:
@@ -372,7 +369,7 @@ class ModelRunner:
         num_logits = len(step.logits_indices)
         if shape.is_score:
             with span(spans.DISPATCH):
-                logits, _, self.kv = self._forward(self.params, self.kv, step, self._no_pending(step))
+                logits, _, self.kv = self._forward(self.params, self.kv, step)
                 items = [row.label_ids for row in batch.score_rows for _ in row.items]
                 labels = self._labels(logits, self._label_ids(num_logits, list(enumerate(items))))
             with span(spans.RESULTS):
@@ -397,17 +394,20 @@ class ModelRunner:
             return self._step_result(launched.batch, launched.positions, launched.sampling, launched.logits,
                                      launched.hidden, launched.out)
 
-    def _pending(self, step: llama.StepInput, batch: ScheduledBatch, prev: Optional["Launched"]):
+    @staticmethod
+    def _pending(step: llama.StepInput, batch: ScheduledBatch, prev: Optional["Launched"]):
         """(prev_tokens, prev_index) for the forward's embed: token t of the step is prev's sampled token
-        at logits row prev_index[t] when that is >= 0 (decode rows are the step's first tokens)."""
+        at logits row prev_index[t] when that is >= 0 (decode rows are the step's first tokens); None when
+        no row's token is pending."""
+        pending = [(i, row) for i, row in enumerate(batch.decode_rows) if row.pending_row >= 0]
+        if not pending:
+            return None
+        if prev is None or prev.out is None:
+            raise RuntimeError(f"row {pending[0][1].request_id}: its token comes from a step not launched")
         index = np.full(len(step.token_ids), -1, np.int32)
-        for i, row in enumerate(batch.decode_rows):
-            if row.pending_row >= 0:
-                if prev is None or prev.out is None:
-                    raise RuntimeError(f"row {row.request_id}: its token comes from a step not launched")
-                index[i] = prev.positions[row.pending_row]
-        tokens = prev.out.next_inputs if prev is not None and prev.out is not None else self._no_prev_tokens
-        return tokens, index
+        for i, row in pending:
+            index[i] = prev.positions[row.pending_row]
+        return prev.out.next_inputs, index
 
     def _step_result(self, batch: ScheduledBatch, positions, sampling, logits, hidden, out) -> StepResult:
         prompt = self._prompt_result(batch, hidden)
@@ -435,7 +435,7 @@ class ModelRunner:
         lengths = np.asarray([1 + len(row.draft_token_ids) for row in rows], np.int64)
         sampled = [(i * v + j, row) for i, row in enumerate(rows) for j in range(lengths[i])]
         sampling = self._sampling_input(len(step.logits_indices), sampled)
-        logits, _, self.kv = self._forward(self.params, self.kv, step, self._no_pending(step))
+        logits, _, self.kv = self._forward(self.params, self.kv, step)
         out = self._sample(logits, sampling)
         n = len(rows)
         tokens = np.asarray(out.token_ids)[:n * v].reshape(n, v)
@@ -476,10 +476,8 @@ class ModelRunner:
 
     def _prepare_all(self, pool: ThreadPoolExecutor) -> None:
         kv = (self.kv_struct, self.kv_struct)  # shapes only: the cache may still be being allocated
-        forwards = {}
-        for s in self.plan.all_shapes():
-            step = self._step_input(s, None)
-            forwards[pool.submit(self._forward.prepare, self.params, kv, step, self._no_pending(step))] = s
+        forwards = {pool.submit(self._forward.prepare, self.params, kv, self._step_input(s, None)): s
+                    for s in self.plan.all_shapes()}
         followups = []
         for future in as_completed(forwards):
             shape = forwards[future]
