@@ -80,9 +80,12 @@ def prefix_extend_attention_reference(q, k_new, v_new, new_lens, k_cache, v_cach
     return out.reshape(b, qn, h, d).astype(q.dtype)
 
 
-def _blocks(page_table, past_lens, page_size: int, block_pages: int):
-    """(page table padded to whole blocks, pages per block, the number of blocks the longest past needs)."""
-    num_table_pages = page_table.shape[1]
+def _block_reader(k_cache, v_cache, page_table, past_lens, layer, block_pages: int):
+    """(read_block, num_blocks): read_block(j) -> (keys, values [B, block_pages * page_size, KVH, D] in
+    the cache's storage dtype, visible [B, block_pages * page_size]: which of them hold the past) of
+    block j of each row's pages; num_blocks: the blocks the longest past needs."""
+    b, num_table_pages = page_table.shape
+    page_size, kvh, d = k_cache.shape[-3:]
     block_pages = min(block_pages, num_table_pages)
     num_blocks_total = -(-num_table_pages // block_pages)
     pad = num_blocks_total * block_pages - num_table_pages
@@ -90,7 +93,14 @@ def _blocks(page_table, past_lens, page_size: int, block_pages: int):
         page_table = jnp.pad(page_table, ((0, 0), (0, pad)))
     block_kv = block_pages * page_size
     num_blocks = jnp.minimum((jnp.max(past_lens) + block_kv - 1) // block_kv, num_blocks_total)
-    return page_table, block_pages, num_blocks
+
+    def read_block(j):
+        pages = jax.lax.dynamic_slice_in_dim(page_table, j * block_pages, block_pages, axis=1)  # [B, bp]
+        k = _gather_pages(k_cache, pages, layer).reshape(b, block_kv, kvh, d)
+        v = _gather_pages(v_cache, pages, layer).reshape(b, block_kv, kvh, d)
+        return k, v, (j * block_kv + jnp.arange(block_kv))[None, :] < past_lens[:, None]
+
+    return read_block, num_blocks
 
 
 def _online_softmax_step(m, denom, acc, s, visible):
@@ -138,15 +148,11 @@ def prefix_extend_attention(q, k_new, v_new, new_lens, k_cache, v_cache, page_ta
     p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
     denom = jnp.sum(p, axis=-1)
     acc = weighted(p, v_new)
-    page_table, block_pages, num_blocks = _blocks(page_table, past_lens, page_size, block_pages)
-    block_kv = block_pages * page_size
+    read_block, num_blocks = _block_reader(k_cache, v_cache, page_table, past_lens, layer, block_pages)
 
     def body(state):
         j, m, denom, acc = state
-        pages = jax.lax.dynamic_slice_in_dim(page_table, j * block_pages, block_pages, axis=1)  # [B, bp]
-        k = _gather_pages(k_cache, pages, layer).reshape(b, block_kv, kvh, d)
-        v = _gather_pages(v_cache, pages, layer).reshape(b, block_kv, kvh, d)
-        visible = (j * block_kv + jnp.arange(block_kv))[None, :] < past_lens[:, None]  # [B, bk]
+        k, v, visible = read_block(j)
         m, denom, acc, p = _online_softmax_step(m, denom, acc, scores(k), visible[:, None, None, None, :])
         return j + 1, m, denom, acc + weighted(p, v)
 
@@ -162,24 +168,20 @@ def _decode_attention(q, k_new, v_new, new_lens, k_cache, v_cache, page_table, p
     [B, S, KVH, D], with no transposed copy of each block (the general path's transposes cost ~20% of a
     decode step's attention on a CPU: kvloom.tools.profile_step)."""
     b, _, h, d = q.shape
-    page_size, kvh = k_cache.shape[-3], k_cache.shape[-2]
+    kvh = k_cache.shape[-2]
     qg = q.reshape(b, kvh, h // kvh, d).astype(jnp.float32) * scale  # [B, KVH, G, D]
     k_own, v_own = to_float32(k_new).reshape(b, kvh, d), to_float32(v_new).reshape(b, kvh, d)
     m = jnp.einsum("bkgd,bkd->bkg", qg, k_own)  # the row's own token seeds the softmax: weight exp(0) = 1
     denom = jnp.ones_like(m)
     acc = jnp.broadcast_to(v_own[:, :, None, :], qg.shape)
-    page_table, block_pages, num_blocks = _blocks(page_table, past_lens, page_size, block_pages)
-    block_kv = block_pages * page_size
+    read_block, num_blocks = _block_reader(k_cache, v_cache, page_table, past_lens, layer, block_pages)
 
     def body(state):
         j, m, denom, acc = state
-        pages = jax.lax.dynamic_slice_in_dim(page_table, j * block_pages, block_pages, axis=1)  # [B, bp]
-        k = to_float32(_gather_pages(k_cache, pages, layer).reshape(b, block_kv, kvh, d))
-        v = to_float32(_gather_pages(v_cache, pages, layer).reshape(b, block_kv, kvh, d))
-        visible = ((j * block_kv + jnp.arange(block_kv))[None, :] < past_lens[:, None])[:, None, None, :]
-        s = jnp.einsum("bkgd,bskd->bkgs", qg, k)
-        m, denom, acc, p = _online_softmax_step(m, denom, acc, s, visible)
-        return j + 1, m, denom, acc + jnp.einsum("bkgs,bskd->bkgd", p, v)
+        k, v, visible = read_block(j)
+        s = jnp.einsum("bkgd,bskd->bkgs", qg, to_float32(k))
+        m, denom, acc, p = _online_softmax_step(m, denom, acc, s, visible[:, None, None, :])
+        return j + 1, m, denom, acc + jnp.einsum("bkgs,bskd->bkgd", p, to_float32(v))
 
     _, _, denom, acc = jax.lax.while_loop(lambda st: st[0] < num_blocks, body, (jnp.int32(0), m, denom, acc))
     out = jnp.where((new_lens > 0)[:, None, None, None], acc / denom[..., None], 0.0)
