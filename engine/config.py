@@ -204,6 +204,7 @@ class SchedulerConfig:
 
 SCORING_MODES = ("single", "batched", "packed")
 OVERLAP_SCHEDULE = ("auto", "on", "off")
+AUTO_LAYERS_PER_CALL = 5
 
 
 @dataclass(frozen=True)
@@ -341,6 +342,9 @@ class EngineConfig:
     # launch/collect); "auto": on an accelerator only. On a CPU the device's threads and the host's share
     # the cores, and on and off measured within noise (engine/ARCHITECTURE.md).
     overlap_schedule: str = "auto"
+    # decoder layers per compiled call (engine.forward): the largest divisor of the model's layer count up
+    # to this; 0: up to AUTO_LAYERS_PER_CALL. More per call: fewer executions per step, longer compiles.
+    layers_per_call: int = 0
     max_restarts: int = 0  # automatic restarts after a failure (0: stay FAILED until restart())
     restart_backoff_s: float = 1.0  # first automatic restart after this long, doubling each time
     # names the API answers to, the first in responses; (): the model's own name
@@ -360,6 +364,10 @@ class EngineConfig:
         if self.overlap_schedule not in OVERLAP_SCHEDULE:
             raise ConfigError(f"overlap_schedule: must be one of {', '.join(OVERLAP_SCHEDULE)}, "
                               f"got {self.overlap_schedule!r}")
+        if isinstance(self.layers_per_call, bool) or not isinstance(self.layers_per_call, int) \
+                or self.layers_per_call < 0:
+            raise ConfigError(f"layers_per_call: must be a positive integer (0: auto), "
+                              f"got {self.layers_per_call!r}")
         if not self.step_timeout_s > 0:
             raise ConfigError(f"step_timeout_s: must be positive, got {self.step_timeout_s}")
         if self.max_restarts < 0 or self.restart_backoff_s < 0:
@@ -381,6 +389,12 @@ class EngineConfig:
     def overlaps_steps(self, platform: str) -> bool:
         """Whether steps are built one ahead on a device of this platform ("cpu", "gpu", "tpu")."""
         return self.overlap_schedule == "on" or (self.overlap_schedule == "auto" and platform != "cpu")
+
+    def layers_per_call_for(self, num_layers: int) -> int:
+        """Decoder layers per compiled call for a model of num_layers: the largest divisor of num_layers up
+        to layers_per_call (AUTO_LAYERS_PER_CALL when 0)."""
+        most = self.layers_per_call or AUTO_LAYERS_PER_CALL
+        return max(g for g in range(1, max(1, min(most, num_layers)) + 1) if num_layers % g == 0)
 
     def resolved_max_model_len(self, model: ModelConfig) -> int:
         limit = model.max_position_embeddings

@@ -4,9 +4,10 @@
     embed               jitted: the token embeddings [T, D] (of the token ids only); a token whose
                         `prev_index` is set is read from `prev_tokens`, the step before's sampled
                         tokens still on the device (a step built one ahead: engine.batch)
-    decoder_layer x L   jitted, one executable per step shape shared by every layer: each call gets
-                        that layer's own weight arrays, the KV cache (read only) and the layer's index
-                        as a traced int32, and returns h and the layer's new keys and values
+    layers x L/G        jitted, G consecutive decoder layers per call (`layers_per_call`), one executable
+                        per step shape shared by every group: each call gets its layers' own weight
+                        arrays, the KV cache (read only) and its first layer's index as a traced int32,
+                        and returns h and each layer's new keys and values
     finish              jitted, the KV cache donated: every layer's new keys and values written at
                         the step's slots, the final norm, float32 logits of `logits_indices`
     (embed and finish take only the arrays they read, the weights included (`_HEAD`): steps of different
@@ -19,9 +20,12 @@ Why pieces (measured with tools.profile_step): one program over all layers eithe
 over stacked weights, which on a CPU copies every layer's weights out of the stack on every step (a
 third to a half of a decode step), or unrolls the layers, which multiplies compile time by the depth
 (minutes to start the default model). Compiled apart, a step reads each weight once and compiles one
-layer per shape; what it costs is L + 2 dispatches per step, tens of microseconds each, which XLA
-runs back to back while Python enqueues the next. `engine.models.llama.forward` composes the same
-functions in one trace: it is their definition, and tests hold the two equal.
+group of layers per shape; what it costs is L/G + 2 executions per step. Each execution has a fixed
+cost on XLA's CPU runtime beyond its Python dispatch (a batch-32 decode step of the default model ran
+its layers ~15% faster in groups of 5 than one by one; a group of 5 compiles in ~1.6x one layer's time),
+and a step ahead (engine.batch) needs the whole step within the device's queue of in-flight
+executions (32 on XLA's CPU client). `engine.models.llama.forward` composes the same functions in one
+trace: it is their definition, and tests hold the two equal.
 """
 
 from __future__ import annotations
@@ -51,6 +55,17 @@ def _embed(params, token_ids, prev_tokens, prev_index):
     return llama.embed(params, ids)
 
 
+def _layers(layer_params, h, kv, first_layer, step, *, cfg: ModelConfig, page_size: int):
+    """Decoder layers first_layer, first_layer + 1, ... (`layer_params`: their weights, in order): h after
+    the last, and each layer's new keys and values (tuples)."""
+    keys, values = [], []
+    for i, lp in enumerate(layer_params):
+        h, k, v = llama.decoder_layer(lp, h, kv, first_layer + i, step, cfg=cfg, page_size=page_size)
+        keys.append(k)
+        values.append(v)
+    return h, tuple(keys), tuple(values)
+
+
 def _finish(params, kv, h, keys, values, slot_mapping, logits_indices, *, cfg: ModelConfig):
     kv = llama.write_kv_cache(kv, keys, values, slot_mapping)
     h = llama.final_norm(params, h, cfg=cfg)
@@ -65,7 +80,7 @@ def forward_functions(cfg: ModelConfig, page_size: int, mesh) -> dict:
     logits_sharding = NamedSharding(mesh, llama.logits_sharding(cfg, mesh.size))
     return dict(
         embed=(_embed, dict(out_shardings=whole)),
-        layer=(partial(llama.decoder_layer, cfg=cfg, page_size=page_size), {}),
+        layers=(partial(_layers, cfg=cfg, page_size=page_size), {}),
         # the hidden states are whole on every device (prompt logprobs project them when asked)
         finish=(partial(_finish, cfg=cfg),
                 dict(donate_argnums=(1,), out_shardings=(logits_sharding, whole, (kv_sharding,) * 2))))
@@ -84,21 +99,31 @@ class LayeredForward:
     """`forward(params, kv, step) -> (logits, hidden, kv)` with the KV cache donated, from the three
     compiled pieces of `forward_functions`, for params placed on `mesh`."""
 
-    def __init__(self, embed, layer, finish, mesh, num_prev_tokens: int = 1):
+    def __init__(self, embed, layers, finish, mesh, num_prev_tokens: int = 1, layers_per_call: int = 1):
         """num_prev_tokens: the length of the sampled-token arrays that pending tokens are read from
         (`SamplingOutput.next_inputs`); a step without pending tokens gets zeros of that length, so every
-        step of one token count shares one embed executable."""
-        self._embed, self._layer, self._finish, self.mesh = embed, layer, finish, mesh
+        step of one token count shares one embed executable. layers_per_call: G, dividing the layer
+        count (`EngineConfig.layers_per_call_for`)."""
+        self._embed, self._layers, self._finish, self.mesh = embed, layers, finish, mesh
+        self.layers_per_call = layers_per_call
         self._whole = NamedSharding(mesh, P())
         self._no_prev_tokens = sharding.place(np.zeros(num_prev_tokens, np.int32), self._whole)
 
     @classmethod
-    def jitted(cls, cfg: ModelConfig, page_size: int, mesh=None) -> "LayeredForward":
+    def jitted(cls, cfg: ModelConfig, page_size: int, mesh=None,
+               layers_per_call: int = 1) -> "LayeredForward":
         """The pieces under jax.jit (one device when `mesh` is None)."""
         mesh = mesh if mesh is not None else sharding.make_mesh(1)
         pieces = forward_functions(cfg, page_size, mesh)
         fns = {name: jax.jit(fn, **options) for name, (fn, options) in pieces.items()}
-        return cls(fns["embed"], fns["layer"], fns["finish"], mesh)
+        return cls(fns["embed"], fns["layers"], fns["finish"], mesh, layers_per_call=layers_per_call)
+
+    def _groups(self, params) -> list[tuple[int, tuple]]:
+        """(first layer index, the group's weights) of each call."""
+        layers, g = params["layers"], self.layers_per_call
+        if len(layers) % g:
+            raise ValueError(f"layers_per_call {g} does not divide the model's {len(layers)} layers")
+        return [(first, tuple(layers[first:first + g])) for first in range(0, len(layers), g)]
 
     def place(self, step: llama.StepInput) -> llama.StepInput:
         """The step's host arrays, whole on every device of the mesh: copied once, read by every piece."""
@@ -116,35 +141,36 @@ class LayeredForward:
         step = self.place(step)
         head = _head(params)
         h = self._embed(head, step.token_ids, prev_tokens, prev_index)
-        keys, values, run_layer = [], [], self._layer
-        for index, layer in enumerate(params["layers"]):
-            if index == 0 and hasattr(self._layer, "prepare"):
-                # every layer has the first one's signature: look its executable up once per step
+        keys, values, run_layers = [], [], self._layers
+        for first, group in self._groups(params):
+            if first == 0 and hasattr(self._layers, "prepare"):
+                # every group has the first one's signature: look its executable up once per step
                 # (a lookup reads the whole argument tree, a third of a batch-1 step's dispatch cost)
-                run_layer = self._layer.prepare(layer, h, kv, np.int32(index), step)
-            h, k, v = run_layer(layer, h, kv, np.int32(index), step)
-            keys.append(k)
-            values.append(v)
+                run_layers = self._layers.prepare(group, h, kv, np.int32(first), step)
+            h, k, v = run_layers(group, h, kv, np.int32(first), step)
+            keys += k
+            values += v
         return self._finish(head, kv, h, tuple(keys), tuple(values), step.slot_mapping, step.logits_indices)
 
     @property
     def num_compiled(self) -> int:
-        return self._embed._cache_size() + self._layer._cache_size() + self._finish._cache_size()
+        return self._embed._cache_size() + self._layers._cache_size() + self._finish._cache_size()
 
     def _pieces(self, params, kv, step: llama.StepInput, pending=None):
-        """(compiled embed, compiled layer, compiled finish) for a step of this shape; `kv` may be
+        """(compiled embed, compiled layers, compiled finish) for a step of this shape; `kv` may be
         shapes only (jax.ShapeDtypeStruct): nothing runs."""
         prev_tokens, prev_index = self._pending(step, pending)
         step = self.place(step)
         head = _head(params)
         embed = _compiled(self._embed, head, step.token_ids, prev_tokens, prev_index)
         h = _struct(embed.out_info)
-        layer = _compiled(self._layer, params["layers"][0], h, kv, np.int32(0), step)
-        _, k, v = (_struct(info) for info in layer.out_info)
+        first, group = self._groups(params)[0]
+        layers = _compiled(self._layers, group, h, kv, np.int32(first), step)
+        k, v = (_struct(info[0]) for info in layers.out_info[1:])
         num_layers = len(params["layers"])
         finish = _compiled(self._finish, head, kv, h, (k,) * num_layers, (v,) * num_layers,
                            step.slot_mapping, step.logits_indices)
-        return embed, layer, finish
+        return embed, layers, finish
 
     def prepare(self, params, kv, step: llama.StepInput, pending=None):
         """Compile (or load) every piece a step of this shape runs; returns the last one, whose `out_info`
@@ -152,5 +178,5 @@ class LayeredForward:
         return self._pieces(params, kv, step, pending)[-1]
 
     def compiled_hlo(self, params, kv, step: llama.StepInput, pending=None) -> list[str]:
-        """The optimized HLO text of each piece a step of this shape runs (the layer's once)."""
+        """The optimized HLO text of each piece a step of this shape runs (the layer group's once)."""
         return [piece.as_text() for piece in self._pieces(params, kv, step, pending)]

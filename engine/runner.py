@@ -150,8 +150,11 @@ class ModelRunner:
         statics = f"{self.model_config!r} page_size={self.page_size} {mesh}"
         functions = {name: AotFunction(name, fn, options, statics, cache, self.compile_stats)
                      for name, (fn, options) in self._jit_functions.items()}
-        self._forward = LayeredForward(functions["embed"], functions["layer"], functions["finish"], self.mesh,
-                                       num_prev_tokens=self.max_logits_rows)
+        self.layers_per_call = config.layers_per_call_for(self.model_config.num_layers)
+        self._forward = LayeredForward(
+            functions["embed"], functions["layers"], functions["finish"], self.mesh,
+            num_prev_tokens=self.max_logits_rows,
+            layers_per_call=self.layers_per_call)
         self._sample = functions["sample"]
         self._labels, self._prompt_logprobs = functions["labels"], functions["prompt_logprobs"]
 

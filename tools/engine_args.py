@@ -41,6 +41,9 @@ SIZE_FLAGS = (
      "devices the weights and KV cache split over (of every process)"),
     ("--overlap-schedule", "engine", "overlap_schedule", str,
      "build and launch the next decode step while one runs: on, off, or auto (on an accelerator only)"),
+    ("--layers-per-call", "engine", "layers_per_call", int,
+     "decoder layers per compiled call: the largest divisor of the model's layer count up to this "
+     "(0: auto, up to 5)"),
 )
 SPECULATIVE_FLAGS = (
     ("--speculative", "speculative", "method", str,

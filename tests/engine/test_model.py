@@ -86,10 +86,11 @@ def test_bfloat16_params(tiny_checkpoints, reference_logits):
     assert (logits.argmax(-1) == ref.argmax(-1)).mean() > 0.9
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_layered_forward_equals_the_one_program_forward(tiny_checkpoints, family):
-    """engine.forward runs the model as pieces compiled apart; llama.forward composes the same functions
-    in one trace. Same logits, hidden states and KV cache, for a ragged prefill and then a decode step."""
+@pytest.mark.parametrize("family, layers_per_call", [("llama", 1), ("llama", 2), ("qwen2", 2), ("qwen3", 1)])
+def test_layered_forward_equals_the_one_program_forward(tiny_checkpoints, family, layers_per_call):
+    """engine.forward runs the model as pieces compiled apart, one layer or a group of layers per call;
+    llama.forward composes the same functions in one trace. Same logits, hidden states and KV cache, for
+    a ragged prefill and then a decode step."""
     from functools import partial
 
     import jax
@@ -101,7 +102,7 @@ def test_layered_forward_equals_the_one_program_forward(tiny_checkpoints, family
     _, cfg, params = load_model(tiny_checkpoints(family))
     page_size, width = 4, 8
     one_program = jax.jit(partial(llama.forward, cfg=cfg, page_size=page_size))
-    layered = LayeredForward.jitted(cfg, page_size)
+    layered = LayeredForward.jitted(cfg, page_size, layers_per_call=layers_per_call)
     kv_a = llama.init_kv_cache(cfg, 1 + 2 * width, page_size, jnp.float32)
     kv_b = llama.init_kv_cache(cfg, 1 + 2 * width, page_size, jnp.float32)
     table = (1 + np.arange(2 * width, dtype=np.int32)).reshape(2, width)
@@ -126,3 +127,30 @@ def test_layered_forward_equals_the_one_program_forward(tiny_checkpoints, family
         np.testing.assert_allclose(np.asarray(hidden_b), np.asarray(hidden_a), rtol=1e-5, atol=1e-5)
         for a, b in zip(kv_a, kv_b):
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+
+
+def test_layers_per_call_divides_the_layer_count():
+    """Every call runs the same number of layers (one executable per step shape): the largest divisor of
+    the layer count up to the setting; 0 picks the default; a group that does not divide is refused."""
+    from kvloom.engine.config import AUTO_LAYERS_PER_CALL, ConfigError, EngineConfig
+    from kvloom.engine.forward import LayeredForward
+
+    per_call = [EngineConfig(layers_per_call=k).layers_per_call_for(30) for k in (1, 4, 5, 7, 100)]
+    assert per_call == [1, 3, 5, 6, 30]
+    auto = EngineConfig(layers_per_call=AUTO_LAYERS_PER_CALL)
+    assert [EngineConfig().layers_per_call_for(n) for n in (1, 2, 7, 28, 30)] == [
+        auto.layers_per_call_for(n) for n in (1, 2, 7, 28, 30)]
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ConfigError, match="layers_per_call"):
+            EngineConfig(layers_per_call=bad)
+    forward = LayeredForward(None, None, None, mesh=_one_device_mesh(), layers_per_call=4)
+    with pytest.raises(ValueError, match="does not divide the model's 30 layers"):
+        forward._groups({"layers": [{}] * 30})
+    assert [first for first, _ in LayeredForward(None, None, None, _one_device_mesh(), layers_per_call=3)
+            ._groups({"layers": [{}] * 6})] == [0, 3]
+
+
+def _one_device_mesh():
+    from kvloom.engine import sharding
+
+    return sharding.make_mesh(1)

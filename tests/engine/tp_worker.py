@@ -85,10 +85,11 @@ async def through_engine(path: str, tp: int) -> tuple[dict, np.ndarray]:
             report["tokens"].append(ids)
         scores = await engine.score(SCORE_QUERY, SCORE_ITEMS, SCORE_LABELS, mode="packed")
         runner = engine.runner
-        # the forward's pieces of a decode step (embed, the one layer executable, finish), not the sampler
+        # the pieces of a decode step (embed, the one layer group executable, finish), not the sampler
         hlo = "\n".join(text for text in runner.compiled_hlo(StepShape(1, 0, 0))
                          if not text.startswith("HloModule jit_sample"))
         report["collectives"] = collectives(hlo)
+        report["layers_per_call"] = runner.layers_per_call
         report["mismatches"] = sharding_mismatches(runner.model_config, runner.params, runner.kv)
         await engine.restart()
         runner = engine.runner
