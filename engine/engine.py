@@ -21,7 +21,8 @@ the device's. Results are applied in step order.
 
 A structured output (`SamplingParams.response_format`) gets its grammar matcher here, compiled
 by the engine's `GrammarCompiler` (engine.grammar), which the first such request builds on a thread of
-its own (`structured_output()`); the scheduler reads its bitmask into each row and advances it in `apply`.
+its own (engine.structured_output); the scheduler reads its bitmask into each row and advances it in `apply`.
+What the engine reports about itself (`status()`, the metrics' gauges) is read in engine.status.
 
 Every request, generated or scored, has one output channel: an asyncio queue
 that `_emit` feeds. `generate()` streams it; `score()` waits for each of its
@@ -63,6 +64,8 @@ from kvloom.engine.scheduler import QueueFullError, Scheduler, check_fits
 from kvloom.engine.scoring import ScoreOutput
 from kvloom.engine.spans import span
 from kvloom.engine.speculative import SpecDecodeStats
+from kvloom.engine.structured_output import StructuredOutput
+from kvloom.engine.status import engine_status, live_metrics, start_summary
 from kvloom.engine.start_phases import StartPhases
 from kvloom.engine.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
@@ -113,9 +116,7 @@ class Engine:
         self.last_ready_at: Optional[float] = None
         self.num_compiled_at_ready: Optional[int] = None
         self.tokenizer: Optional[Tokenizer] = None
-        self.grammars: Optional[GrammarCompiler] = None  # built by the first structured request
-        self._grammars_building: Optional[asyncio.Future] = None
-        self._grammars_unavailable: Optional[str] = None  # why this tokenizer cannot have one
+        self._structured = StructuredOutput(f"kvloom-grammar-{id(self):x}")  # built by the first such request
         self.start_phases: Optional[StartPhases] = None  # the last start's or restart's
         self.runner = None
         self.scheduler: Optional[Scheduler] = None
@@ -128,7 +129,7 @@ class Engine:
         self._ids = itertools.count()
         self._rng = random.Random(self.config.seed)
         self.spec_stats = SpecDecodeStats()  # speculative decoding's counts; outlive restarts too
-        self.metrics = EngineMetrics(self._live_metrics, lambda: self.model_name)
+        self.metrics = EngineMetrics(lambda: live_metrics(self), lambda: self.model_name)
         self.kv_events = KVEventLog(self.config.cache.page_size)  # outlives restarts: ids stay monotonic
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -196,38 +197,18 @@ class Engine:
         self.start_phases.detail["tokenizer_load_s"] = time.monotonic() - t0
         return tokenizer
 
+    @property
+    def grammars(self) -> Optional[GrammarCompiler]:
+        """The structured-output compiler once built (None until a request with a response_format)."""
+        return self._structured.compiler
+
     async def structured_output(self) -> GrammarCompiler:
         """The structured-output compiler: built at the first call (the first request with a response_format;
         seconds for a large vocabulary) on a thread of its own, off the event loop, then kept. Raises
         ValueError naming response_format when this model's tokenizer cannot have one."""
-        if self.grammars is None and self._grammars_unavailable is None:
-            if self.tokenizer is None:
-                raise EngineNotReadyError(f"the engine is {self.state.value}: {self.state_detail}")
-            if self._grammars_building is None:
-                self._grammars_building = asyncio.ensure_future(self._build_grammars())
-            await asyncio.shield(self._grammars_building)
-        if self.grammars is None:
-            raise ValueError(f"response_format: structured output is unavailable with this model's "
-                             f"tokenizer ({self._grammars_unavailable})")
-        return self.grammars
-
-    async def _build_grammars(self) -> None:
-        thread = ComputeThread(name=f"kvloom-grammar-{id(self):x}")
-        try:
-            self.grammars = await thread.run(self._grammar_compiler, self.tokenizer, self.runner.vocab_size)
-        finally:
-            thread.close()
-            self._grammars_building = None
-
-    def _grammar_compiler(self, tokenizer: Tokenizer, vocab_size: int) -> Optional[GrammarCompiler]:
-        """The structured-output compiler, or None (with the reason kept) when this tokenizer cannot have one;
-        requests without response_format never need it."""
-        try:
-            return GrammarCompiler(tokenizer.hf_tokenizer, vocab_size, tokenizer.eos_token_ids)
-        except Exception as exc:  # noqa: BLE001 - e.g. a slow (Python) tokenizer
-            log.warning("structured output is unavailable: %s", exc)
-            self._grammars_unavailable = f"{type(exc).__name__}: {exc}"
-            return None
+        if self._structured.compiler is None and (self.tokenizer is None or self.runner is None):
+            raise EngineNotReadyError(f"the engine is {self.state.value}: {self.state_detail}")
+        return await self._structured.get(self.tokenizer, self.runner.vocab_size if self.runner else 0)
 
     def _make_runner(self, previous=None):
         """On the compute thread: a new runner, or a fresh one sharing `previous`'s weights."""
@@ -326,16 +307,8 @@ class Engine:
             self._set_state(EngineState.READY, "ready")
 
     def start_summary(self) -> str:
-        """'in 6.2s: load_model 1.1s, tokenizer 0.0s, warmup 2.1s, round_trip 0.1s (51 executables: 51 from
-        the start cache, 0 compiled)': the last start's phases, one line for a log."""
-        phases = self.start_phases
-        if phases is None or phases.total_s is None:
-            return ""
-        detail = getattr(self.runner, "start_detail", None) or {}
-        compiled = "" if "executables_loaded" not in detail else (
-            f" ({self.num_compiled_at_ready} executables: {detail['executables_loaded']} from the start "
-            f"cache, {detail['executables_compiled']} compiled)")
-        return f"in {phases.total_s:.1f}s: {phases.summary()}{compiled}"
+        """The last start's phases, one line for a log (engine.status.start_summary)."""
+        return start_summary(self)
 
     async def drain(self, timeout: float) -> bool:
         """Refuse new work and let in-flight requests finish for up to `timeout` s; True if all did.
@@ -362,8 +335,7 @@ class Engine:
         if self._restart_task is not None:
             self._restart_task.cancel()
             self._restart_task = None
-        if self._grammars_building is not None:
-            self._grammars_building.cancel()  # its thread ends with the job in hand
+        self._structured.cancel()
         await self._cancel_loop()
         if self._compute is not None and not await self._compute.aclose(timeout):
             log.warning("the compute thread is still busy after %.1fs; leaving it behind", timeout)
@@ -430,9 +402,7 @@ class Engine:
         include_stop = params.include_stop_str_in_output
         request.stop_matcher = StopStringMatcher(params.stop, include_stop) if params.stop else None
         if params.response_format is not None:
-            if self._grammars_unavailable is not None:
-                raise ValueError(f"response_format: structured output is unavailable with this model's "
-                                 f"tokenizer ({self._grammars_unavailable})")
+            self._structured.check_available()
             if self.grammars is not None:  # else the stream builds the compiler first
                 request.grammar = self.grammars.matcher(params.response_format)
         return request
@@ -667,62 +637,8 @@ class Engine:
             if request.finish_reason is FinishReason.ERROR:
                 m.request_errors.labels("engine_unavailable").inc()
 
-    # ---- introspection --------------------------------------------------------------------------
-
-    def _live_metrics(self) -> dict:
-        s = self.scheduler
-        cache = s.prefix_cache if s else None
-        return dict(
-            num_requests_running=s.num_running if s else 0,
-            num_requests_waiting=s.num_waiting if s else 0,
-            kv_cache_usage_ratio=s.kv_usage() if s else 0.0,
-            engine_ready=1.0 if self.is_ready else 0.0,
-            prefix_cache_hits=cache.num_hit_tokens if cache else 0,
-            prefix_cache_queries=cache.num_query_tokens if cache else 0,
-            num_preemptions=s.num_preemptions if s else 0,
-            spec_decode_num_drafts=self.spec_stats.num_drafts,
-            spec_decode_num_draft_tokens=self.spec_stats.num_draft_tokens,
-            spec_decode_num_accepted_tokens=self.spec_stats.num_accepted_tokens,
-        )
+    # ---- introspection ----------------------------------------------------------------------------
 
     def status(self) -> dict:
-        live = self._live_metrics()
-        s, runner = self.scheduler, self.runner
-        cache = s.prefix_cache if s else None
-        sc, cc = self.config.scheduler, self.config.cache
-        return {
-            "state": self.state.value,
-            "state_detail": self.state_detail,
-            "ready": self.is_ready,
-            "last_ready_at": self.last_ready_at,
-            "uptime_s": time.monotonic() - self.started_at if self.started_at else 0.0,
-            "model": self.model_name,
-            "config": {
-                "dtype": self.config.dtype,
-                "kv_cache_dtype": self.config.resolved_kv_cache_dtype,
-                "max_model_len": runner.max_model_len if runner else self.config.max_model_len,
-                "page_size": cc.page_size,
-                "num_pages": runner.num_pages if runner else cc.num_pages,
-                "prefix_cache": cc.enable_prefix_cache,
-                "max_running": sc.max_running,
-                "max_tokens_per_step": sc.max_tokens_per_step,
-                "chunk_size": sc.chunk_size,
-                "policy": sc.policy,
-                "max_waiting": sc.max_waiting,
-                "speculative": self.config.speculative.method,
-                "num_speculative_tokens": self.config.speculative.num_speculative_tokens
-                if self.config.speculative.enabled else None,
-            },
-            "kv_cache": plan.as_dict() if (plan := getattr(runner, "kv_cache_plan", None)) else None,
-            "start": self.start_phases.as_dict(getattr(runner, "start_detail", None)) if self.start_phases
-            else None,
-            "num_running": live["num_requests_running"],
-            "num_waiting": live["num_requests_waiting"],
-            "kv_cache_usage": live["kv_cache_usage_ratio"],
-            "prefix_cache_hit_rate": cache.hit_rate if cache else 0.0,
-            "num_preemptions": live["num_preemptions"],
-            # drafts checked, accepted, and the tokens a verify row yields on average (null: speculation off)
-            "speculative": self.spec_stats.as_dict() if self.config.speculative.enabled else None,
-            "num_restarts": self.num_restarts,
-            "parallel": getattr(runner, "parallel_status", None),  # the mesh, per-device KV
-        }
+        """State, configuration, start phases, load and caches (engine.status)."""
+        return engine_status(self)

@@ -65,6 +65,7 @@ async def test_each_precision_stays_close_to_float32(tiny_llama, reference, dtyp
         kv_dtype = dtype if kv_cache_dtype == "auto" else kv_cache_dtype
         status = engine.status()
         assert status["config"]["kv_cache_dtype"] == kv_dtype
+        assert status["config"]["layers_per_call"] == 2  # the tiny model's two layers, one call
         assert cache_dtype(engine.runner.kv[0].dtype).name == kv_dtype
         assert engine.runner.kv[0].dtype == storage_dtype(kv_dtype)  # bfloat16: as uint16 bits
         assert engine.runner.params["embed"].dtype.name == dtype
