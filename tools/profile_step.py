@@ -73,11 +73,34 @@ class OpInfo:
     is_matmul: bool
 
 
+def _inherit_names(names: dict[str, str], operands: dict[str, list[str]]) -> dict[str, str]:
+    """An op XLA left without metadata (its library fusions of the attention's products, matrix-vector
+    products at batch 1) takes the named scope of the nearest op it reads from that has one."""
+    resolved = dict(names)
+    for name, op_name in names.items():
+        if op_name:
+            continue
+        seen, frontier = {name}, list(operands.get(name, ()))
+        while frontier and not resolved[name]:
+            following = []
+            for operand in frontier:
+                if operand in seen or operand not in names:
+                    continue
+                seen.add(operand)
+                if names[operand] and any(f"/{tag}/" in names[operand] for tag, _ in _SCOPES):
+                    resolved[name] = names[operand]
+                    break
+                following += operands.get(operand, ())
+            frontier = following
+    return resolved
+
+
 def parse_hlo(text: str) -> tuple[str, dict[str, OpInfo]]:
     """(module name, {instruction name: OpInfo}) of one optimized HLO module's text. A fusion is a
-    matmul when the computation it calls holds a dot or a convolution (or it is a library matmul)."""
+    matmul when the computation it calls holds a dot or a convolution (or it is a library matmul). An op
+    without metadata is named after its inputs (`_inherit_names`)."""
     module = text.split(None, 2)[1].rstrip(",")
-    calls, opcodes, names = {}, {}, {}
+    calls, opcodes, names, operands = {}, {}, {}, {}
     has_dot: dict[str, bool] = collections.defaultdict(bool)
     computation = None
     for line in text.splitlines():
@@ -97,7 +120,9 @@ def parse_hlo(text: str) -> tuple[str, dict[str, OpInfo]]:
             calls[name] = called.group(1)
         op_name = re.search(r'op_name="([^"]*)"', rest)
         names[name] = op_name.group(1) if op_name else ""
+        operands[name] = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
     library = ("__onednn", "__ynn", "xnn", "matmul", "dot")
+    names = _inherit_names(names, operands)
     ops = {}
     for name, opcode in opcodes.items():
         is_matmul = opcode in ("dot", "convolution") or has_dot.get(calls.get(name, ""), False)

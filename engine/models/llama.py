@@ -334,12 +334,20 @@ def decoder_layer(lp, h, kv_cache, layer, step: StepInput, *, cfg: ModelConfig, 
 
 
 def write_kv_cache(kv_cache, new_keys, new_values, slot_mapping):
-    """Every layer's new keys and values (sequences of [T, KVH, D]) into the cache, at the step's slots."""
-    k_all, v_all = kv_cache
+    """Every layer's new keys and values (sequences of [T, KVH, D]) into the cache, at the step's slots.
+    The cache is written as rows of one [L * slots, KVH * D] view, the layers' tokens one after another:
+    XLA's CPU scatter writes whole rows several times faster than windows across the layer axis of the
+    stacked updates (and needs no transposed copy of them)."""
+    num_layers, num_slots = kv_cache[0].shape[:2]
+    rows = (jnp.arange(num_layers, dtype=jnp.int32)[:, None] * num_slots + slot_mapping[None, :]).reshape(-1)
+
+    def write(cache, new):
+        flat = cache.reshape(num_layers * num_slots, -1)
+        updates = jnp.concatenate([x.reshape(x.shape[0], -1) for x in new])  # [L * T, KVH * D]
+        return flat.at[rows].set(updates.astype(flat.dtype), mode="promise_in_bounds").reshape(cache.shape)
+
     with jax.named_scope("kv_write"):
-        k_all = k_all.at[:, slot_mapping].set(jnp.stack(new_keys))
-        v_all = v_all.at[:, slot_mapping].set(jnp.stack(new_values))
-    return k_all, v_all
+        return write(kv_cache[0], new_keys), write(kv_cache[1], new_values)
 
 
 def forward(params, kv_cache, step: StepInput, *, cfg: ModelConfig, page_size: int):

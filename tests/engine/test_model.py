@@ -154,3 +154,34 @@ def _one_device_mesh():
     from kvloom.engine import sharding
 
     return sharding.make_mesh(1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_kv_cache_write_puts_each_layers_tokens_at_their_slots(dtype):
+    """write_kv_cache against a plain numpy write: every layer's token t lands at slot_mapping[t] of that
+    layer, in the cache's storage dtype; other slots keep their values; padding tokens all write slot 0."""
+    import jax.numpy as jnp
+
+    from kvloom.engine.models import llama
+    from kvloom.kernels.kv_format import storage_dtype, to_storage
+
+    rng = np.random.default_rng(0)
+    layers, slots, kvh, d = 3, 40, 2, 4
+    storage = storage_dtype(dtype)
+    k0 = rng.standard_normal((layers, slots, kvh, d)).astype(np.float32)
+    v0 = rng.standard_normal((layers, slots, kvh, d)).astype(np.float32)
+    slot_mapping = np.array([7, 8, 9, 33, 0, 0], np.int32)  # two rows' tokens, then two padding tokens
+    new_k = [rng.standard_normal((6, kvh, d)).astype(np.float32) for _ in range(layers)]
+    new_v = [rng.standard_normal((6, kvh, d)).astype(np.float32) for _ in range(layers)]
+    as_storage = lambda a: to_storage(jnp.asarray(a), storage)  # noqa: E731 - bfloat16: its 16-bit patterns
+    k, v = llama.write_kv_cache((as_storage(k0), as_storage(v0)), [as_storage(x) for x in new_k],
+                                [as_storage(x) for x in new_v], jnp.asarray(slot_mapping))
+    for got, before, new in ((k, k0, new_k), (v, v0, new_v)):
+        want = np.asarray(as_storage(before)).copy()
+        for layer in range(layers):
+            want[layer, slot_mapping[:4]] = np.asarray(as_storage(new[layer]))[:4]
+        got = np.asarray(got)
+        assert got.dtype == want.dtype
+        keep = np.setdiff1d(np.arange(slots), slot_mapping)
+        np.testing.assert_array_equal(got[:, keep], want[:, keep])
+        np.testing.assert_array_equal(got[:, slot_mapping[:4]], want[:, slot_mapping[:4]])

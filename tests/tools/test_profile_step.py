@@ -27,6 +27,20 @@ def test_parse_hlo_names_each_op_with_its_scope_and_finds_the_matmuls():
     assert not any(op.is_matmul for op in ops.values() if "sampling_part" in op.op_name)
 
 
+def test_an_op_without_metadata_is_named_after_its_inputs():
+    """XLA's library fusions of the attention's products carry no op_name: they take the scope of the
+    nearest input that has one (through unnamed ones), and stay unnamed when none has."""
+    names = {"copy.1": "jit(f)/attention/transpose", "bitcast.2": "", "ynn_fusion.3": "",
+             "param.4": "", "dot.5": "", "mul.6": "jit(f)/mlp/mul", "dot.7": ""}
+    operands = {"bitcast.2": ["copy.1"], "ynn_fusion.3": ["param.4", "bitcast.2"], "dot.5": ["param.4"],
+                "dot.7": ["mul.6", "copy.1"]}
+    resolved = ps._inherit_names(names, operands)
+    assert resolved["ynn_fusion.3"] == "jit(f)/attention/transpose"
+    assert resolved["dot.5"] == "" and resolved["param.4"] == ""
+    assert resolved["dot.7"] == "jit(f)/mlp/mul"  # the first input with a scope
+    assert resolved["copy.1"] == names["copy.1"]
+
+
 def test_device_parts_by_module_and_scope():
     info = lambda name, opcode="fusion", mm=False: ps.OpInfo(name, opcode, mm)  # noqa: E731
     assert ps.device_part("jit_sample", "fusion.1", None) == "sampling"
