@@ -366,7 +366,7 @@ class EngineConfig:
                               f"got {self.overlap_schedule!r}")
         if isinstance(self.layers_per_call, bool) or not isinstance(self.layers_per_call, int) \
                 or self.layers_per_call < 0:
-            raise ConfigError(f"layers_per_call: must be a positive integer (0: auto), "
+            raise ConfigError(f"layers_per_call: must be 0 (auto) or a positive integer, "
                               f"got {self.layers_per_call!r}")
         if not self.step_timeout_s > 0:
             raise ConfigError(f"step_timeout_s: must be positive, got {self.step_timeout_s}")

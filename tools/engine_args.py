@@ -12,6 +12,7 @@ one `EngineConfig` built from them.
                                     engine's start cache inside it (START_CACHE_SUBDIR)
     engine_config_from_args(args)   -> EngineConfig (serve=True: with the server's flags); a flag
                                     left None takes the command's fallback, else the config's default
+    config_error_text(exc)          a ConfigError's message naming the flag instead of the field
     use_compile_cache(directory)    the process-wide JAX setting, made by commands only
 
 Imports nothing heavier than argparse at module level: `kvloom serve --help` stays fast.
@@ -171,6 +172,16 @@ def engine_config_from_args(args: argparse.Namespace, serve: bool = False, **fal
                         cache=CacheConfig(**values["cache"]), parallel=ParallelConfig(**values["parallel"]),
                         scoring=ScoringConfig(**values["scoring"]),
                         speculative=SpeculativeConfig(**values["speculative"]))
+
+
+def config_error_text(exc: Exception) -> str:
+    """A configuration error's message with the field it names ("max_running: must be positive") given
+    as the flag that sets it ("--max-running: must be positive")."""
+    text = str(exc)
+    field, sep, rest = text.partition(": ")
+    flags = {name: flag for flag, _, name, _, _ in SIZE_FLAGS + SPECULATIVE_FLAGS + SERVE_FLAGS}
+    flags.update(model="--model", dtype="--dtype", kv_cache_dtype="--kv-cache-dtype")
+    return f"{flags[field]}: {rest}" if sep and field in flags else text
 
 
 def use_compile_cache(directory: str) -> None:

@@ -161,3 +161,16 @@ def test_chat_answers_greedily_as_transformers_does(tiny_llama):
     answer = ids[0, len(prompt):].tolist()
     assert out.stdout == tokenizer.decode(answer) + "\n"
 
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "--max-running", "-1"], "kvloom serve: error: --max-running: must be positive, got -1"),
+    (["serve", "--layers-per-call", "-2"], "kvloom serve: error: --layers-per-call: must be 0 (auto)"),
+    (["chat", "--chunk-size", "4096"], "kvloom chat: error: --chunk-size: 4096 exceeds max_tokens_per_step"),
+])
+def test_a_value_the_engine_refuses_is_a_usage_error_naming_the_flag(argv, message, capsys):
+    """No traceback: exit status 2 and one line naming the flag, as argparse does for a malformed value."""
+    from kvloom.tools.cli import main
+
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().startswith(message)
