@@ -29,7 +29,7 @@ import numpy as np
 from kvloom.tools.bench_engine import ready_engine, run_batch
 from kvloom.tools.machine import measure_weight_reads
 from kvloom.tools.engine_args import (add_compile_cache_arg, add_model_args, engine_config_from_args,
-                                      use_compile_cache)
+                                      report_config_errors, use_compile_cache)
 from kvloom.tools.report import format_table, format_value, log, print_figures, publish
 from kvloom.tools.workload import prompt_id_range, random_prompts
 
@@ -188,4 +188,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    report_config_errors("python -m kvloom.tools.bench_dtype", main)

@@ -46,7 +46,8 @@ from kvloom.tools.command_args import parse_int_list
 from kvloom.tools.report import format_table, format_value, log, print_figures, publish, ratio
 from kvloom.tools.workload import prompt_id_range, random_prompts, speculative_workloads
 from kvloom.tools.engine_args import (add_compile_cache_arg, add_engine_args, add_model_args,
-                                      engine_config_from_args, use_compile_cache)
+                                      engine_config_from_args, report_config_errors,
+                                      use_compile_cache)
 
 TARGETS = {
     "single_stream": ">= 1.5x HF single-stream",
@@ -369,4 +370,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    report_config_errors("python -m kvloom.tools.bench_engine", main)

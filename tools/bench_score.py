@@ -44,7 +44,8 @@ from kvloom.tools.command_args import parse_int_list
 from kvloom.tools.report import format_value, log, print_figures, publish, ratio
 from kvloom.tools.workload import prompt_id_range, random_prompts
 from kvloom.tools.engine_args import (add_compile_cache_arg, add_engine_args, add_model_args,
-                                      engine_config_from_args, use_compile_cache)
+                                      engine_config_from_args, report_config_errors,
+                                      use_compile_cache)
 
 NUM_LABELS = 2
 
@@ -392,4 +393,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    raise SystemExit(exit_status(main()))
+    raise SystemExit(exit_status(report_config_errors("python -m kvloom.tools.bench_score", main)))

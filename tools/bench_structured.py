@@ -25,7 +25,8 @@ import time
 
 from kvloom.tools.command_args import parse_int_list
 from kvloom.tools.engine_args import (add_compile_cache_arg, add_engine_args, add_model_args,
-                                      engine_config_from_args, use_compile_cache)
+                                      engine_config_from_args, report_config_errors,
+                                      use_compile_cache)
 from kvloom.tools.report import format_table, publish, ratio
 
 SCHEMA = {
@@ -220,4 +221,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    report_config_errors("python -m kvloom.tools.bench_structured", main)

@@ -13,12 +13,12 @@ import os
 import sys
 import time
 
-from kvloom.engine.config import CacheConfig, ConfigError
+from kvloom.engine.config import CacheConfig
 
 from kvloom.tools.command_args import (add_bench_args, add_build_llama_server_args, add_compare_args,
                                        add_fault_args, add_router_args, add_soak_args)
 from kvloom.tools.engine_args import (add_compile_cache_arg, add_engine_args, add_model_args,
-                                      config_error_text, engine_config_from_args, use_compile_cache)
+                                      engine_config_from_args, report_config_errors, use_compile_cache)
 from kvloom.tools.flag_file import FlagFileError, expand_config_argv
 from kvloom.tools.serve_args import API_KEY_ENV, add_serve_args
 from kvloom.tools.tune_args import add_tune_args
@@ -201,11 +201,7 @@ def main(argv=None) -> int:
         return 2
     args = build_parser().parse_args(argv)
     args.command_started = started
-    try:
-        return args.func(args)
-    except ConfigError as exc:  # a flag's value the engine's configuration refuses: no traceback
-        print(f"kvloom {args.command}: error: {config_error_text(exc)}", file=sys.stderr)
-        return 2
+    return report_config_errors(f"kvloom {args.command}", args.func, args)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ from kvloom.tools.machine import Roofline, measure_bandwidth, measure_matmul_pea
 from kvloom.tools.compare_systems import HttpSystem, KvloomEngineSystem
 from kvloom.tools.compare_workloads import (Sizes, as_text, build_prompt_set, log, measure_system,
                                            sizes_from_args)
-from kvloom.tools.engine_args import engine_config_from_args, use_compile_cache
+from kvloom.tools.engine_args import engine_config_from_args, report_config_errors, use_compile_cache
 from kvloom.tools.report import write_json
 from kvloom.tools.workload import WORDS
 
@@ -170,6 +170,7 @@ def main_from_args(args) -> int:
     if bad:
         print(f"kvloom compare: error: must be positive: {', '.join(bad)}", file=sys.stderr)
         return 2
+    engine_config(args, sizes)  # a value the engine refuses raises ConfigError: a usage error, at once
     if args.llama_server and any(peer_name(p) == "llama-server" for p in args.peers):
         try:
             llama_server.find_binary(args.llama_server)
@@ -196,4 +197,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report_config_errors("kvloom compare", main))

@@ -13,6 +13,7 @@ one `EngineConfig` built from them.
     engine_config_from_args(args)   -> EngineConfig (serve=True: with the server's flags); a flag
                                     left None takes the command's fallback, else the config's default
     config_error_text(exc)          a ConfigError's message naming the flag instead of the field
+    report_config_errors(prog, run) run(), a ConfigError reported as a usage error (exit 2) naming the flag
     use_compile_cache(directory)    the process-wide JAX setting, made by commands only
 
 Imports nothing heavier than argparse at module level: `kvloom serve --help` stays fast.
@@ -22,7 +23,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Optional
+import sys
+from typing import Callable, Optional
 
 DEFAULT_COMPILE_CACHE = "~/.cache/kvloom/jax"
 START_CACHE_SUBDIR = "kvloom"  # EngineConfig.start_cache_dir: compiled step executables, converted weights
@@ -182,6 +184,18 @@ def config_error_text(exc: Exception) -> str:
     flags = {name: flag for flag, _, name, _, _ in SIZE_FLAGS + SPECULATIVE_FLAGS + SERVE_FLAGS}
     flags.update(model="--model", dtype="--dtype", kv_cache_dtype="--kv-cache-dtype")
     return f"{flags[field]}: {rest}" if sep and field in flags else text
+
+
+def report_config_errors(prog: str, run: Callable, *args):
+    """run(*args), with a flag value the engine's configuration refuses reported as argparse reports a
+    malformed one: '<prog>: error: --flag: ...' on stderr and exit status 2, no traceback."""
+    from kvloom.engine.config import ConfigError
+
+    try:
+        return run(*args)
+    except ConfigError as exc:
+        print(f"{prog}: error: {config_error_text(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def use_compile_cache(directory: str) -> None:

@@ -41,7 +41,8 @@ import numpy as np
 from kvloom.engine import spans
 from kvloom.tools.command_args import parse_int_list
 from kvloom.tools.engine_args import (add_compile_cache_arg, add_engine_args, add_model_args,
-                                      engine_config_from_args, use_compile_cache)
+                                      engine_config_from_args, report_config_errors,
+                                      use_compile_cache)
 from kvloom.tools.report import log, write_json
 from kvloom.tools.workload import prompt_id_range, random_prompts
 
@@ -416,4 +417,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(report_config_errors("python -m kvloom.tools.profile_step", main))

@@ -172,5 +172,19 @@ def test_a_value_the_engine_refuses_is_a_usage_error_naming_the_flag(argv, messa
     """No traceback: exit status 2 and one line naming the flag, as argparse does for a malformed value."""
     from kvloom.tools.cli import main
 
-    assert main(argv) == 2
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().startswith(message)
+
+
+@pytest.mark.parametrize("tool", ["bench_engine", "profile_step", "compare"])
+def test_the_benchmark_tools_report_a_refused_value_the_same_way(tool):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", f"kvloom.tools.{tool}", "--max-running", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().endswith("error: --max-running: must be positive, got 0")
+    assert "Traceback" not in proc.stderr
