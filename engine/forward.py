@@ -55,17 +55,6 @@ def _embed(params, token_ids, prev_tokens, prev_index):
     return llama.embed(params, ids)
 
 
-def _layers(layer_params, h, kv, first_layer, step, *, cfg: ModelConfig, page_size: int):
-    """Decoder layers first_layer, first_layer + 1, ... (`layer_params`: their weights, in order): h after
-    the last, and each layer's new keys and values (tuples)."""
-    keys, values = [], []
-    for i, lp in enumerate(layer_params):
-        h, k, v = llama.decoder_layer(lp, h, kv, first_layer + i, step, cfg=cfg, page_size=page_size)
-        keys.append(k)
-        values.append(v)
-    return h, tuple(keys), tuple(values)
-
-
 def _finish(params, kv, h, keys, values, slot_mapping, logits_indices, *, cfg: ModelConfig):
     kv = llama.write_kv_cache(kv, keys, values, slot_mapping)
     h = llama.final_norm(params, h, cfg=cfg)
@@ -80,7 +69,7 @@ def forward_functions(cfg: ModelConfig, page_size: int, mesh) -> dict:
     logits_sharding = NamedSharding(mesh, llama.logits_sharding(cfg, mesh.size))
     return dict(
         embed=(_embed, dict(out_shardings=whole)),
-        layers=(partial(_layers, cfg=cfg, page_size=page_size), {}),
+        layers=(partial(llama.decoder_layers, cfg=cfg, page_size=page_size), {}),
         # the hidden states are whole on every device (prompt logprobs project them when asked)
         finish=(partial(_finish, cfg=cfg),
                 dict(donate_argnums=(1,), out_shardings=(logits_sharding, whole, (kv_sharding,) * 2))))

@@ -350,16 +350,24 @@ def write_kv_cache(kv_cache, new_keys, new_values, slot_mapping):
         return write(kv_cache[0], new_keys), write(kv_cache[1], new_values)
 
 
+def decoder_layers(layer_params, h, kv_cache, first_layer, step: StepInput, *, cfg: ModelConfig,
+                   page_size: int):
+    """Decoder layers first_layer, first_layer + 1, ... (`layer_params`: their weights, in order): h after
+    the last, and each layer's new keys and values (tuples)."""
+    keys, values = [], []
+    for i, lp in enumerate(layer_params):
+        h, k, v = decoder_layer(lp, h, kv_cache, first_layer + i, step, cfg=cfg, page_size=page_size)
+        keys.append(k)
+        values.append(v)
+    return h, tuple(keys), tuple(values)
+
+
 def forward(params, kv_cache, step: StepInput, *, cfg: ModelConfig, page_size: int):
     """The whole model over one step, as one function: (final-normed hidden states of every token [T, D],
     new kv_cache). The engine runs the same pieces compiled apart (`engine.forward.LayeredForward`);
     this composition is their definition, and what tests compare them with."""
     h = embed(params, step.token_ids)
-    keys, values = [], []
-    for index, lp in enumerate(params["layers"]):
-        h, k, v = decoder_layer(lp, h, kv_cache, index, step, cfg=cfg, page_size=page_size)
-        keys.append(k)
-        values.append(v)
+    h, keys, values = decoder_layers(params["layers"], h, kv_cache, 0, step, cfg=cfg, page_size=page_size)
     return final_norm(params, h, cfg=cfg), write_kv_cache(kv_cache, keys, values, step.slot_mapping)
 
 
