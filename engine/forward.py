@@ -46,7 +46,7 @@ _HEAD = ("embed", "final_norm", "lm_head")  # the weights outside the layers: al
 
 
 def _head(params) -> dict:
-    return {name: params[name] for name in _HEAD}
+    return {name: params[name] for name in _HEAD if name in params}  # no lm_head: tied to the embedding
 
 
 def _embed(params, token_ids, prev_tokens, prev_index):

@@ -113,8 +113,8 @@ def random_tensors(hf: dict, rng: np.random.Generator, std: float) -> dict[str, 
     cfg = ModelConfig.from_hf(hf)
     shapes = llama.expected_shapes(cfg)
 
-    def tensor(name: str, key: str, transpose: bool) -> np.ndarray:
-        shape = tuple(reversed(shapes[key])) if transpose else shapes[key]  # HF keeps [out, in]
+    def tensor(name: str, key: str) -> np.ndarray:
+        shape = shapes[key]
         if name.endswith(".bias"):
             return np.zeros(shape, np.float32)
         if len(shape) == 1:
@@ -123,11 +123,11 @@ def random_tensors(hf: dict, rng: np.random.Generator, std: float) -> dict[str, 
         array *= std
         return array
 
-    tensors = {name: tensor(name, key, t) for name, (key, t) in llama.global_weight_names(cfg).items()}
+    tensors = {name: tensor(name, key) for name, key in llama.global_weight_names(cfg).items()}
     for i in range(cfg.num_layers):
-        for suffix, (key, t) in llama.layer_weight_names(cfg).items():
+        for suffix, key in llama.layer_weight_names(cfg).items():
             name = f"model.layers.{i}.{suffix}"
-            tensors[name] = tensor(name, key, t)
+            tensors[name] = tensor(name, key)
     return tensors
 
 

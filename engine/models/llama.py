@@ -33,36 +33,36 @@ from kvloom.engine.sharding import TP_AXIS
 from kvloom.kernels.attention import prefix_extend_attention
 from kvloom.kernels.kv_format import storage_dtype, to_storage
 
-# HF parameter names -> (params key, transpose to [in, out]); per layer and global.
+# HF parameter names -> params key; per layer and global. Matrices keep HF's [out, in] layout (see `linear`).
 LAYER_WEIGHTS = {
-    "input_layernorm.weight": ("attn_norm", False),
-    "self_attn.q_proj.weight": ("wq", True),
-    "self_attn.k_proj.weight": ("wk", True),
-    "self_attn.v_proj.weight": ("wv", True),
-    "self_attn.o_proj.weight": ("wo", True),
-    "post_attention_layernorm.weight": ("mlp_norm", False),
-    "mlp.gate_proj.weight": ("w_gate", True),
-    "mlp.up_proj.weight": ("w_up", True),
-    "mlp.down_proj.weight": ("w_down", True),
+    "input_layernorm.weight": "attn_norm",
+    "self_attn.q_proj.weight": "wq",
+    "self_attn.k_proj.weight": "wk",
+    "self_attn.v_proj.weight": "wv",
+    "self_attn.o_proj.weight": "wo",
+    "post_attention_layernorm.weight": "mlp_norm",
+    "mlp.gate_proj.weight": "w_gate",
+    "mlp.up_proj.weight": "w_up",
+    "mlp.down_proj.weight": "w_down",
 }
 QKV_BIAS_WEIGHTS = {
-    "self_attn.q_proj.bias": ("bq", False),
-    "self_attn.k_proj.bias": ("bk", False),
-    "self_attn.v_proj.bias": ("bv", False),
+    "self_attn.q_proj.bias": "bq",
+    "self_attn.k_proj.bias": "bk",
+    "self_attn.v_proj.bias": "bv",
 }
 QK_NORM_WEIGHTS = {
-    "self_attn.q_norm.weight": ("q_norm", False),
-    "self_attn.k_norm.weight": ("k_norm", False),
+    "self_attn.q_norm.weight": "q_norm",
+    "self_attn.k_norm.weight": "k_norm",
 }
 GLOBAL_WEIGHTS = {
-    "model.embed_tokens.weight": ("embed", False),
-    "model.norm.weight": ("final_norm", False),
-    "lm_head.weight": ("lm_head", True),
+    "model.embed_tokens.weight": "embed",
+    "model.norm.weight": "final_norm",
+    "lm_head.weight": "lm_head",
 }
 
 
-def layer_weight_names(cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
-    """The per-layer weights this config needs: HF suffix -> (key, transpose)."""
+def layer_weight_names(cfg: ModelConfig) -> dict[str, str]:
+    """The per-layer weights this config needs: HF suffix -> params key."""
     names = dict(LAYER_WEIGHTS)
     if cfg.attention_bias:
         names.update(QKV_BIAS_WEIGHTS)
@@ -71,7 +71,7 @@ def layer_weight_names(cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
     return names
 
 
-def global_weight_names(cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
+def global_weight_names(cfg: ModelConfig) -> dict[str, str]:
     names = dict(GLOBAL_WEIGHTS)
     if cfg.tie_word_embeddings:
         del names["lm_head.weight"]
@@ -79,34 +79,34 @@ def global_weight_names(cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Shape of each params leaf, in kvloom's layout ([in, out] matrices; per-layer leaves unstacked)."""
+    """Shape of each params leaf as loaded (HF's: [out, in] matrices; per-layer leaves unstacked)."""
     d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
     shapes = {
-        "attn_norm": (d,), "wq": (d, q), "wk": (d, kv), "wv": (d, kv), "wo": (q, d),
-        "mlp_norm": (d,), "w_gate": (d, f), "w_up": (d, f), "w_down": (f, d),
+        "attn_norm": (d,), "wq": (q, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, q),
+        "mlp_norm": (d,), "w_gate": (f, d), "w_up": (f, d), "w_down": (d, f),
         "bq": (q,), "bk": (kv,), "bv": (kv,), "q_norm": (hd,), "k_norm": (hd,),
-        "embed": (cfg.vocab_size, d), "final_norm": (d,), "lm_head": (d, cfg.vocab_size),
+        "embed": (cfg.vocab_size, d), "final_norm": (d,), "lm_head": (cfg.vocab_size, d),
     }
     return shapes
 
 
 # How each params leaf (as fuse_params lays it out) is split over the tensor-parallel mesh axis TP_AXIS.
-# Per-layer leaves carry the leading layer axis. q/k/v and gate/up are column-parallel (split by KV-head
-# group and by the intermediate axis), o and down row-parallel, the embedding and the LM head split over
-# the vocabulary; norms are replicated. The KV cache is split over its KV heads.
+# q/k/v and gate/up are column-parallel (split by KV-head group and by the intermediate axis), o and down
+# row-parallel, the embedding and the LM head split over the vocabulary; norms are replicated. The KV
+# cache is split over its KV heads.
 LAYER_SHARDING = {
     "attn_norm": P(), "mlp_norm": P(), "q_norm": P(), "k_norm": P(),
-    "wqkv": P(None, TP_AXIS, None),  # [D, KVH, (G + 2) * hd]
+    "wqkv": P(TP_AXIS, None, None),  # [KVH, (G + 2) * hd, D]
     "bqkv": P(TP_AXIS, None),  # [KVH, (G + 2) * hd]
-    "wo": P(TP_AXIS, None),  # [H * hd, D]
-    "w_gate_up": P(None, None, TP_AXIS),  # [D, 2, F]
-    "w_down": P(TP_AXIS, None),  # [F, D]
+    "wo": P(None, TP_AXIS),  # [D, H * hd]
+    "w_gate_up": P(TP_AXIS, None, None),  # [F, 2, D]
+    "w_down": P(None, TP_AXIS),  # [D, F]
 }
 GLOBAL_SHARDING = {
     "embed": P(TP_AXIS, None),  # [V, D]
     "final_norm": P(),
-    "lm_head": P(None, TP_AXIS),  # [D, V]
+    "lm_head": P(TP_AXIS, None),  # [V, D]
 }
 KV_CACHE_SHARDING = P(None, None, TP_AXIS, None)  # [L, slots, KVH, hd]
 LOGITS_SHARDING = P(None, TP_AXIS)  # [S, V]
@@ -127,29 +127,27 @@ def logits_sharding(cfg: ModelConfig, tp: int):
 
 def fuse_params(params, cfg: ModelConfig):
     """From the loaded layout (one leaf per HF tensor) to the layout the forward runs: q, k, v fused
-    into one projection grouped by KV head ([D, KVH, (G + 2) * hd]: each KV head's G query heads, then
-    its key, then its value), gate and up into another ([D, 2, F]), so fewer, larger matmuls whose
-    head and intermediate axes split over devices without moving data; and an [D, V] output
-    projection even for tied embeddings (the transposed read of [V, D] is the slow matmul path)."""
+    into one projection grouped by KV head ([KVH, (G + 2) * hd, D]: each KV head's G query heads, then
+    its key, then its value), gate and up into another ([F, 2, D]: each intermediate unit's gate and
+    up rows), so fewer, larger matmuls whose head and intermediate axes split over devices without
+    moving data (the first axis of each: see `linear`). A model with tied embeddings has no "lm_head":
+    its embedding ([V, D]) is the LM head's weight as it is."""
     kvh, g, hd = cfg.num_kv_heads, cfg.num_query_groups, cfg.head_dim
 
-    def grouped(q, k, v):  # [..., H * hd], [..., KVH * hd] x2 -> [..., KVH, (G + 2) * hd]
-        lead = q.shape[:-1]
-        q = q.reshape(*lead, kvh, g * hd)
-        return jnp.concatenate([q, k.reshape(*lead, kvh, hd), v.reshape(*lead, kvh, hd)], axis=-1)
+    def grouped(q, k, v):  # [H * hd, ...], [KVH * hd, ...] x2 -> [KVH, (G + 2) * hd, ...]
+        rest = q.shape[1:]
+        q = q.reshape(kvh, g * hd, *rest)
+        return jnp.concatenate([q, k.reshape(kvh, hd, *rest), v.reshape(kvh, hd, *rest)], axis=1)
 
     def fuse_layer(layer):
         layer = dict(layer)
         layer["wqkv"] = grouped(layer.pop("wq"), layer.pop("wk"), layer.pop("wv"))
         if cfg.attention_bias:
             layer["bqkv"] = grouped(layer.pop("bq"), layer.pop("bk"), layer.pop("bv"))
-        layer["w_gate_up"] = jnp.stack([layer.pop("w_gate"), layer.pop("w_up")], axis=-2)
+        layer["w_gate_up"] = jnp.stack([layer.pop("w_gate"), layer.pop("w_up")], axis=1)
         return layer
 
-    fused = dict(params, layers=tuple(fuse_layer(layer) for layer in params["layers"]))
-    if cfg.tie_word_embeddings:
-        fused["lm_head"] = jnp.asarray(params["embed"].T)
-    return fused
+    return dict(params, layers=tuple(fuse_layer(layer) for layer in params["layers"]))
 
 
 def replicate_kv_heads(params, cfg: ModelConfig, replicas: int):
@@ -160,12 +158,12 @@ def replicate_kv_heads(params, cfg: ModelConfig, replicas: int):
         return params
     kvh, g, hd = cfg.num_kv_heads, cfg.num_query_groups, cfg.head_dim
 
-    def split(w):  # [..., KVH, (G + 2) * hd] -> [..., KVH * r, (G / r + 2) * hd]
-        lead = w.shape[:-2]
-        w = w.reshape(*lead, kvh, g + 2, hd)
-        q = w[..., :g, :].reshape(*lead, kvh, replicas, g // replicas, hd)
-        kv = jnp.broadcast_to(w[..., None, g:, :], (*lead, kvh, replicas, 2, hd))
-        return jnp.concatenate([q, kv], axis=-2).reshape(*lead, kvh * replicas, (g // replicas + 2) * hd)
+    def split(w):  # [KVH, (G + 2) * hd, ...] -> [KVH * r, (G / r + 2) * hd, ...]
+        rest = w.shape[2:]
+        w = w.reshape(kvh, g + 2, hd, *rest)
+        q = w[:, :g].reshape(kvh, replicas, g // replicas, hd, *rest)
+        kv = jnp.broadcast_to(w[:, None, g:], (kvh, replicas, 2, hd, *rest))
+        return jnp.concatenate([q, kv], axis=2).reshape(kvh * replicas, (g // replicas + 2) * hd, *rest)
 
     def split_layer(layer):
         layer = dict(layer, wqkv=split(layer["wqkv"]))
@@ -178,7 +176,7 @@ def replicate_kv_heads(params, cfg: ModelConfig, replicas: int):
 
 def num_kv_heads_of(params) -> int:
     """KV heads of the model as fused (more than the config's when replicated)."""
-    return params["layers"][0]["wqkv"].shape[-2]
+    return params["layers"][0]["wqkv"].shape[0]
 
 
 def shard_params(params, cfg: ModelConfig, mesh: Mesh):
@@ -275,6 +273,28 @@ def kv_cache_bytes_per_token(cfg: ModelConfig, dtype, num_kv_heads: Optional[int
     return 2 * cfg.num_layers * (num_kv_heads or cfg.num_kv_heads) * cfg.head_dim * jnp.dtype(dtype).itemsize
 
 
+# Up to this many rows, `linear` computes W x^T and transposes the result.
+TRANSPOSED_DOT_MAX_ROWS = 32
+
+
+def linear(x, w):
+    """x [T, K] times the weight w [*out, K] (HF's [out, in] layout, output axes first) -> [T, *out].
+
+    A decode step's few rows (T <= TRANSPOSED_DOT_MAX_ROWS) run as W x^T, the weight's output axis as the
+    product's long side, then a transpose of the small result: XLA's CPU dot runs [N, K] x [K, T] 15-25%
+    faster than [T, K] x [K, N] at T = 8..32 (the decoder's and the LM head's shapes of the default model);
+    the optimization barrier keeps XLA from folding the transpose back into the slower form. Longer steps
+    (prefills) run as x W^T, which is as fast there as a weight stored [in, out]. The output axes merge
+    into one, so a weight split over devices is split on its first axis (a split further in would make
+    the merged axis interleave the devices' parts: XLA gathers the weight whole)."""
+    w2 = w.reshape(-1, w.shape[-1])  # [N, K]: free, and what keeps XLA from copying w into another layout
+    if x.shape[0] <= TRANSPOSED_DOT_MAX_ROWS:
+        y = jax.lax.optimization_barrier(jnp.einsum("nk,tk->nt", w2, x)).T
+    else:
+        y = jnp.einsum("tk,nk->tn", x, w2)
+    return y.reshape(x.shape[0], *w.shape[:-1])
+
+
 def embed(params, token_ids):
     """The step's token embeddings [T, D]."""
     return params["embed"][token_ids]
@@ -289,7 +309,7 @@ def decoder_layer(lp, h, kv_cache, layer, step: StepInput, *, cfg: ModelConfig, 
     angles = step.positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
     cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
     scale = cfg.head_dim ** -0.5
-    hd, nh, nkv = cfg.head_dim, cfg.num_heads, lp["wqkv"].shape[-2]
+    hd, nh, nkv = cfg.head_dim, cfg.num_heads, lp["wqkv"].shape[0]
     g = nh // nkv
     eps = cfg.rms_norm_eps
     k_all, v_all = kv_cache
@@ -298,7 +318,7 @@ def decoder_layer(lp, h, kv_cache, layer, step: StepInput, *, cfg: ModelConfig, 
 
     with jax.named_scope("qkv_proj"):
         x = rms_norm(h, lp["attn_norm"], eps)
-        qkv = jnp.einsum("td,dkq->tkq", x, lp["wqkv"])  # [T, KVH, (G + 2) * D]
+        qkv = linear(x, lp["wqkv"])  # [T, KVH, (G + 2) * D]
         if cfg.attention_bias:
             qkv = qkv + lp["bqkv"]
         q, k, v = jnp.split(qkv, [g * hd, (g + 1) * hd], axis=-1)
@@ -324,12 +344,12 @@ def decoder_layer(lp, h, kv_cache, layer, step: StepInput, *, cfg: ModelConfig, 
         offset += n
     attn = jnp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]  # [T, H*D]
     with jax.named_scope("o_proj"):
-        h = h + jnp.einsum("tq,qd->td", attn, lp["wo"])
+        h = h + linear(attn, lp["wo"])
     with jax.named_scope("mlp"):
         x = rms_norm(h, lp["mlp_norm"], eps)
-        gate_up = jnp.einsum("td,dcf->tcf", x, lp["w_gate_up"])  # [T, 2, F]
-        gate, up = gate_up[:, 0], gate_up[:, 1]
-        h = h + jnp.einsum("tf,fd->td", jax.nn.silu(gate) * up, lp["w_down"])
+        gate_up = linear(x, lp["w_gate_up"])  # [T, F, 2]
+        gate, up = gate_up[..., 0], gate_up[..., 1]
+        h = h + linear(jax.nn.silu(gate) * up, lp["w_down"])
     return h, k, v
 
 
@@ -378,4 +398,4 @@ def final_norm(params, h, *, cfg: ModelConfig):
 def logits_from_hidden(params, h, *, cfg: ModelConfig):
     """Project final hidden states [S, D] to float32 logits [S, V] (params as fused by fuse_params)."""
     with jax.named_scope("lm_head"):
-        return jnp.einsum("sd,dv->sv", h, params["lm_head"]).astype(jnp.float32)
+        return linear(h, params.get("lm_head", params["embed"])).astype(jnp.float32)

@@ -50,7 +50,7 @@ def _assemble(cfg: ModelConfig, tensors: TensorTable, dtype: str):
     shapes = llama.expected_shapes(cfg)
     target = jnp.dtype(dtype)
 
-    def fetch(hf_name: str, key: str, transpose: bool) -> np.ndarray:
+    def fetch(hf_name: str, key: str) -> np.ndarray:
         if hf_name not in tensors:
             files = sorted({f for _, f in tensors.values()}) or ["(no tensor files)"]
             raise ModelLoadError(f"{', '.join(files)}: missing tensor {hf_name!r}")
@@ -59,21 +59,17 @@ def _assemble(cfg: ModelConfig, tensors: TensorTable, dtype: str):
             array = load()
         except Exception as exc:  # unreadable or corrupt data
             raise ModelLoadError(f"{file}: cannot read tensor {hf_name!r}: {exc}") from exc
-        if transpose:
-            array = array.T
         if tuple(array.shape) != shapes[key]:
-            want = tuple(reversed(shapes[key])) if transpose else shapes[key]
-            got = tuple(reversed(array.shape)) if transpose else tuple(array.shape)
-            raise ModelLoadError(f"{file}: tensor {hf_name!r} has shape {got}, expected {want}")
+            raise ModelLoadError(f"{file}: tensor {hf_name!r} has shape {tuple(array.shape)}, "
+                                 f"expected {shapes[key]}")
         return array
 
     params = {}
-    for hf_name, (key, transpose) in llama.global_weight_names(cfg).items():
-        params[key] = jnp.asarray(fetch(hf_name, key, transpose), dtype=target)
+    for hf_name, key in llama.global_weight_names(cfg).items():
+        params[key] = jnp.asarray(fetch(hf_name, key), dtype=target)
     names = llama.layer_weight_names(cfg).items()
     params["layers"] = tuple(
-        {key: jnp.asarray(fetch(f"model.layers.{i}.{suffix}", key, transpose), dtype=target)
-         for suffix, (key, transpose) in names}
+        {key: jnp.asarray(fetch(f"model.layers.{i}.{suffix}", key), dtype=target) for suffix, key in names}
         for i in range(cfg.num_layers))
     return llama.fuse_params(params, cfg)
 

@@ -185,3 +185,36 @@ def test_kv_cache_write_puts_each_layers_tokens_at_their_slots(dtype):
         keep = np.setdiff1d(np.arange(slots), slot_mapping)
         np.testing.assert_array_equal(got[:, keep], want[:, keep])
         np.testing.assert_array_equal(got[:, slot_mapping[:4]], want[:, slot_mapping[:4]])
+
+
+@pytest.mark.parametrize("rows", [1, 8, 40])  # decode-sized products as W x^T, longer ones as x W^T
+def test_linear_multiplies_by_the_weight_stored_output_axes_first(rows):
+    import jax
+
+    from kvloom.engine.models import llama
+
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, 16), dtype=np.float32)
+    w = rng.standard_normal((12, 2, 16), dtype=np.float32)  # [*out, in], as fuse_params lays out gate/up
+    got = np.asarray(jax.jit(llama.linear)(x, w))
+    assert got.shape == (rows, 12, 2)
+    np.testing.assert_allclose(got, np.einsum("tk,nck->tnc", x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_products_run_without_copying_the_weight():
+    """A decode-sized product keeps the weight as its long side ([64, 8]: XLA would fold the transpose
+    back into an [8, K] x [K, 64] dot, the slower CPU form); a longer one reads the weight in place
+    (XLA copies a weight whose output axes it cannot merge into another layout, every step)."""
+    import jax
+
+    from kvloom.engine.models import llama
+
+    w = np.ones((32, 2, 16), np.float32)
+    for rows, product in ((8, "f32[64,8]"), (40, "f32[40,64]")):
+        hlo = jax.jit(llama.linear).lower(np.ones((rows, 16), np.float32), w).compile().as_text()
+        dots = [line for line in hlo.splitlines() if " dot(" in line]
+        assert dots and all(product in line for line in dots), dots
+        entry = hlo.split("ENTRY")[1].splitlines()
+        weight = next(line.split(" = ")[0].strip() for line in entry if "parameter(1)" in line)
+        readers = [line for line in entry if f"({weight}" in line or f", {weight}" in line]
+        assert all(" bitcast(" in line or "kind=kCustom" in line for line in readers), readers
