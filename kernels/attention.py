@@ -25,7 +25,8 @@ Grouped-query attention: head h reads kv head h // (H // KVH).
 `prefix_extend_attention_reference` is the pure-jnp definition: it gathers the
 whole page table. `prefix_extend_attention` is what the model runs: it walks
 the past in blocks of pages with an online softmax and stops after the longest
-past, so its cost follows the real context, not the table's width; a decode step
+past, so its cost follows the real context, not the table's width, and skips the
+new keys after each block of query rows; a decode step
 (one new token per row) takes `_decode_attention`, the same walk with scores read
 from the gathered pages' own layout. The test compares them with the reference
 over dtypes, page sizes and lengths.
@@ -39,6 +40,7 @@ import jax.numpy as jnp
 from kvloom.kernels.kv_format import to_float32
 
 _NEG_INF = -1e30
+NEW_KEY_BLOCK = 128  # query rows per block of a step's attention among its own new tokens
 
 
 def _group(x, num_kv_heads):
@@ -115,7 +117,8 @@ def _online_softmax_step(m, denom, acc, s, visible):
 
 @jax.named_scope("attention")  # tools.profile_step counts its ops, page gathers included, as attention
 def prefix_extend_attention(q, k_new, v_new, new_lens, k_cache, v_cache, page_table, past_lens,
-                            *, scale, layer=None, segment_ids=None, block_pages=None):
+                            *, scale, layer=None, segment_ids=None, block_pages=None,
+                            new_key_block=NEW_KEY_BLOCK):
     """Blocked variant with an online softmax; same contract as the reference.
 
     Inside, queries are laid out [B, KVH, Q*G, D] and keys [B, KVH, S, D], so every score and
@@ -132,22 +135,31 @@ def prefix_extend_attention(q, k_new, v_new, new_lens, k_cache, v_cache, page_ta
     g = h // kvh
     qt = jnp.transpose(_group(q, kvh), (0, 2, 1, 3, 4)).reshape(b, kvh, qn * g, d).astype(jnp.float32) * scale
 
-    def scores(keys):  # keys: [B, S, KVH, D] -> [B, KVH, Q, G, S]
+    def scores(keys, queries=qt):  # keys: [B, S, KVH, D], queries: [B, KVH, n * G, D] -> [B, KVH, n, G, S]
         kt = jnp.transpose(to_float32(keys), (0, 2, 1, 3))
-        return jnp.einsum("bkqd,bksd->bkqs", qt, kt).reshape(b, kvh, qn, g, keys.shape[1])
+        s = jnp.einsum("bkqd,bksd->bkqs", queries, kt)
+        return s.reshape(b, kvh, queries.shape[2] // g, g, keys.shape[1])
 
-    def weighted(p, values):  # p: [B, KVH, Q, G, S], values: [B, S, KVH, D] -> [B, KVH, Q, G, D]
+    def weighted(p, values):  # p: [B, KVH, n, G, S], values: [B, S, KVH, D] -> [B, KVH, n, G, D]
         vt = jnp.transpose(to_float32(values), (0, 2, 1, 3))
-        out = jnp.einsum("bkqs,bksd->bkqd", p.reshape(b, kvh, qn * g, p.shape[-1]), vt)
-        return out.reshape(b, kvh, qn, g, d)
+        n = p.shape[2]
+        out = jnp.einsum("bkqs,bksd->bkqd", p.reshape(b, kvh, n * g, p.shape[-1]), vt)
+        return out.reshape(b, kvh, n, g, d)
 
-    # The new tokens first: they seed the running max, sum and accumulator.
-    mask = _new_mask(new_lens, qn, segment_ids)[:, None, :, None, :]  # [B, 1, Q, 1, Q]
-    s = jnp.where(mask, scores(k_new), _NEG_INF)
-    m = jnp.max(s, axis=-1)  # [B, KVH, Q, G]
-    p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
-    denom = jnp.sum(p, axis=-1)
-    acc = weighted(p, v_new)
+    # The new tokens first: they seed the running max, sum and accumulator. Causally, a block of
+    # `new_key_block` query rows [lo, hi) sees new keys [0, hi) only, so each block skips the keys after
+    # it (a 512-token prefill in blocks of 128 computes 5/8 of the full square of scores).
+    new_mask = _new_mask(new_lens, qn, segment_ids)[:, None, :, None, :]  # [B, 1, Q, 1, Q]
+
+    def new_block(lo, hi):
+        mask = new_mask[:, :, lo:hi, :, :hi]
+        s = jnp.where(mask, scores(k_new[:, :hi], qt[:, :, lo * g:hi * g]), _NEG_INF)
+        m = jnp.max(s, axis=-1)  # [B, KVH, hi - lo, G]
+        p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
+        return m, jnp.sum(p, axis=-1), weighted(p, v_new[:, :hi])
+
+    parts = [new_block(lo, min(lo + new_key_block, qn)) for lo in range(0, qn, new_key_block)]
+    m, denom, acc = (jnp.concatenate(xs, axis=2) if len(xs) > 1 else xs[0] for xs in zip(*parts))
     read_block, num_blocks = _block_reader(k_cache, v_cache, page_table, past_lens, layer, block_pages)
 
     def body(state):

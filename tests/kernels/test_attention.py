@@ -36,13 +36,28 @@ def test_blocked_matches_reference(dtype, tol, page_size, qn):
     args = _case(rng, rows=4, qn=qn, heads=4, kv_heads=2, dim=16, page_size=page_size,
                  num_table_pages=max(2, 40 // page_size), dtype=dtype)
     ref = prefix_extend_attention_reference(*args, scale=0.25, layer=1)
-    for block_pages in (3, None):
-        fn = jax.jit(lambda *a: prefix_extend_attention(*a, scale=0.25, layer=1, block_pages=block_pages))
+    for block_pages, new_key_block in ((3, 3), (None, 128)):  # small blocks: several per row of each part
+        fn = jax.jit(lambda *a: prefix_extend_attention(*a, scale=0.25, layer=1, block_pages=block_pages,
+                                                        new_key_block=new_key_block))
         out = fn(*args)
         assert out.dtype == dtype
         np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol,
                                    rtol=tol)
     assert np.all(np.asarray(ref, np.float32)[-1] == 0)  # the padding row
+
+
+@pytest.mark.parametrize("new_key_block", [2, 3, 128])
+def test_packed_segments_match_reference(new_key_block):
+    """Independent extensions packed in one row (multi-item scoring) see only their own segment's new
+    keys, whatever block of query rows they fall in."""
+    rng = np.random.default_rng(new_key_block)
+    args = _case(rng, rows=2, qn=9, heads=4, kv_heads=2, dim=16, page_size=4, num_table_pages=6,
+                 dtype=jnp.float32)
+    segment_ids = jnp.asarray([[0, 0, 0, 1, 1, 2, 2, 2, 2], [0, 1, 1, 1, 1, 1, 2, 3, 3]], jnp.int32)
+    ref = prefix_extend_attention_reference(*args, scale=0.25, layer=0, segment_ids=segment_ids)
+    out = jax.jit(lambda *a: prefix_extend_attention(*a, scale=0.25, layer=0, segment_ids=segment_ids,
+                                                     new_key_block=new_key_block))(*args)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
