@@ -266,6 +266,9 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     p.add_argument("--http", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure kvloom through its HTTP server (loopback, in this process)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="kvloom's weights (the peers keep theirs: transformers float32, llama.cpp each "
+                        "peer's FORMAT) (default float32)")
 
     sizes = p.add_argument_group("sizes (default: the full or --quick set)")
     sizes.add_argument("--concurrency", type=parse_int_list, default=None, help="decode levels, e.g. 1,8,32")

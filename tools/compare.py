@@ -57,8 +57,9 @@ HTTP_BODY = {"temperature": 0.0, "ignore_eos": True}  # every server measured ov
 
 
 def engine_config(args, sizes: Sizes):
-    """float32, as the peers run; max_running defaults to the largest batch a workload submits."""
-    return engine_config_from_args(args, dtype="float32",
+    """--dtype (float32 unless asked, as the peers run); max_running defaults to the largest batch a
+    workload submits."""
+    return engine_config_from_args(args, dtype=args.dtype,
                                    max_running=max(*sizes.concurrency, sizes.num_shared_requests))
 
 
@@ -154,7 +155,7 @@ async def run_compare(args) -> dict:
     figs = figures(sizes, workloads, roof)
     return dict(
         model=kvloom["model"], source=kvloom["source"].path, num_parameters=kvloom["num_parameters"],
-        dtype="float32", cpu_count=os.cpu_count(), workloads=list(workloads), peers=statuses,
+        dtype=args.dtype, cpu_count=os.cpu_count(), workloads=list(workloads), peers=statuses,
         settings=dict(dataclasses.asdict(sizes), quick=args.quick, seed=args.seed, http=args.http,
                       llamacpp_threads=args.llamacpp_threads, llama_server=args.llama_server,
                       llama_server_slots=llama_server_slots(sizes)),

@@ -102,7 +102,8 @@ def table_cells(rows: Sequence[dict], labels: dict[str, str]) -> list[list[str]]
 def report_lines(report: dict) -> list[str]:
     roof = report["roofline"]
     shown = {p: s["label"] for p, s in report["peers"].items() if s["status"] == "ok"}
-    lines = [f"kvloom compare: {report['model']} ({report['num_parameters'] / 1e6:.1f}M params, float32, "
+    lines = [f"kvloom compare: {report['model']} ({report['num_parameters'] / 1e6:.1f}M params, kvloom "
+             f"{report.get('dtype', 'float32')}, "
              f"{report['cpu_count']} CPUs)",
              f"machine: float32 matmul peak {roof['peak_gflops']:.1f} GFLOP/s, memory bandwidth "
              f"{roof['bandwidth_gb_s']:.2f} GB/s",
@@ -124,7 +125,10 @@ def report_lines(report: dict) -> list[str]:
     if any(peer_name(p) == "llama-server" for p in shown):
         lines.append("note: llama-server runs one slot per concurrent request (continuous batching), over "
                      "HTTP with the same client and prompts as kvloom's server")
-    if any(peer_format(p) == "f16" for p in shown):
+    if report.get("dtype", "float32") != "float32":
+        lines.append(f"note: kvloom runs {report['dtype']} weights against float32 transformers; the "
+                     "roofline is float32's")
+    elif any(peer_format(p) == "f16" for p in shown):
         lines.append("note: an F16 peer reads half the weight bytes of kvloom's float32 per decode step (the "
                      "roofline is float32's)")
     return lines

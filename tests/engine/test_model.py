@@ -218,3 +218,27 @@ def test_products_run_without_copying_the_weight():
         weight = next(line.split(" = ")[0].strip() for line in entry if "parameter(1)" in line)
         readers = [line for line in entry if f"({weight}" in line or f", {weight}" in line]
         assert all(" bitcast(" in line or "kind=kCustom" in line for line in readers), readers
+
+
+@pytest.mark.parametrize("rows", [1, 8, 40])
+def test_bfloat16_weights_multiply_rounded_activations_in_float32(rows):
+    """The product is bf16 x bf16 accumulated in float32 with a float32 result (the form XLA's CPU dot
+    runs natively); one row included."""
+    import jax
+    import jax.numpy as jnp
+
+    from kvloom.engine.models import llama
+
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, 16), dtype=np.float32)
+    w = jnp.asarray(rng.standard_normal((12, 2, 16), dtype=np.float32), jnp.bfloat16)
+    fn = jax.jit(llama.linear)
+    got = fn(x, w)
+    assert got.dtype == jnp.float32 and got.shape == (rows, 12, 2)
+    x_rounded = np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32)
+    want = np.einsum("tk,nck->tnc", x_rounded, np.asarray(w, np.float32))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    hlo = fn.lower(x, w).compile().as_text()
+    dots = [line for line in hlo.splitlines() if " dot(" in line]
+    assert dots and all(line.split(" = ")[1].startswith("f32[") for line in dots), dots
+    assert "f32[24,16]" not in hlo  # the weight is never converted to float32 (a copy per step)

@@ -56,3 +56,14 @@ def test_quick_run_on_a_tiny_checkpoint(tiny_llama, tmp_path, capsys, monkeypatc
     assert "kvloom/transformers" in printed and "decode tok/s @4 (in process)" in printed
     assert "skipped: llama.cpp F32: llama-cpp-python is not installed" in printed
     assert "skipped: llama-server F16: llama-server is not built: `kvloom build-llama-server`" in printed
+
+
+def test_dtype_sets_kvloom_s_weights_only():
+    def config(*flags):
+        args = build_parser().parse_args(["compare", *flags])
+        return compare.engine_config(args, compare_workloads.sizes_from_args(args))
+
+    assert config().dtype == "float32"
+    assert config("--dtype", "bfloat16").dtype == "bfloat16"
+    with pytest.raises(SystemExit):
+        config("--dtype", "float64")

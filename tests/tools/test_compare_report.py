@@ -84,3 +84,17 @@ def test_peer_labels_and_modes():
     assert compare_report.peer_label("hf") == "transformers"
     assert compare_report.peer_mode("llama-server:f32") == "HTTP"
     assert compare_report.peer_mode("llamacpp:f16") == compare_report.peer_mode("hf") == "in process"
+
+
+def test_a_bfloat16_run_says_so_against_its_float32_peers():
+    roof = Roofline(peak_flops=100e9, bandwidth=20e9, num_parameters=50_000_000)
+    measurements = {"kvloom": {"prefill": {"value": 10.0}}, "hf": {"prefill": {"value": 5.0}}}
+    report = dict(model="m", num_parameters=50_000_000, cpu_count=2, roofline=roof.to_json(),
+                  dtype="bfloat16",
+                  rows=compare_report.build_rows(compare_report.figures(compare_workloads.QUICK, ["prefill"],
+                                                                        roof), measurements, ["hf"]),
+                  peers={"hf": dict(label="transformers", mode="in process", status="ok", message=None)})
+    lines = compare_report.report_lines(report)
+    assert lines[0] == "kvloom compare: m (50.0M params, kvloom bfloat16, 2 CPUs)"
+    note = "note: kvloom runs bfloat16 weights against float32 transformers; the roofline is float32's"
+    assert note in lines
