@@ -9,8 +9,8 @@ Data flow:
   tools.machine: float32 matmul peak (jitted jnp.dot) and copy bandwidth -> Roofline (tok/s bounds)
   kvloom: one Engine, started once; its tokenizer turns random words into the prompts (PromptSet:
       token ids in process; the same ids decoded to text over HTTP, where llama-server takes text);
-      the in-process figures; then the same engine behind create_app on loopback
-      (tools.compare_systems); the engine is stopped before any peer runs
+      the in-process figures; then the same engine behind create_app on loopback, driven by `kvloom
+      bench` client processes (tools.compare_systems); the engine is stopped before any peer runs
   peers (tools.command_args.parse_peers: NAME or NAME:FORMAT), each optional, each skipped with a
   one-line message when it cannot run:
       hf               transformers `generate` (one batch of the same prompts), batched forwards to score
@@ -54,6 +54,10 @@ from kvloom.tools.report import write_json
 from kvloom.tools.workload import WORDS
 
 HTTP_BODY = {"temperature": 0.0, "ignore_eos": True}  # every server measured over HTTP: greedy, fixed length
+
+
+def bytes_per_parameter(dtype: str) -> int:
+    return np.dtype("uint16" if dtype == "bfloat16" else dtype).itemsize  # numpy has no bfloat16
 
 
 def engine_config(args, sizes: Sizes):
@@ -129,8 +133,8 @@ async def run_compare(args) -> dict:
     workloads = args.workloads
     use_compile_cache(args.compile_cache)
 
-    log("measuring the machine: float32 matmul peak and memory bandwidth")
-    matmul = measure_matmul_peak(sizes.matmul_sizes, sizes.matmul_repeats)
+    log(f"measuring the machine: {args.dtype} matmul peak and memory bandwidth")
+    matmul = measure_matmul_peak(sizes.matmul_sizes, sizes.matmul_repeats, args.dtype)
     bandwidth = measure_bandwidth(sizes.copy_mib * 2**20, max(3, sizes.matmul_repeats))
 
     kvloom = await measure_kvloom(args, sizes, workloads)  # the engine is stopped on return
@@ -151,7 +155,8 @@ async def run_compare(args) -> dict:
             statuses[peer] = status("failed", f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
             log(f"{peer_label(peer)} failed: {statuses[peer]['message']}")
 
-    roof = Roofline(matmul["peak_gflops"] * 1e9, bandwidth["bytes_per_s"], kvloom["num_parameters"])
+    roof = Roofline(matmul["peak_gflops"] * 1e9, bandwidth["bytes_per_s"], kvloom["num_parameters"],
+                    bytes_per_parameter=bytes_per_parameter(args.dtype))
     figs = figures(sizes, workloads, roof)
     return dict(
         model=kvloom["model"], source=kvloom["source"].path, num_parameters=kvloom["num_parameters"],

@@ -102,13 +102,15 @@ def table_cells(rows: Sequence[dict], labels: dict[str, str]) -> list[list[str]]
 def report_lines(report: dict) -> list[str]:
     roof = report["roofline"]
     shown = {p: s["label"] for p, s in report["peers"].items() if s["status"] == "ok"}
+    dtype = report.get("dtype", "float32")
     lines = [f"kvloom compare: {report['model']} ({report['num_parameters'] / 1e6:.1f}M params, kvloom "
-             f"{report.get('dtype', 'float32')}, "
+             f"{dtype}, "
              f"{report['cpu_count']} CPUs)",
-             f"machine: float32 matmul peak {roof['peak_gflops']:.1f} GFLOP/s, memory bandwidth "
+             f"machine: {dtype} matmul peak {roof['peak_gflops']:.1f} GFLOP/s, memory bandwidth "
              f"{roof['bandwidth_gb_s']:.2f} GB/s",
              f"roofline: compute {roof['compute_tok_s']:.1f} tok/s (peak / 2 x params); decode at batch B "
-             f"also <= B x {roof['memory_tok_s_batch1']:.1f} tok/s (bandwidth / params x 4 B)",
+             f"also <= B x {roof['memory_tok_s_batch1']:.1f} tok/s (bandwidth / params x "
+             f"{roof['weight_bytes'] // roof['num_parameters']} B)",
              ""]
     for mode in (IN_PROCESS, HTTP):
         rows = [row for row in report["rows"] if row["mode"] == mode]
@@ -125,9 +127,9 @@ def report_lines(report: dict) -> list[str]:
     if any(peer_name(p) == "llama-server" for p in shown):
         lines.append("note: llama-server runs one slot per concurrent request (continuous batching), over "
                      "HTTP with the same client and prompts as kvloom's server")
-    if report.get("dtype", "float32") != "float32":
-        lines.append(f"note: kvloom runs {report['dtype']} weights against float32 transformers; the "
-                     "roofline is float32's")
+    if dtype != "float32":
+        lines.append(f"note: kvloom runs {dtype} weights against float32 transformers; the roofline is "
+                     f"{dtype}'s")
     elif any(peer_format(p) == "f16" for p in shown):
         lines.append("note: an F16 peer reads half the weight bytes of kvloom's float32 per decode step (the "
                      "roofline is float32's)")

@@ -3,23 +3,21 @@
     KvloomEngineSystem  a started Engine: batches submitted at once (tools.bench_engine.run_batch),
                         first tokens and score calls timed one at a time
     HttpSystem          any OpenAI-compatible server (kvloom's on loopback, llama.cpp's): each figure
-                        is one `kvloom bench` wave of the same prompts as text (tools.bench.run_bench,
-                        its printout swallowed, its JSON summary read); scoring only where the server
-                        has kvloom's /v1/score
+                        is one `kvloom bench` wave of the same prompts as text (a client process of
+                        its own, its printout swallowed, its JSON summary read); scoring only where the
+                        server has kvloom's /v1/score
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
+import asyncio
 import json
 import os
+import sys
 import tempfile
 import time
 from typing import Optional, Sequence
 
-from kvloom.tools.command_args import add_bench_args
 from kvloom.tools.compare_workloads import InProcessSystem, PromptSet, Sizes, System, log, measured
 
 
@@ -52,18 +50,18 @@ class KvloomEngineSystem(InProcessSystem):
 
 
 async def run_bench_quietly(options: Sequence[str]) -> dict:
-    """tools.bench.run_bench with its printout swallowed; its JSON summary."""
-    from kvloom.tools.bench import run_bench
-
-    parser = argparse.ArgumentParser()
-    add_bench_args(parser)
+    """`kvloom bench` as a client process of its own, its printout swallowed; its JSON summary. A process
+    apart, as a real client is: kvloom's server (in this process) and llama-server alike are measured
+    without the client's work on their event loop."""
     with tempfile.TemporaryDirectory(prefix="kvloom-compare-") as tmp:
         path = os.path.join(tmp, "summary.json")
-        args = parser.parse_args([*options, "--json", path, "--no-progress"])
-        with contextlib.redirect_stdout(io.StringIO()):
-            code = await run_bench(args)
-        if code == 2 or not os.path.isfile(path):
-            raise RuntimeError(f"kvloom bench {' '.join(options)}: exit code {code}")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "kvloom.tools.cli", "bench", *options, "--json", path, "--no-progress",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        _, stderr = await proc.communicate()
+        if proc.returncode == 2 or not os.path.isfile(path):
+            raise RuntimeError(f"kvloom bench {' '.join(options)}: exit code {proc.returncode}: "
+                               f"{stderr.decode(errors='replace')[-800:]}")
         with open(path) as f:
             return json.load(f)
 

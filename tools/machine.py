@@ -31,11 +31,14 @@ def best_of(fn, repeats: int) -> float:
 
 
 def measure_matmul_peak(sizes: Sequence[int], repeats: int, dtype: str = "float32") -> dict:
-    """Best GFLOP/s of a jitted square jnp.dot of `dtype` per size, and the best over all sizes."""
+    """Best GFLOP/s of a jitted square product of `dtype` per size, and the best over all sizes. The
+    product accumulates in float32 with a float32 result, as the model's matmuls do (engine.models.llama.
+    linear): XLA's CPU dot runs a bfloat16 one so at twice float32's rate where the CPU has bfloat16 dot
+    instructions, and a bfloat16 result on a path several times slower."""
     import jax
     import jax.numpy as jnp
 
-    dot = jax.jit(jnp.dot)
+    dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
     by_size = {}
     for i, n in enumerate(sizes):
         key_a, key_b = jax.random.split(jax.random.PRNGKey(i))

@@ -87,7 +87,7 @@ def test_peer_labels_and_modes():
 
 
 def test_a_bfloat16_run_says_so_against_its_float32_peers():
-    roof = Roofline(peak_flops=100e9, bandwidth=20e9, num_parameters=50_000_000)
+    roof = Roofline(peak_flops=100e9, bandwidth=20e9, num_parameters=50_000_000, bytes_per_parameter=2)
     measurements = {"kvloom": {"prefill": {"value": 10.0}}, "hf": {"prefill": {"value": 5.0}}}
     report = dict(model="m", num_parameters=50_000_000, cpu_count=2, roofline=roof.to_json(),
                   dtype="bfloat16",
@@ -96,5 +96,7 @@ def test_a_bfloat16_run_says_so_against_its_float32_peers():
                   peers={"hf": dict(label="transformers", mode="in process", status="ok", message=None)})
     lines = compare_report.report_lines(report)
     assert lines[0] == "kvloom compare: m (50.0M params, kvloom bfloat16, 2 CPUs)"
-    note = "note: kvloom runs bfloat16 weights against float32 transformers; the roofline is float32's"
+    note = "note: kvloom runs bfloat16 weights against float32 transformers; the roofline is bfloat16's"
     assert note in lines
+    assert lines[1].startswith("machine: bfloat16 matmul peak 100.0 GFLOP/s")
+    assert lines[2].endswith("decode at batch B also <= B x 200.0 tok/s (bandwidth / params x 2 B)")
