@@ -10,8 +10,17 @@ anywhere.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
+
+CACHE_DIR_ENV = "KVLOOM_CACHE_DIR"
+
+
+def cache_root() -> str:
+    """What kvloom keeps per machine (built tokenizers and kernels, peers): $KVLOOM_CACHE_DIR, else
+    ~/.cache/kvloom."""
+    return os.environ.get(CACHE_DIR_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "kvloom")
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 DTYPES = ("float32", "bfloat16", "float16")  # of the weights and activations
@@ -204,6 +213,7 @@ class SchedulerConfig:
 
 SCORING_MODES = ("single", "batched", "packed")
 OVERLAP_SCHEDULE = ("auto", "on", "off")
+CPU_KERNELS = ("auto", "off")
 AUTO_LAYERS_PER_CALL = 5
 
 
@@ -342,6 +352,9 @@ class EngineConfig:
     # launch/collect); "auto": on an accelerator only. On a CPU the device's threads and the host's share
     # the cores, and on and off measured within noise (engine/ARCHITECTURE.md).
     overlap_schedule: str = "auto"
+    # "auto": a decode step's matmuls on a CPU (one device) run as a native kernel (kernels/cpu_linear.py),
+    # built once per machine with its C++ compiler, where the CPU has AVX-512; "off": XLA's dot everywhere
+    cpu_kernels: str = "auto"
     # decoder layers per compiled call (engine.forward): the largest divisor of the model's layer count up
     # to this; 0: up to AUTO_LAYERS_PER_CALL. More per call: fewer executions per step, longer compiles.
     layers_per_call: int = 0
@@ -364,6 +377,9 @@ class EngineConfig:
         if self.overlap_schedule not in OVERLAP_SCHEDULE:
             raise ConfigError(f"overlap_schedule: must be one of {', '.join(OVERLAP_SCHEDULE)}, "
                               f"got {self.overlap_schedule!r}")
+        if self.cpu_kernels not in CPU_KERNELS:
+            raise ConfigError(f"cpu_kernels: must be one of {', '.join(CPU_KERNELS)}, "
+                              f"got {self.cpu_kernels!r}")
         if isinstance(self.layers_per_call, bool) or not isinstance(self.layers_per_call, int) \
                 or self.layers_per_call < 0:
             raise ConfigError(f"layers_per_call: must be 0 (auto) or a positive integer, "

@@ -55,23 +55,24 @@ def _embed(params, token_ids, prev_tokens, prev_index):
     return llama.embed(params, ids)
 
 
-def _finish(params, kv, h, keys, values, slot_mapping, logits_indices, *, cfg: ModelConfig):
+def _finish(params, kv, h, keys, values, slot_mapping, logits_indices, *, cfg: ModelConfig, kernel=None):
     kv = llama.write_kv_cache(kv, keys, values, slot_mapping)
     h = llama.final_norm(params, h, cfg=cfg)
-    return llama.logits_from_hidden(params, h[logits_indices], cfg=cfg), h, kv
+    return llama.logits_from_hidden(params, h[logits_indices], cfg=cfg, kernel=kernel), h, kv
 
 
-def forward_functions(cfg: ModelConfig, page_size: int, mesh) -> dict:
+def forward_functions(cfg: ModelConfig, page_size: int, mesh, kernel=None) -> dict:
     """The pieces, name -> (function, jax.jit options), for params placed on `mesh`: the runner compiles
-    them ahead of time (engine.executables), `LayeredForward.jitted` with jax.jit."""
+    them ahead of time (engine.executables), `LayeredForward.jitted` with jax.jit. `kernel`: the decode
+    steps' matmul kernel (kernels.cpu_linear, `llama.linear`), or None."""
     whole = NamedSharding(mesh, P())
     kv_sharding = NamedSharding(mesh, llama.KV_CACHE_SHARDING)
     logits_sharding = NamedSharding(mesh, llama.logits_sharding(cfg, mesh.size))
     return dict(
         embed=(_embed, dict(out_shardings=whole)),
-        layers=(partial(llama.decoder_layers, cfg=cfg, page_size=page_size), {}),
+        layers=(partial(llama.decoder_layers, cfg=cfg, page_size=page_size, kernel=kernel), {}),
         # the hidden states are whole on every device (prompt logprobs project them when asked)
-        finish=(partial(_finish, cfg=cfg),
+        finish=(partial(_finish, cfg=cfg, kernel=kernel),
                 dict(donate_argnums=(1,), out_shardings=(logits_sharding, whole, (kv_sharding,) * 2))))
 
 
@@ -100,10 +101,10 @@ class LayeredForward:
 
     @classmethod
     def jitted(cls, cfg: ModelConfig, page_size: int, mesh=None,
-               layers_per_call: int = 1) -> "LayeredForward":
+               layers_per_call: int = 1, kernel=None) -> "LayeredForward":
         """The pieces under jax.jit (one device when `mesh` is None)."""
         mesh = mesh if mesh is not None else sharding.make_mesh(1)
-        pieces = forward_functions(cfg, page_size, mesh)
+        pieces = forward_functions(cfg, page_size, mesh, kernel)
         fns = {name: jax.jit(fn, **options) for name, (fn, options) in pieces.items()}
         return cls(fns["embed"], fns["layers"], fns["finish"], mesh, layers_per_call=layers_per_call)
 

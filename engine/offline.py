@@ -21,9 +21,10 @@ class StaticBatch:
     """A batch of sequences with statically assigned pages and their own KV cache."""
 
     def __init__(self, cfg: ModelConfig, params, *, num_seqs: int, max_len: int, page_size: int, mesh=None,
-                 kv_dtype=None):
+                 kv_dtype=None, kernel=None):
         """`mesh`: params placed by `llama.shard_params` on it; the KV cache is split the same way.
-        `kv_dtype`: the KV cache's (default: the weights')."""
+        `kv_dtype`: the KV cache's (default: the weights'). `kernel`: the decode steps' matmul kernel
+        (kernels.cpu_linear), or None."""
         self.cfg, self.params, self.page_size = cfg, params, page_size
         self.pages_per_seq = -(-max_len // page_size)
         self.page_table = (1 + np.arange(num_seqs * self.pages_per_seq, dtype=np.int32)).reshape(
@@ -36,7 +37,7 @@ class StaticBatch:
         else:
             self.kv = llama.sharded_kv_cache(cfg, params, num_pages, page_size, mesh, kv_dtype)
         self.lengths = np.zeros(num_seqs, np.int32)
-        self._step = LayeredForward.jitted(cfg, page_size, mesh)
+        self._step = LayeredForward.jitted(cfg, page_size, mesh, kernel=kernel)
 
     def reset(self) -> None:
         """Empty every sequence; the next extend starts over on the same cache and compiled step."""

@@ -28,13 +28,14 @@ import shutil
 import tempfile
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
+from kvloom.engine.config import cache_root
+
 if TYPE_CHECKING:
     from kvloom.engine.models.source import ModelSource
 
 log = logging.getLogger(__name__)
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
-CACHE_DIR_ENV = "KVLOOM_CACHE_DIR"
 # How many prompt ids give context to the first generated tokens (as vLLM does).
 PROMPT_CONTEXT_IDS = 5
 GGUF_BUILDER_VERSION = 2  # bump when engine/gguf_tokenizer.py builds differently: old cache entries go stale
@@ -43,10 +44,6 @@ _BYTE_FALLBACK_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 class TokenizerLoadError(Exception):
     """The tokenizer could not be loaded; the message names the path."""
-
-
-def cache_root() -> str:
-    return os.environ.get(CACHE_DIR_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "kvloom")
 
 
 def gguf_cache_key(path: str) -> str:

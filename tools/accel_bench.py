@@ -212,7 +212,7 @@ def read_report(path: str) -> Optional[dict]:
 
 
 def default_checkpoint_dir(shape: str, seed: int) -> str:
-    from kvloom.engine.tokenizer import cache_root
+    from kvloom.engine.config import cache_root
 
     return os.path.join(cache_root(), "random-checkpoints", f"{shape}-seed{seed}")
 

@@ -44,6 +44,9 @@ SIZE_FLAGS = (
      "devices the weights and KV cache split over (of every process)"),
     ("--overlap-schedule", "engine", "overlap_schedule", str,
      "build and launch the next decode step while one runs: on, off, or auto (on an accelerator only)"),
+    ("--cpu-kernels", "engine", "cpu_kernels", str,
+     "auto: a decode step's matmuls on a CPU run as a native kernel (AVX-512, built once with the "
+     "machine's C++ compiler); off: XLA's dot"),
     ("--layers-per-call", "engine", "layers_per_call", int,
      "decoder layers per compiled call: the largest divisor of the model's layer count up to this "
      "(0: auto, up to 5)"),
@@ -73,7 +76,7 @@ SERVE_FLAGS = (
      "default: none, one process)"),
 )
 CHOICES = {"--policy": ("fcfs", "lpm"), "--speculative": ("ngram",),
-           "--overlap-schedule": ("auto", "on", "off")}
+           "--overlap-schedule": ("auto", "on", "off"), "--cpu-kernels": ("auto", "off")}
 
 
 def _derived_defaults() -> dict:

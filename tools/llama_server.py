@@ -36,7 +36,7 @@ import tempfile
 import time
 from typing import Callable, Optional, Sequence
 
-from kvloom.engine.tokenizer import cache_root
+from kvloom.engine.config import cache_root
 from kvloom.tools.command_args import LLAMA_SERVER_VERSION as DEFAULT_VERSION
 
 BUILD_COMMAND = "kvloom build-llama-server"

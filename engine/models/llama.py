@@ -277,9 +277,12 @@ def kv_cache_bytes_per_token(cfg: ModelConfig, dtype, num_kv_heads: Optional[int
 TRANSPOSED_DOT_MAX_ROWS = 32
 
 
-def linear(x, w):
+def linear(x, w, kernel=None):
     """x [T, K] (float32) times the weight w [*out, K] (HF's [out, in] layout, output axes first) -> float32
     [T, *out].
+
+    `kernel` (kernels.cpu_linear.CpuLinear, or None) computes the products it `handles` (a decode step's
+    rows on a CPU) natively; the rest run on XLA's dot as follows.
 
     A decode step's few rows (T <= TRANSPOSED_DOT_MAX_ROWS) run as W x^T, the weight's output axis as the
     product's long side, then a transpose of the small result: XLA's CPU dot runs [N, K] x [K, T] 15-25%
@@ -295,6 +298,8 @@ def linear(x, w):
     doubled."""
     rows = x.shape[0]
     w2 = w.reshape(-1, w.shape[-1])  # [N, K]: free, and what keeps XLA from copying w into another layout
+    if kernel is not None and kernel.handles(rows, w2.dtype):
+        return kernel(x, w2).reshape(rows, *w.shape[:-1])
     if w.dtype != x.dtype:
         x = x.astype(w.dtype)
         if rows == 1:
@@ -312,10 +317,10 @@ def embed(params, token_ids):
     return params["embed"][token_ids].astype(jnp.float32)
 
 
-def decoder_layer(lp, h, kv_cache, layer, step: StepInput, *, cfg: ModelConfig, page_size: int):
+def decoder_layer(lp, h, kv_cache, layer, step: StepInput, *, cfg: ModelConfig, page_size: int, kernel=None):
     """One decoder layer over the step: (h [T, D] after the layer, its new keys and values [T, KVH, D]).
     `lp` is the layer's own weights; `layer` (an int32 scalar, traced) picks its slice of the KV cache,
-    read only (the new keys are written after the last layer, by `write_kv_cache`)."""
+    read only (the new keys are written after the last layer, by `write_kv_cache`). `kernel`: `linear`'s."""
     num_tokens = h.shape[0]
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     angles = step.positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
@@ -330,7 +335,7 @@ def decoder_layer(lp, h, kv_cache, layer, step: StepInput, *, cfg: ModelConfig, 
 
     with jax.named_scope("qkv_proj"):
         x = rms_norm(h, lp["attn_norm"], eps)
-        qkv = linear(x, lp["wqkv"])  # [T, KVH, (G + 2) * D]
+        qkv = linear(x, lp["wqkv"], kernel)  # [T, KVH, (G + 2) * D]
         if cfg.attention_bias:
             qkv = qkv + lp["bqkv"]
         q, k, v = jnp.split(qkv, [g * hd, (g + 1) * hd], axis=-1)
@@ -356,12 +361,12 @@ def decoder_layer(lp, h, kv_cache, layer, step: StepInput, *, cfg: ModelConfig, 
         offset += n
     attn = jnp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]  # [T, H*D]
     with jax.named_scope("o_proj"):
-        h = h + linear(attn, lp["wo"])
+        h = h + linear(attn, lp["wo"], kernel)
     with jax.named_scope("mlp"):
         x = rms_norm(h, lp["mlp_norm"], eps)
-        gate_up = linear(x, lp["w_gate_up"])  # [T, F, 2]
+        gate_up = linear(x, lp["w_gate_up"], kernel)  # [T, F, 2]
         gate, up = gate_up[..., 0], gate_up[..., 1]
-        h = h + linear(jax.nn.silu(gate) * up, lp["w_down"])
+        h = h + linear(jax.nn.silu(gate) * up, lp["w_down"], kernel)
     return h, k, v
 
 
@@ -383,12 +388,13 @@ def write_kv_cache(kv_cache, new_keys, new_values, slot_mapping):
 
 
 def decoder_layers(layer_params, h, kv_cache, first_layer, step: StepInput, *, cfg: ModelConfig,
-                   page_size: int):
+                   page_size: int, kernel=None):
     """Decoder layers first_layer, first_layer + 1, ... (`layer_params`: their weights, in order): h after
     the last, and each layer's new keys and values (tuples)."""
     keys, values = [], []
     for i, lp in enumerate(layer_params):
-        h, k, v = decoder_layer(lp, h, kv_cache, first_layer + i, step, cfg=cfg, page_size=page_size)
+        h, k, v = decoder_layer(lp, h, kv_cache, first_layer + i, step, cfg=cfg, page_size=page_size,
+                                kernel=kernel)
         keys.append(k)
         values.append(v)
     return h, tuple(keys), tuple(values)
@@ -407,7 +413,7 @@ def final_norm(params, h, *, cfg: ModelConfig):
     return rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
 
 
-def logits_from_hidden(params, h, *, cfg: ModelConfig):
+def logits_from_hidden(params, h, *, cfg: ModelConfig, kernel=None):
     """Project final hidden states [S, D] to float32 logits [S, V] (params as fused by fuse_params)."""
     with jax.named_scope("lm_head"):
-        return linear(h, params.get("lm_head", params["embed"])).astype(jnp.float32)
+        return linear(h, params.get("lm_head", params["embed"]), kernel).astype(jnp.float32)

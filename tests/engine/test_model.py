@@ -42,10 +42,12 @@ def _assert_close(ours, ref):
 
 @pytest.mark.parametrize("family", tiny_models.FAMILIES)
 @pytest.mark.parametrize("page_size", [1, 4, 16])
-def test_prefill_and_decode_match_transformers(tiny_checkpoints, reference_logits, family, page_size):
+def test_prefill_and_decode_match_transformers(tiny_checkpoints, reference_logits, family, page_size,
+                                               kernel=None):
     _, cfg, params = load_model(tiny_checkpoints(family))
     seqs, ref = _sequences(), reference_logits(family)
-    batch = StaticBatch(cfg, params, num_seqs=len(seqs), max_len=max(map(len, seqs)), page_size=page_size)
+    batch = StaticBatch(cfg, params, num_seqs=len(seqs), max_len=max(map(len, seqs)), page_size=page_size,
+                        kernel=kernel)
     # Prefill: a ragged batch of prompts in one step.
     logits = batch.extend([s[:n] for s, n in zip(seqs, PROMPT_LENGTHS)])
     starts = np.concatenate([[0], np.cumsum(PROMPT_LENGTHS)])
@@ -56,6 +58,17 @@ def test_prefill_and_decode_match_transformers(tiny_checkpoints, reference_logit
         logits = batch.extend([[s[n + step]] for s, n in zip(seqs, PROMPT_LENGTHS)])
         for i, n in enumerate(PROMPT_LENGTHS):
             _assert_close(logits[i], ref[i][n + step])
+
+
+@pytest.mark.parametrize("family", tiny_models.FAMILIES)
+def test_decode_steps_with_the_cpu_kernel_match_transformers(tiny_checkpoints, reference_logits, family):
+    from kvloom.engine.config import cache_root
+    from kvloom.kernels import cpu_linear
+
+    if cpu_linear.unavailable_reason() is not None:
+        pytest.skip(f"the CPU kernel cannot run here: {cpu_linear.unavailable_reason()}")
+    kernel = cpu_linear.load(f"{cache_root()}/kernels")
+    test_prefill_and_decode_match_transformers(tiny_checkpoints, reference_logits, family, 4, kernel)
 
 
 def test_config_flags_per_family(tiny_checkpoints):

@@ -74,6 +74,14 @@ async def test_concurrent_greedy_matches_transformers(engine, hf_greedy):
     assert engine.runner.step_threads == {engine._compute.thread}
 
 
+async def test_decode_steps_run_the_cpu_kernel_where_the_machine_builds_it(engine):
+    from kvloom.kernels import cpu_linear
+
+    reason = cpu_linear.unavailable_reason()
+    assert (engine.runner.matmul_kernel is not None) == (reason is None), reason
+    assert engine.status()["config"]["cpu_kernel_in_use"] == (reason is None)
+
+
 async def test_prefix_cache_hit_gives_the_same_tokens(engine, hf_greedy):
     prompt = PROMPTS[1]
     await generate_ids(engine, prompt, GREEDY)

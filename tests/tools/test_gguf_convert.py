@@ -41,7 +41,8 @@ def _quantize_q4_1(src: str, out: str) -> None:
 
 
 def test_float_gguf_from_a_checkpoint_and_from_a_quantized_gguf(tiny_llama, tmp_path, monkeypatch):
-    from kvloom.engine.tokenizer import CACHE_DIR_ENV, Tokenizer
+    from kvloom.engine.config import CACHE_DIR_ENV
+    from kvloom.engine.tokenizer import Tokenizer
 
     monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "kvloom-cache"))  # the GGUF tokenizer's cache
     source = resolve_source(tiny_llama)

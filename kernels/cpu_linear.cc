@@ -1,0 +1,213 @@
+// Decode-step matmuls on a CPU: y[T, N] = x[T, K] w[N, K]^T, for a few rows T (a decode step's tokens)
+// and a weight in HF's [out, in] layout, called from XLA through its FFI (kernels/cpu_linear.py builds,
+// loads and registers this file).
+//
+// XLA's CPU dot packs the weight into its own tiles on every call, which for a few rows costs more than
+// the product itself. Here each weight row is read once, straight from memory, and multiplied with every
+// row of x while it is in registers: tiles of 6 rows of x by 4 rows of w (24 accumulators of 16 floats,
+// AVX-512), the next tile's weight rows prefetched, the four sums of a row of a tile reduced together.
+// bfloat16 weights take AVX512-BF16's dot product of bfloat16 pairs with float32 accumulation, x rounded
+// to bfloat16 (round to nearest even), as XLA's own bfloat16 x bfloat16 -> float32 product does.
+//
+// The output rows are split into chunks of kChunkRows, claimed from an atomic counter by the calling
+// thread and by tasks scheduled on XLA's intra-op thread pool. The caller claims chunks until none are
+// left, then waits only for chunks already running on another thread, so it never waits for a task that
+// has not started (no deadlock when the pool is busy); a task that starts late finds nothing to do.
+
+#include <immintrin.h>
+
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kChunkRows = 32;  // weight rows per unit of work
+constexpr int kTileRows = 6;        // rows of x per register tile
+constexpr int kTileCols = 4;        // weight rows per register tile
+
+// The sums of a, b, c and d, stored to y[0..3].
+inline void Reduce4(__m512 a, __m512 b, __m512 c, __m512 d, float* y) {
+  __m512 s0 = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  __m512 s1 = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  __m512 t = _mm512_add_ps(_mm512_shuffle_f32x4(s0, s1, 0x88), _mm512_shuffle_f32x4(s0, s1, 0xDD));
+  t = _mm512_add_ps(t, _mm512_shuffle_ps(t, t, 0xB1));
+  t = _mm512_add_ps(t, _mm512_shuffle_ps(t, t, 0x4E));
+  _mm_storeu_ps(y, _mm512_castps512_ps128(_mm512_maskz_compress_ps(0x1111, t)));
+}
+
+template <int TT, int NN>
+inline void Store(__m512 (&acc)[TT][NN], float* y, int64_t ldy) {
+  for (int t = 0; t < TT; ++t) {
+    if constexpr (NN == 4) {
+      Reduce4(acc[t][0], acc[t][1], acc[t][2], acc[t][3], y + t * ldy);
+    } else {
+      for (int n = 0; n < NN; ++n) y[t * ldy + n] = _mm512_reduce_add_ps(acc[t][n]);
+    }
+  }
+}
+
+// float32: 16 values of K per step.
+struct F32 {
+  using Elem = float;
+  using Vec = __m512;
+  static constexpr int64_t kLanes = 16;
+  static Vec Load(const float* p) { return _mm512_loadu_ps(p); }
+  static Vec LoadPart(const float* p, int64_t n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
+  static __m512 Fma(__m512 acc, Vec x, Vec w) { return _mm512_fmadd_ps(x, w, acc); }
+};
+
+// bfloat16: 32 values of K per step, products of pairs summed into 16 float32 lanes.
+struct BF16 {
+  using Elem = uint16_t;
+  using Vec = __m512bh;
+  static constexpr int64_t kLanes = 32;
+  static Vec Load(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  static Vec LoadPart(const uint16_t* p, int64_t n) {
+    return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1ull << n) - 1), p);
+  }
+  static __m512 Fma(__m512 acc, Vec x, Vec w) { return _mm512_dpbf16_ps(acc, x, w); }
+};
+
+// y[t, n] (row stride ldy) for TT rows of x and NN rows of w, both K long.
+template <typename D, int TT, int NN>
+inline void Tile(const typename D::Elem* x, const typename D::Elem* w, int64_t K, float* y, int64_t ldy) {
+  __m512 acc[TT][NN];
+  for (int t = 0; t < TT; ++t)
+    for (int n = 0; n < NN; ++n) acc[t][n] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + D::kLanes <= K; k += D::kLanes) {
+    typename D::Vec wv[NN];
+    for (int n = 0; n < NN; ++n) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (n + NN) * K + k), _MM_HINT_T0);
+      wv[n] = D::Load(w + n * K + k);
+    }
+    for (int t = 0; t < TT; ++t) {
+      typename D::Vec xv = D::Load(x + t * K + k);
+      for (int n = 0; n < NN; ++n) acc[t][n] = D::Fma(acc[t][n], xv, wv[n]);
+    }
+  }
+  if (k < K) {
+    typename D::Vec wv[NN];
+    for (int n = 0; n < NN; ++n) wv[n] = D::LoadPart(w + n * K + k, K - k);
+    for (int t = 0; t < TT; ++t) {
+      typename D::Vec xv = D::LoadPart(x + t * K + k, K - k);
+      for (int n = 0; n < NN; ++n) acc[t][n] = D::Fma(acc[t][n], xv, wv[n]);
+    }
+  }
+  Store<TT, NN>(acc, y, ldy);
+}
+
+// Rows n0..n1 of w against all T rows of x.
+template <typename D>
+void Rows(const typename D::Elem* x, int64_t T, int64_t K, const typename D::Elem* w, int64_t n0, int64_t n1,
+          float* y, int64_t N) {
+  int64_t n = n0;
+  for (; n + kTileCols <= n1; n += kTileCols) {
+    const typename D::Elem* wn = w + n * K;
+    int64_t t = 0;
+    for (; t + kTileRows <= T; t += kTileRows) Tile<D, kTileRows, kTileCols>(x + t * K, wn, K, y + t * N + n, N);
+    const typename D::Elem* xt = x + t * K;
+    float* yt = y + t * N + n;
+    switch (T - t) {
+      case 5: Tile<D, 5, kTileCols>(xt, wn, K, yt, N); break;
+      case 4: Tile<D, 4, kTileCols>(xt, wn, K, yt, N); break;
+      case 3: Tile<D, 3, kTileCols>(xt, wn, K, yt, N); break;
+      case 2: Tile<D, 2, kTileCols>(xt, wn, K, yt, N); break;
+      case 1: Tile<D, 1, kTileCols>(xt, wn, K, yt, N); break;
+      default: break;
+    }
+  }
+  for (; n < n1; ++n)
+    for (int64_t t = 0; t < T; ++t) Tile<D, 1, 1>(x + t * K, w + n * K, K, y + t * N + n, N);
+}
+
+struct Work {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t chunks = 0;
+};
+
+// body(n0, n1) over chunks of [0, N), on this thread and XLA's intra-op pool.
+template <typename F>
+void ParallelChunks(ffi::ThreadPool& pool, int64_t N, F body) {
+  auto work = std::make_shared<Work>();
+  work->chunks = (N + kChunkRows - 1) / kChunkRows;
+  auto run = [work, body, N]() {
+    int64_t c;
+    while ((c = work->next.fetch_add(1, std::memory_order_relaxed)) < work->chunks) {
+      int64_t n0 = c * kChunkRows;
+      body(n0, n0 + kChunkRows < N ? n0 + kChunkRows : N);
+      work->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  int64_t helpers = pool.num_threads() - 1;
+  if (helpers > work->chunks - 1) helpers = work->chunks - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([run]() { run(); });
+  run();
+  while (work->done.load(std::memory_order_acquire) < work->chunks) _mm_pause();
+}
+
+inline uint16_t RoundToBF16(float f) {  // round to nearest even, NaN kept NaN
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+ffi::Error Check(ffi::Buffer<ffi::F32>& x, ffi::AnyBuffer::Dimensions wdims, ffi::Result<ffi::Buffer<ffi::F32>>& y) {
+  auto xd = x.dimensions();
+  auto yd = y->dimensions();
+  if (xd.size() != 2 || wdims.size() != 2 || yd.size() != 2 || xd[1] != wdims[1] || yd[0] != xd[0] ||
+      yd[1] != wdims[0])
+    return ffi::Error::InvalidArgument("kvloom linear: expected x [T, K], w [N, K], y [T, N]");
+  return ffi::Error::Success();
+}
+
+ffi::Error LinearF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                     ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  if (ffi::Error e = Check(x, w.dimensions(), y); e.failure()) return e;
+  int64_t T = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[0];
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* yp = y->typed_data();
+  ParallelChunks(pool, N, [=](int64_t n0, int64_t n1) { Rows<F32>(xp, T, K, wp, n0, n1, yp, N); });
+  return ffi::Error::Success();
+}
+
+ffi::Error LinearBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
+                      ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  if (ffi::Error e = Check(x, w.dimensions(), y); e.failure()) return e;
+  int64_t T = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[0];
+  std::vector<uint16_t> xb(T * K);
+  const float* xf = x.typed_data();
+  for (int64_t i = 0; i < T * K; ++i) xb[i] = RoundToBF16(xf[i]);
+  const uint16_t* xp = xb.data();
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.untyped_data());
+  float* yp = y->typed_data();
+  ParallelChunks(pool, N, [=](int64_t n0, int64_t n1) { Rows<BF16>(xp, T, K, wp, n0, n1, yp, N); });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KvloomLinearF32, LinearF32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KvloomLinearBF16, LinearBF16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
