@@ -9,12 +9,12 @@ through XLA's FFI.
     CpuLinear(x, w)  -> x [T, K] float32 times w [N, K] (float32, or bfloat16 where the CPU has
                         AVX512-BF16) -> [T, N] float32, for T <= MAX_ROWS (`handles`)
 
-Why (measured on the default model's 30 layers of weights, 2 cores, AVX-512 with BF16): XLA's CPU dot
-packs the weight on every call, which for a decode step's few rows costs more than the product: one token
-read float32 weights at ~23 GB/s with either, but bfloat16 weights at ~10 GB/s with XLA (a one-row
-bfloat16 product takes a slow path; doubled, the row still reads slowly) against ~21 GB/s with the kernel
-(12-13 ms against 28 ms per token); 8 rows 20-21 ms against 29-31 (bfloat16), 32-33 ms against 33-40
-(float32); 32 rows 40-42 ms against 51 (bfloat16), 57-59 ms against 62-70 (float32).
+Why (one pass over the default model's 30 layers of weights and its LM head, 2 cores, AVX-512 with BF16,
+ms per pass, kernel against XLA's dot): XLA's CPU dot packs the weight on every call, which for a decode
+step's few rows costs more than the product, and a one-row bfloat16 product takes a slow path. 1 row:
+bfloat16 12-14 against 28, float32 20-26 against 23 (both near the memory's bandwidth); 8 rows: bfloat16
+10-13 against 29-31, float32 20 against 33-40; 32 rows: bfloat16 29-32 against 51, float32 48-64 against
+62-70.
 
 XLA keeps one registry of FFI targets per process, so a loaded library is kept per digest for the process
 (`_LOADED`): engines built later, or side by side, reuse its registration.
