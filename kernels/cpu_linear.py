@@ -3,18 +3,18 @@ through XLA's FFI.
 
     load(build_dir)  -> a CpuLinear, or None with the reason logged (not x86-64 Linux with AVX-512, no
                         C++ compiler, a failed build)
-        the source is compiled once per machine into build_dir/<digest>.so (the digest: the source, the
-        compiler flags, jaxlib's version), loaded, and its handlers registered with XLA under names that
-        carry the digest
+        the source is compiled once per machine into build_dir/cpu_linear-<digest>.so (the digest: the
+        source, the compiler flags, jaxlib's version), loaded, and its handlers registered with XLA
+        under names that carry the digest
     CpuLinear(x, w)  -> x [T, K] float32 times w [N, K] (float32, or bfloat16 where the CPU has
                         AVX512-BF16) -> [T, N] float32, for T <= MAX_ROWS (`handles`)
 
-Why (one pass over the default model's 30 layers of weights and its LM head, 2 cores, AVX-512 with BF16,
-ms per pass, kernel against XLA's dot): XLA's CPU dot packs the weight on every call, which for a decode
-step's few rows costs more than the product, and a one-row bfloat16 product takes a slow path. 1 row:
-bfloat16 12-14 against 28, float32 20-26 against 23 (both near the memory's bandwidth); 8 rows: bfloat16
-10-13 against 29-31, float32 20 against 33-40; 32 rows: bfloat16 29-32 against 51, float32 48-64 against
-62-70.
+Why: XLA's CPU dot packs the weight on every call, which for a decode step's few rows costs more than the
+product, and a one-row bfloat16 product takes a slow path. `python -m kvloom.tools.bench_linear` (one
+pass over the default model's 30 layers of weights and its LM head, 2 cores, AVX-512 with BF16; ms per
+pass, kernel against XLA's dot, over several runs): 1 row, bfloat16 11-14 against 28-29, float32 17-26
+against 20-23 (both near the memory's bandwidth); 8 rows, bfloat16 10-13 against 27-31, float32 19-20
+against 29-40; 32 rows, bfloat16 27-32 against 40-51, float32 48-64 against 60-70.
 
 XLA keeps one registry of FFI targets per process, so a loaded library is kept per digest for the process
 (`_LOADED`): engines built later, or side by side, reuse its registration.
