@@ -13,8 +13,9 @@ Per combination:
   3. speed: the same Engine, decode tok/s of one request and of --batch requests submitted at once
      (tools.bench_engine.run_batch: new tokens / wall time, prefill included), each run once untimed
      first so that nothing compiles while timed.
-  4. weight reads: per weights dtype, the bytes/s XLA reads weights at in a batch-1 matvec of that
-     dtype (tools.machine.measure_weight_reads over --probe-mib MiB): what bounds single-stream decode.
+  4. weight reads: per weights dtype, the bytes/s the model's one-row product reads weights at in that
+     dtype, through the CPU kernel where the engine uses it (tools.machine.measure_weight_reads over
+     --probe-mib MiB): what bounds single-stream decode.
 The prompts are chat questions through the model's template. Nothing is asserted.
 """
 
@@ -160,7 +161,8 @@ def print_report(report: dict) -> None:
                   f"({report['prompts']} chat prompts)", format_table(cells, num_left=2),
                   [f"decode tok/s: {report['speed_tokens']} new tokens per request over the wall time, "
                    f"prefill included",
-                   "weight reads: bytes/s of a batch-1 matvec in the weights' dtype (what bounds decode @1)"])
+                   "weight reads: bytes/s of the model's one-row product in the weights' dtype "
+                   "(what bounds decode @1)"])
 
 
 def build_parser() -> argparse.ArgumentParser:

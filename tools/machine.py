@@ -4,8 +4,9 @@
     measure_matmul_peak(sizes, ...)  GFLOP/s of a jitted square jnp.dot, float32 or bfloat16 (the compute
                                      ceiling)
     measure_bandwidth(bytes, ...)    copy bandwidth of numpy and of a jitted jnp `x + 1`
-    measure_weight_reads(dtype, ...) bytes/s a batch-1 decode reads weights at: jitted [1, K] @ [K, N]
-                                     matvecs in one dtype over more matrices than the caches hold
+    measure_weight_reads(dtype, ...) bytes/s a batch-1 decode reads weights at: the model's one-row
+                                     products (llama.linear, with the CPU kernel where the engine uses
+                                     it) over more matrices of one dtype than the caches hold
     roofline_tokens_per_s, roofline_items_per_s, Roofline
                                      tokens/s (items/s) bounds of a float32 model under those ceilings
 
@@ -71,17 +72,24 @@ def measure_bandwidth(num_bytes: int, repeats: int) -> dict:
 
 
 def measure_weight_reads(dtype: str, num_bytes: int, repeats: int,
-                         shape: tuple[int, int] = (576, 3072)) -> dict:
-    """Best bytes/s of weights read by jitted `x @ w` (x [1, K] and w [K, N], both `dtype`, as the model
-    runs a batch-1 decode in that dtype) over matrices totalling num_bytes, each read once per pass."""
+                         shape: tuple[int, int] = (3072, 576)) -> dict:
+    """Best bytes/s of weights read by the model's product of one row (`llama.linear`: x [1, K] float32,
+    w [N, K] of `dtype`, through the CPU kernel where `--cpu-kernels auto` would use it: `path` says
+    which) over matrices totalling num_bytes, each read once per pass: a batch-1 decode's matmuls."""
     import jax
     import jax.numpy as jnp
 
-    k, n = shape
+    from kvloom.engine.config import cache_root
+    from kvloom.engine.models import llama
+    from kvloom.kernels import cpu_linear
+
+    n, k = shape
     count = max(1, num_bytes // (k * n * jnp.dtype(dtype).itemsize))
-    weights = [jax.random.normal(jax.random.PRNGKey(i), (k, n), dtype) for i in range(count)]
-    x = jnp.ones((1, k), dtype)
-    matvec = jax.jit(lambda x, w: x @ w)
+    weights = [jax.random.normal(jax.random.PRNGKey(i), (n, k), dtype) for i in range(count)]
+    x = jnp.ones((1, k), jnp.float32)
+    kernel = cpu_linear.load(f"{cache_root()}/kernels") if jax.default_backend() == "cpu" else None
+    kernel = kernel if kernel is not None and kernel.handles(1, dtype) else None
+    matvec = jax.jit(lambda x, w: llama.linear(x, w, kernel))
     matvec(x, weights[0]).block_until_ready()  # compile
 
     def one_pass():
@@ -92,7 +100,8 @@ def measure_weight_reads(dtype: str, num_bytes: int, repeats: int,
 
     seconds = best_of(one_pass, repeats)
     total = count * k * n * jnp.dtype(dtype).itemsize
-    return dict(dtype=dtype, shape=list(shape), num_bytes=total, repeats=repeats, bytes_per_s=total / seconds)
+    return dict(dtype=dtype, shape=list(shape), num_bytes=total, repeats=repeats, bytes_per_s=total / seconds,
+                path="cpu kernel" if kernel is not None else "xla")
 
 
 def roofline_tokens_per_s(peak_flops: float, num_parameters: int) -> float:
