@@ -60,6 +60,12 @@ def test_llama_linear_takes_the_kernel_for_a_decode_steps_rows_only(kernel, dtyp
         fn = jax.jit(lambda x, w: llama.linear(x, w, kernel))
         hlo = fn.lower(x, w).as_text()
         assert ("custom_call" in hlo and kernel.digest in hlo) == (rows <= cpu_linear.MAX_ROWS), rows
+        if rows <= cpu_linear.MAX_ROWS:  # the kernel reads the weight in place: no copy into a layout
+            entry = fn.lower(x, w).compile().as_text().split("ENTRY")[1].splitlines()
+            weight = next(line.split(" = ")[0].strip() for line in entry if "parameter(1)" in line)
+            readers = [line for line in entry if f"({weight}" in line or f", {weight}" in line]
+            assert readers and all(" bitcast(" in line or "custom-call(" in line for line in readers), readers
+            assert not [line for line in entry if " copy(" in line or " transpose(" in line]
         y = fn(x, w)
         assert y.shape == (rows, 3, 2)
         np.testing.assert_allclose(np.asarray(y), np.asarray(llama.linear(x, w)), rtol=1e-5, atol=1e-4)
