@@ -352,8 +352,9 @@ class EngineConfig:
     # launch/collect); "auto": on an accelerator only. On a CPU the device's threads and the host's share
     # the cores, and on and off measured within noise (engine/ARCHITECTURE.md).
     overlap_schedule: str = "auto"
-    # "auto": a decode step's matmuls on a CPU (one device) run as a native kernel (kernels/cpu_linear.py),
-    # built once per machine with its C++ compiler, where the CPU has AVX-512; "off": XLA's dot everywhere
+    # "auto": a decode step's matmuls and attention on a CPU (one device) run as native kernels
+    # (kernels/cpu_kernels.py), built once per machine with its C++ compiler, where the CPU has AVX-512;
+    # "off": XLA's ops everywhere
     cpu_kernels: str = "auto"
     # decoder layers per compiled call (engine.forward): the largest divisor of the model's layer count up
     # to this; 0: up to AUTO_LAYERS_PER_CALL. More per call: fewer executions per step, longer compiles.

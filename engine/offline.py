@@ -23,8 +23,8 @@ class StaticBatch:
     def __init__(self, cfg: ModelConfig, params, *, num_seqs: int, max_len: int, page_size: int, mesh=None,
                  kv_dtype=None, kernel=None):
         """`mesh`: params placed by `llama.shard_params` on it; the KV cache is split the same way.
-        `kv_dtype`: the KV cache's (default: the weights'). `kernel`: the decode steps' matmul kernel
-        (kernels.cpu_linear), or None."""
+        `kv_dtype`: the KV cache's (default: the weights'). `kernel`: the decode steps' native kernels
+        (kernels.cpu_kernels), or None."""
         self.cfg, self.params, self.page_size = cfg, params, page_size
         self.pages_per_seq = -(-max_len // page_size)
         self.page_table = (1 + np.arange(num_seqs * self.pages_per_seq, dtype=np.int32)).reshape(

@@ -56,7 +56,7 @@ from kvloom.engine.request import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
 from kvloom.engine.sampling import SamplingInput, SamplingOutput, sample
 from kvloom.engine.spans import span
 from kvloom.engine.batch import ScheduledBatch, ScheduledRow, StepResult
-from kvloom.kernels import cpu_linear
+from kvloom.kernels import cpu_kernels
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class ModelRunner:
         self.start_detail.update(read_weights_s=t1 - t0, place_weights_s=time.perf_counter() - t1)
         self.plan = plan
         self.platform = self.mesh.devices.flat[0].platform  # "cpu", "gpu", "tpu"
-        self.matmul_kernel = self._matmul_kernel(config)
+        self.cpu_kernels = self._native_kernels(config)
         self.page_size = config.cache.page_size
         self.max_model_len = config.resolved_max_model_len(cfg)
         self.pages_per_seq = -(-self.max_model_len // self.page_size)
@@ -127,7 +127,7 @@ class ModelRunner:
         # name -> (function, jax.jit options), compiled ahead of time (_use_executables): the forward's pieces
         # (engine.forward), the sampler, label and prompt logprobs
         self._jit_functions = dict(
-            forward_functions(cfg, self.page_size, self.mesh, self.matmul_kernel),
+            forward_functions(cfg, self.page_size, self.mesh, self.cpu_kernels),
             sample=(partial(sample, pad_to=self.max_logits_rows), dict(out_shardings=whole)),
             labels=(_label_logprobs, dict(out_shardings=whole)),
             prompt_logprobs=(partial(prompt_logprobs.prompt_logprobs, cfg=cfg), dict(out_shardings=whole)))
@@ -149,8 +149,8 @@ class ModelRunner:
         if directory and not config.parallel.is_multiprocess:
             cache = ExecutableCache(directory, jax.devices())
         mesh = f"mesh {dict(self.mesh.shape)} on devices {[d.id for d in self.mesh.devices.flat]}"
-        kernel = self.matmul_kernel and self.matmul_kernel.digest
-        statics = f"{self.model_config!r} page_size={self.page_size} {mesh} cpu_linear={kernel}"
+        kernel = self.cpu_kernels and self.cpu_kernels.digest
+        statics = f"{self.model_config!r} page_size={self.page_size} {mesh} cpu_kernels={kernel}"
         functions = {name: AotFunction(name, fn, options, statics, cache, self.compile_stats)
                      for name, (fn, options) in self._jit_functions.items()}
         self.layers_per_call = config.layers_per_call_for(self.model_config.num_layers)
@@ -166,13 +166,14 @@ class ModelRunner:
         return type(self)(self.config, self.plan, loaded=(self.source, self.model_config, self.params),
                           mesh=self.mesh)
 
-    def _matmul_kernel(self, config: EngineConfig) -> Optional[cpu_linear.CpuLinear]:
-        """The decode steps' native matmul kernel (`EngineConfig.cpu_kernels`): on a CPU, one device, where
-        the machine can build it (in the kvloom cache directory, once per machine); else None (XLA's dot)."""
+    def _native_kernels(self, config: EngineConfig) -> Optional[cpu_kernels.CpuKernels]:
+        """The decode steps' native matmul and attention kernels (`EngineConfig.cpu_kernels`): on a CPU, one
+        device, where the machine can build them (in the kvloom cache directory, once per machine); else
+        None (XLA's ops)."""
         if config.cpu_kernels == "off" or self.platform != "cpu" or self.mesh.size > 1:
             return None
         t0 = time.perf_counter()
-        kernel = cpu_linear.load(os.path.join(cache_root(), "kernels"))
+        kernel = cpu_kernels.load(os.path.join(cache_root(), "kernels"))
         self.start_detail["cpu_kernel_s"] = time.perf_counter() - t0
         return kernel
 

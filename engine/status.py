@@ -47,7 +47,7 @@ def _config(engine) -> dict:
         "num_speculative_tokens": spec.num_speculative_tokens if spec.enabled else None,
         "overlap_schedule": config.overlap_schedule,
         "cpu_kernels": config.cpu_kernels,
-        "cpu_kernel_in_use": getattr(runner, "matmul_kernel", None) is not None,
+        "cpu_kernel_in_use": getattr(runner, "cpu_kernels", None) is not None,
         "layers_per_call": getattr(runner, "layers_per_call", None),  # resolved for the model
     }
 

@@ -118,8 +118,9 @@ def _online_softmax_step(m, denom, acc, s, visible):
 @jax.named_scope("attention")  # tools.profile_step counts its ops, page gathers included, as attention
 def prefix_extend_attention(q, k_new, v_new, new_lens, k_cache, v_cache, page_table, past_lens,
                             *, scale, layer=None, segment_ids=None, block_pages=None,
-                            new_key_block=NEW_KEY_BLOCK):
-    """Blocked variant with an online softmax; same contract as the reference.
+                            new_key_block=NEW_KEY_BLOCK, kernel=None):
+    """Blocked variant with an online softmax; same contract as the reference. `kernel`
+    (kernels.cpu_kernels.CpuKernels, or None) takes a decode step's attention where it handles it.
 
     Inside, queries are laid out [B, KVH, Q*G, D] and keys [B, KVH, S, D], so every score and
     value product is one batched matmul over (B, KVH) (XLA on CPU runs the 5-d einsum of the
@@ -129,6 +130,12 @@ def prefix_extend_attention(q, k_new, v_new, new_lens, k_cache, v_cache, page_ta
     page_size, kvh = k_cache.shape[-3], k_cache.shape[-2]
     if block_pages is None:  # decode rows gather little per block; prefill rows amortise bigger blocks
         block_pages = max(1, (32 if qn == 1 else 256) // page_size)
+    if qn == 1 and segment_ids is None and layer is not None and kernel is not None \
+            and kernel.handles_attention(d, h // kvh, k_cache.dtype):
+        own_k, own_v = to_float32(k_new).reshape(b, kvh, d), to_float32(v_new).reshape(b, kvh, d)
+        out = kernel.decode_attention(q.reshape(b, h, d).astype(jnp.float32) * scale, own_k, own_v,
+                                      new_lens, k_cache, v_cache, page_table, past_lens, layer)
+        return out.reshape(b, 1, h, d).astype(q.dtype)
     if qn == 1 and segment_ids is None:
         return _decode_attention(q, k_new, v_new, new_lens, k_cache, v_cache, page_table, past_lens,
                                  scale=scale, layer=layer, block_pages=block_pages)

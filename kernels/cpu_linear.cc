@@ -1,5 +1,5 @@
 // Decode-step matmuls on a CPU: y[T, N] = x[T, K] w[N, K]^T, for a few rows T (a decode step's tokens)
-// and a weight in HF's [out, in] layout, called from XLA through its FFI (kernels/cpu_linear.py builds,
+// and a weight in HF's [out, in] layout, called from XLA through its FFI (kernels/cpu_kernels.py builds,
 // loads and registers this file).
 //
 // XLA's CPU dot packs the weight into its own tiles on every call, which for a few rows costs more than

@@ -1,5 +1,5 @@
 """A decode step's matmuls alone: one pass over a model's weights (its layers' four products and the LM
-head), with the CPU kernel (kernels/cpu_linear) and with XLA's dot, at a few row counts and dtypes.
+head), with the CPU kernel (kernels/cpu_kernels) and with XLA's dot, at a few row counts and dtypes.
 
     .venv/bin/python -m kvloom.tools.bench_linear [--rows 1,8,32] [--dtypes float32,bfloat16]
         [--layers 30 --hidden 576 --intermediate 1536 --qkv 960 --vocab 49152] [--repeats 20]
@@ -21,7 +21,7 @@ import numpy as np
 
 from kvloom.engine.config import cache_root
 from kvloom.engine.models import llama
-from kvloom.kernels import cpu_linear
+from kvloom.kernels import cpu_kernels
 from kvloom.tools.report import format_table, log
 
 
@@ -65,9 +65,9 @@ def main(argv=None) -> list:
                           ("vocab", 49152), ("repeats", 20)):
         p.add_argument(f"--{name}", type=int, default=default)
     args = p.parse_args(argv)
-    kernel = cpu_linear.load(f"{cache_root()}/kernels")
+    kernel = cpu_kernels.load(f"{cache_root()}/kernels")
     if kernel is None:
-        log("bench_linear", f"no CPU kernel here ({cpu_linear.unavailable_reason() or 'its build failed'}): "
+        log("bench_linear", f"no CPU kernel here ({cpu_kernels.unavailable_reason() or 'its build failed'}): "
                             "XLA's dot only")
     rng = np.random.default_rng(0)
     rows_out = []

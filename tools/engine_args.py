@@ -45,8 +45,8 @@ SIZE_FLAGS = (
     ("--overlap-schedule", "engine", "overlap_schedule", str,
      "build and launch the next decode step while one runs: on, off, or auto (on an accelerator only)"),
     ("--cpu-kernels", "engine", "cpu_kernels", str,
-     "auto: a decode step's matmuls on a CPU run as a native kernel (AVX-512, built once with the "
-     "machine's C++ compiler); off: XLA's dot"),
+     "auto: a decode step's matmuls and attention on a CPU run as native kernels (AVX-512, built once "
+     "with the machine's C++ compiler); off: XLA's ops"),
     ("--layers-per-call", "engine", "layers_per_call", int,
      "decoder layers per compiled call: the largest divisor of the model's layer count up to this "
      "(0: auto, up to 5)"),

@@ -81,13 +81,13 @@ def measure_weight_reads(dtype: str, num_bytes: int, repeats: int,
 
     from kvloom.engine.config import cache_root
     from kvloom.engine.models import llama
-    from kvloom.kernels import cpu_linear
+    from kvloom.kernels import cpu_kernels
 
     n, k = shape
     count = max(1, num_bytes // (k * n * jnp.dtype(dtype).itemsize))
     weights = [jax.random.normal(jax.random.PRNGKey(i), (n, k), dtype) for i in range(count)]
     x = jnp.ones((1, k), jnp.float32)
-    kernel = cpu_linear.load(f"{cache_root()}/kernels") if jax.default_backend() == "cpu" else None
+    kernel = cpu_kernels.load(f"{cache_root()}/kernels") if jax.default_backend() == "cpu" else None
     kernel = kernel if kernel is not None and kernel.handles(1, dtype) else None
     matvec = jax.jit(lambda x, w: llama.linear(x, w, kernel))
     matvec(x, weights[0]).block_until_ready()  # compile

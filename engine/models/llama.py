@@ -281,8 +281,8 @@ def linear(x, w, kernel=None):
     """x [T, K] (float32) times the weight w [*out, K] (HF's [out, in] layout, output axes first) -> float32
     [T, *out].
 
-    `kernel` (kernels.cpu_linear.CpuLinear, or None) computes the products it `handles` (a decode step's
-    rows on a CPU) natively; the rest run on XLA's dot as follows.
+    `kernel` (kernels.cpu_kernels.CpuKernels, or None) computes the products it `handles` (a decode
+    step's rows on a CPU) natively; the rest run on XLA's dot as follows.
 
     A decode step's few rows (T <= TRANSPOSED_DOT_MAX_ROWS) run as W x^T, the weight's output axis as the
     product's long side, then a transpose of the small result: XLA's CPU dot runs [N, K] x [K, T] 15-25%
@@ -299,7 +299,7 @@ def linear(x, w, kernel=None):
     rows = x.shape[0]
     w2 = w.reshape(-1, w.shape[-1])  # [N, K]: free, and what keeps XLA from copying w into another layout
     if kernel is not None and kernel.handles(rows, w2.dtype):
-        return kernel(x, w2).reshape(rows, *w.shape[:-1])
+        return kernel.linear(x, w2).reshape(rows, *w.shape[:-1])
     if w.dtype != x.dtype:
         x = x.astype(w.dtype)
         if rows == 1:
@@ -320,7 +320,8 @@ def embed(params, token_ids):
 def decoder_layer(lp, h, kv_cache, layer, step: StepInput, *, cfg: ModelConfig, page_size: int, kernel=None):
     """One decoder layer over the step: (h [T, D] after the layer, its new keys and values [T, KVH, D]).
     `lp` is the layer's own weights; `layer` (an int32 scalar, traced) picks its slice of the KV cache,
-    read only (the new keys are written after the last layer, by `write_kv_cache`). `kernel`: `linear`'s."""
+    read only (the new keys are written after the last layer, by `write_kv_cache`). `kernel`: `linear`'s and
+    the decode attention's (kernels.cpu_kernels), or None."""
     num_tokens = h.shape[0]
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     angles = step.positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
@@ -356,7 +357,7 @@ def decoder_layer(lp, h, kv_cache, layer, step: StepInput, *, cfg: ModelConfig, 
             k[offset:offset + n].reshape(rows, qn, nkv, hd),
             v[offset:offset + n].reshape(rows, qn, nkv, hd),
             seg.new_lens, k_pages, v_pages, seg.page_table, seg.past_lens, scale=scale, layer=layer,
-            segment_ids=seg.segment_ids)
+            segment_ids=seg.segment_ids, kernel=kernel)
         outs.append(o.reshape(n, nh * hd))
         offset += n
     attn = jnp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]  # [T, H*D]

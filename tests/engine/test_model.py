@@ -63,11 +63,11 @@ def test_prefill_and_decode_match_transformers(tiny_checkpoints, reference_logit
 @pytest.mark.parametrize("family", tiny_models.FAMILIES)
 def test_decode_steps_with_the_cpu_kernel_match_transformers(tiny_checkpoints, reference_logits, family):
     from kvloom.engine.config import cache_root
-    from kvloom.kernels import cpu_linear
+    from kvloom.kernels import cpu_kernels
 
-    if cpu_linear.unavailable_reason() is not None:
-        pytest.skip(f"the CPU kernel cannot run here: {cpu_linear.unavailable_reason()}")
-    kernel = cpu_linear.load(f"{cache_root()}/kernels")
+    if cpu_kernels.unavailable_reason() is not None:
+        pytest.skip(f"the CPU kernel cannot run here: {cpu_kernels.unavailable_reason()}")
+    kernel = cpu_kernels.load(f"{cache_root()}/kernels")
     test_prefill_and_decode_match_transformers(tiny_checkpoints, reference_logits, family, 4, kernel)
 
 

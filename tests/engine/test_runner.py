@@ -75,10 +75,10 @@ async def test_concurrent_greedy_matches_transformers(engine, hf_greedy):
 
 
 async def test_decode_steps_run_the_cpu_kernel_where_the_machine_builds_it(engine):
-    from kvloom.kernels import cpu_linear
+    from kvloom.kernels import cpu_kernels
 
-    reason = cpu_linear.unavailable_reason()
-    assert (engine.runner.matmul_kernel is not None) == (reason is None), reason
+    reason = cpu_kernels.unavailable_reason()
+    assert (engine.runner.cpu_kernels is not None) == (reason is None), reason
     assert engine.status()["config"]["cpu_kernel_in_use"] == (reason is None)
 
 

@@ -1,4 +1,4 @@
-"""The native decode-step matmul (kernels/cpu_linear): its products against numpy's, through llama.linear
+"""The native decode-step matmul (kernels/cpu_linear.cc): its products against numpy's, through llama.linear
 for a decode step's rows only, and the fallbacks where it cannot be built."""
 
 import logging
@@ -10,17 +10,17 @@ import pytest
 
 from kvloom.engine.config import cache_root
 from kvloom.engine.models import llama
-from kvloom.kernels import cpu_linear
+from kvloom.kernels import cpu_kernels
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    reason = cpu_linear.unavailable_reason()
+    reason = cpu_kernels.unavailable_reason()
     if reason is not None:
         pytest.skip(f"the CPU kernel cannot run here: {reason}")
-    loaded = cpu_linear.load(f"{cache_root()}/kernels")
+    loaded = cpu_kernels.load(f"{cache_root()}/kernels")
     assert loaded is not None
     return loaded
 
@@ -42,7 +42,7 @@ def test_products_match_numpy(kernel, rows, k, n, dtype):
     rng = np.random.default_rng(rows * 1000 + k + n)
     x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((n, k)), dtype)
-    y = jax.jit(kernel)(x, w)
+    y = jax.jit(kernel.linear)(x, w)
     assert y.shape == (rows, n) and y.dtype == jnp.float32
     ref = _reference(x, w)
     # summation order differs from numpy's; products of bfloat16 values are exact in float32
@@ -55,12 +55,12 @@ def test_llama_linear_takes_the_kernel_for_a_decode_steps_rows_only(kernel, dtyp
         pytest.skip(f"no {dtype} kernel on this CPU")
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.standard_normal((3, 2, 48)), dtype)  # [*out, K], as a fused weight is stored
-    for rows in (1, cpu_linear.MAX_ROWS, cpu_linear.MAX_ROWS + 1):
+    for rows in (1, cpu_kernels.MAX_ROWS, cpu_kernels.MAX_ROWS + 1):
         x = jnp.asarray(rng.standard_normal((rows, 48)), jnp.float32)
         fn = jax.jit(lambda x, w: llama.linear(x, w, kernel))
         hlo = fn.lower(x, w).as_text()
-        assert ("custom_call" in hlo and kernel.digest in hlo) == (rows <= cpu_linear.MAX_ROWS), rows
-        if rows <= cpu_linear.MAX_ROWS:  # the kernel reads the weight in place: no copy into a layout
+        assert ("custom_call" in hlo and kernel.digest in hlo) == (rows <= cpu_kernels.MAX_ROWS), rows
+        if rows <= cpu_kernels.MAX_ROWS:  # the kernel reads the weight in place: no copy into a layout
             entry = fn.lower(x, w).compile().as_text().split("ENTRY")[1].splitlines()
             weight = next(line.split(" = ")[0].strip() for line in entry if "parameter(1)" in line)
             readers = [line for line in entry if f"({weight}" in line or f", {weight}" in line]
@@ -72,26 +72,26 @@ def test_llama_linear_takes_the_kernel_for_a_decode_steps_rows_only(kernel, dtyp
 
 
 def test_a_machine_without_a_compiler_falls_back_to_xla(monkeypatch, tmp_path, caplog):
-    if cpu_linear.unavailable_reason() is not None:
-        pytest.skip(cpu_linear.unavailable_reason())
+    if cpu_kernels.unavailable_reason() is not None:
+        pytest.skip(cpu_kernels.unavailable_reason())
     monkeypatch.setenv("CXX", "")
     monkeypatch.setenv("PATH", str(tmp_path))  # no g++ or c++ on it
-    assert cpu_linear.unavailable_reason() == "no C++ compiler (set CXX, or install g++)"
-    with caplog.at_level(logging.INFO, logger=cpu_linear.__name__):
-        assert cpu_linear.load(str(tmp_path / "kernels")) is None
-    assert "CPU matmul kernel not used" in caplog.text
+    assert cpu_kernels.unavailable_reason() == "no C++ compiler (set CXX, or install g++)"
+    with caplog.at_level(logging.INFO, logger=cpu_kernels.__name__):
+        assert cpu_kernels.load(str(tmp_path / "kernels")) is None
+    assert "CPU kernels not used" in caplog.text
 
 
 def test_a_failed_build_falls_back_to_xla_and_says_why(monkeypatch, tmp_path, caplog):
-    if cpu_linear.unavailable_reason() is not None:
-        pytest.skip(cpu_linear.unavailable_reason())
+    if cpu_kernels.unavailable_reason() is not None:
+        pytest.skip(cpu_kernels.unavailable_reason())
     failing = tmp_path / "bin" / "c++"
     failing.parent.mkdir()
     failing.write_text("#!/bin/sh\necho 'c++: fatal error: no input' >&2\nexit 1\n")
     failing.chmod(0o755)
     monkeypatch.setenv("CXX", str(failing))
-    with caplog.at_level(logging.WARNING, logger=cpu_linear.__name__):
-        assert cpu_linear.load(str(tmp_path / "kernels")) is None
+    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+        assert cpu_kernels.load(str(tmp_path / "kernels")) is None
     assert "failed" in caplog.text and "no input" in caplog.text
     assert not list((tmp_path / "kernels").iterdir())  # no half-written library left behind
 
@@ -104,6 +104,6 @@ def test_cpu_kernels_off_keeps_xla_s_dot(tiny_llama):
     from tests.conftest import tiny_engine_config
 
     runner = SimpleNamespace(platform="cpu", mesh=SimpleNamespace(size=1), start_detail={})
-    assert ModelRunner._matmul_kernel(runner, tiny_engine_config(tiny_llama, cpu_kernels="off")) is None
+    assert ModelRunner._native_kernels(runner, tiny_engine_config(tiny_llama, cpu_kernels="off")) is None
     with pytest.raises(ConfigError, match="cpu_kernels"):
         tiny_engine_config(tiny_llama, cpu_kernels="yes")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from kvloom.kernels import cpu_linear
+from kvloom.kernels import cpu_kernels
 from kvloom.tools import machine
 from kvloom.tools.machine import Roofline
 
@@ -38,4 +38,4 @@ def test_measured_ceilings_are_positive():
         item = 4 if dtype == "float32" else 2
         assert reads["num_bytes"] == (1 << 18) // (32 * 64 * item) * 32 * 64 * item
         assert reads["bytes_per_s"] > 0
-        assert reads["path"] == ("xla" if cpu_linear.unavailable_reason() else "cpu kernel")
+        assert reads["path"] == ("xla" if cpu_kernels.unavailable_reason() else "cpu kernel")

@@ -1,0 +1,55 @@
+"""The native decode attention (kernels/cpu_attention.cc through kernels/cpu_kernels) against the pure-jnp
+reference: cache dtypes, page sizes, head sizes and groups, a padding row and a row with no past."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvloom.engine.config import cache_root
+from kvloom.kernels import cpu_kernels
+from kvloom.kernels.attention import prefix_extend_attention, prefix_extend_attention_reference
+from tests.kernels.test_attention import _case
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    reason = cpu_kernels.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"the CPU kernels cannot run here: {reason}")
+    loaded = cpu_kernels.load(f"{cache_root()}/kernels")
+    assert loaded is not None
+    return loaded
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+@pytest.mark.parametrize("dim,heads,kv_heads", [(16, 4, 2), (64, 9, 3), (32, 4, 4), (128, 2, 1)])
+def test_decode_attention_matches_reference(kernels, dtype, tol, page_size, dim, heads, kv_heads):
+    rng = np.random.default_rng(page_size * 1000 + dim + heads)
+    args = _case(rng, rows=5, qn=1, heads=heads, kv_heads=kv_heads, dim=dim, page_size=page_size,
+                 num_table_pages=max(2, 48 // page_size), dtype=dtype)
+    args = (*args[:7], args[7].at[0].set(0))  # row 0 has no past; the last row is padding (_case)
+    ref = prefix_extend_attention_reference(*args, scale=dim ** -0.5, layer=1)
+    fn = jax.jit(lambda *a: prefix_extend_attention(*a, scale=dim ** -0.5, layer=jnp.int32(1),
+                                                    kernel=kernels))
+    assert "custom_call" in fn.lower(*args).as_text()  # the kernel, not XLA's loop over page blocks
+    out = fn(*args)
+    assert out.dtype == dtype and out.shape == ref.shape
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=tol)
+    assert np.all(np.asarray(out, np.float32)[-1] == 0)  # the padding row
+
+
+def test_what_the_kernel_does_not_handle_stays_on_xla(kernels):
+    """A head size it has no code for, or a float16 cache, or a prefill: XLA's blocked attention."""
+    assert not kernels.handles_attention(24, 2, jnp.float32)
+    assert not kernels.handles_attention(64, 2, jnp.float16)
+    assert kernels.handles_attention(64, 3, jnp.uint16) and kernels.handles_attention(128, 1, jnp.float32)
+    rng = np.random.default_rng(0)
+    for dtype, qn in ((jnp.float16, 1), (jnp.float32, 3)):
+        args = _case(rng, rows=2, qn=qn, heads=4, kv_heads=2, dim=16, page_size=4, num_table_pages=4,
+                     dtype=dtype)
+        fn = jax.jit(lambda *a: prefix_extend_attention(*a, scale=0.25, layer=jnp.int32(0), kernel=kernels))
+        assert "custom_call" not in fn.lower(*args).as_text()
