@@ -11,11 +11,10 @@
 // value row loaded (gathered straight from its page, widened to float32 in registers), scores go to a
 // buffer, then an exact softmax (max, exp, sum) and the probability-weighted sum of the values. XLA runs
 // the same as a loop over blocks of gathered pages with an online softmax; this reads each key and value
-// once, with no gathered copy. Work is shared with XLA's intra-op pool as in cpu_linear.cc.
+// once, with no gathered copy. Work is shared with XLA's intra-op pool (cpu_parallel.h).
 
 #include <immintrin.h>
 
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -23,6 +22,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -30,32 +30,6 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kMaxGroup = 16;  // query heads per KV head
-
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t items = 0;
-};
-
-// body(i) for i in [0, n), on this thread and XLA's intra-op pool; the caller waits only for items that
-// another thread has started.
-template <typename F>
-void ParallelItems(ffi::ThreadPool& pool, int64_t n, F body) {
-  auto work = std::make_shared<Work>();
-  work->items = n;
-  auto run = [work, body]() {
-    int64_t i;
-    while ((i = work->next.fetch_add(1, std::memory_order_relaxed)) < work->items) {
-      body(i);
-      work->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  int64_t helpers = pool.num_threads() - 1;
-  if (helpers > n - 1) helpers = n - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([run]() { run(); });
-  run();
-  while (work->done.load(std::memory_order_acquire) < work->items) _mm_pause();
-}
 
 inline __m512 Load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 Load16(const uint16_t* p) {  // bfloat16 bits: the high half of a float32
@@ -137,7 +111,7 @@ void Run(ffi::ThreadPool& pool, int64_t B, int64_t H, const float* q, const floa
          const int32_t* past_lens, int64_t layer, Shape sh, float* out) {
   constexpr int64_t D = 16 * C;
   const int64_t KVH = sh.kv_heads, G = sh.group;
-  ParallelItems(pool, B * KVH, [=](int64_t item) {
+  kvloom::ParallelFor(pool, B * KVH, [=](int64_t item) {
     int64_t b = item / KVH, h = item % KVH;
     float* o = out + (b * H + h * G) * D;
     if (new_lens[b] <= 0) {

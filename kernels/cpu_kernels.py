@@ -4,7 +4,7 @@
     load(build_dir)  -> a CpuKernels, or None with the reason logged (not x86-64 Linux with AVX-512, no
                         C++ compiler, a failed build)
         the sources are compiled once per machine into one library, build_dir/cpu_kernels-<digest>.so
-        (the digest: the sources, the compiler flags, jaxlib's version), loaded, and its handlers
+        (the digest: the sources and header, the compiler flags, jaxlib's version), loaded, and its handlers
         registered with XLA under names that carry the digest
     kernels.linear(x, w)
                      -> x [T, K] float32 times w [N, K] (float32, or bfloat16 where the CPU has
@@ -50,8 +50,9 @@ import jax.numpy as jnp
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 32  # the most rows of x the kernel is used for (a decode step); longer steps use XLA's dot
-SOURCES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-                for name in ("cpu_linear.cc", "cpu_attention.cc"))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = tuple(os.path.join(_HERE, name) for name in ("cpu_linear.cc", "cpu_attention.cc"))
+HEADERS = (os.path.join(_HERE, "cpu_parallel.h"),)
 ATTENTION_HEAD_SIZES = (16, 32, 64, 128)
 ATTENTION_MAX_GROUP = 16  # query heads per KV head
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
@@ -122,7 +123,7 @@ def compiler() -> Optional[str]:
 def source_digest(cxx: str) -> str:
     import jaxlib
     digest = hashlib.sha256()
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         with open(source, "rb") as f:
             digest.update(f.read())
     digest.update(" ".join((cxx, *FLAGS, jaxlib.__version__)).encode())

@@ -9,19 +9,18 @@
 // bfloat16 weights take AVX512-BF16's dot product of bfloat16 pairs with float32 accumulation, x rounded
 // to bfloat16 (round to nearest even), as XLA's own bfloat16 x bfloat16 -> float32 product does.
 //
-// The output rows are split into chunks of kChunkRows, claimed from an atomic counter by the calling
-// thread and by tasks scheduled on XLA's intra-op thread pool. The caller claims chunks until none are
-// left, then waits only for chunks already running on another thread, so it never waits for a task that
-// has not started (no deadlock when the pool is busy); a task that starts late finds nothing to do.
+// The output rows are split into chunks of kChunkRows, shared with XLA's intra-op thread pool
+// (cpu_parallel.h).
 
 #include <immintrin.h>
 
-#include <atomic>
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <vector>
 
+#include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -133,32 +132,6 @@ void Rows(const typename D::Elem* x, int64_t T, int64_t K, const typename D::Ele
     for (int64_t t = 0; t < T; ++t) Tile<D, 1, 1>(x + t * K, w + n * K, K, y + t * N + n, N);
 }
 
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t chunks = 0;
-};
-
-// body(n0, n1) over chunks of [0, N), on this thread and XLA's intra-op pool.
-template <typename F>
-void ParallelChunks(ffi::ThreadPool& pool, int64_t N, F body) {
-  auto work = std::make_shared<Work>();
-  work->chunks = (N + kChunkRows - 1) / kChunkRows;
-  auto run = [work, body, N]() {
-    int64_t c;
-    while ((c = work->next.fetch_add(1, std::memory_order_relaxed)) < work->chunks) {
-      int64_t n0 = c * kChunkRows;
-      body(n0, n0 + kChunkRows < N ? n0 + kChunkRows : N);
-      work->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  int64_t helpers = pool.num_threads() - 1;
-  if (helpers > work->chunks - 1) helpers = work->chunks - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([run]() { run(); });
-  run();
-  while (work->done.load(std::memory_order_acquire) < work->chunks) _mm_pause();
-}
-
 inline uint16_t RoundToBF16(float f) {  // round to nearest even, NaN kept NaN
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
@@ -183,7 +156,9 @@ ffi::Error LinearF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
-  ParallelChunks(pool, N, [=](int64_t n0, int64_t n1) { Rows<F32>(xp, T, K, wp, n0, n1, yp, N); });
+  kvloom::ParallelFor(pool, (N + kChunkRows - 1) / kChunkRows, [=](int64_t c) {
+    Rows<F32>(xp, T, K, wp, c * kChunkRows, std::min(N, (c + 1) * kChunkRows), yp, N);
+  });
   return ffi::Error::Success();
 }
 
@@ -197,7 +172,9 @@ ffi::Error LinearBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const uint16_t* xp = xb.data();
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.untyped_data());
   float* yp = y->typed_data();
-  ParallelChunks(pool, N, [=](int64_t n0, int64_t n1) { Rows<BF16>(xp, T, K, wp, n0, n1, yp, N); });
+  kvloom::ParallelFor(pool, (N + kChunkRows - 1) / kChunkRows, [=](int64_t c) {
+    Rows<BF16>(xp, T, K, wp, c * kChunkRows, std::min(N, (c + 1) * kChunkRows), yp, N);
+  });
   return ffi::Error::Success();
 }
 
