@@ -120,7 +120,8 @@ def prefix_extend_attention(q, k_new, v_new, new_lens, k_cache, v_cache, page_ta
                             *, scale, layer=None, segment_ids=None, block_pages=None,
                             new_key_block=NEW_KEY_BLOCK, kernel=None):
     """Blocked variant with an online softmax; same contract as the reference. `kernel`
-    (kernels.cpu_kernels.CpuKernels, or None) takes a decode step's attention where it handles it.
+    (kernels.cpu_kernels.CpuKernels, or None) takes the attention where it handles it: a decode step's
+    (`decode_attention`), any other step's (`extend_attention`; segment ids must label contiguous runs).
 
     Inside, queries are laid out [B, KVH, Q*G, D] and keys [B, KVH, S, D], so every score and
     value product is one batched matmul over (B, KVH) (XLA on CPU runs the 5-d einsum of the
@@ -130,12 +131,17 @@ def prefix_extend_attention(q, k_new, v_new, new_lens, k_cache, v_cache, page_ta
     page_size, kvh = k_cache.shape[-3], k_cache.shape[-2]
     if block_pages is None:  # decode rows gather little per block; prefill rows amortise bigger blocks
         block_pages = max(1, (32 if qn == 1 else 256) // page_size)
-    if qn == 1 and segment_ids is None and layer is not None and kernel is not None \
-            and kernel.handles_attention(d, h // kvh, k_cache.dtype):
-        own_k, own_v = to_float32(k_new).reshape(b, kvh, d), to_float32(v_new).reshape(b, kvh, d)
-        out = kernel.decode_attention(q.reshape(b, h, d).astype(jnp.float32) * scale, own_k, own_v,
-                                      new_lens, k_cache, v_cache, page_table, past_lens, layer)
-        return out.reshape(b, 1, h, d).astype(q.dtype)
+    if layer is not None and kernel is not None and kernel.handles_attention(d, h // kvh, k_cache.dtype):
+        qs = q.astype(jnp.float32) * scale
+        if qn == 1 and segment_ids is None:
+            own_k, own_v = to_float32(k_new).reshape(b, kvh, d), to_float32(v_new).reshape(b, kvh, d)
+            out = kernel.decode_attention(qs.reshape(b, h, d), own_k, own_v,
+                                          new_lens, k_cache, v_cache, page_table, past_lens, layer)
+        else:
+            segments = jnp.zeros((b, qn), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+            out = kernel.extend_attention(qs, to_float32(k_new), to_float32(v_new), new_lens, segments,
+                                          k_cache, v_cache, page_table, past_lens, layer)
+        return out.reshape(b, qn, h, d).astype(q.dtype)
     if qn == 1 and segment_ids is None:
         return _decode_attention(q, k_new, v_new, new_lens, k_cache, v_cache, page_table, past_lens,
                                  scale=scale, layer=layer, block_pages=block_pages)

@@ -9,9 +9,9 @@
 //
 // Each (row, KV head) is one unit of work: the G query heads that read that KV head share every key and
 // value row loaded (gathered straight from its page, widened to float32 in registers), scores go to a
-// buffer, then an exact softmax (max, exp, sum) and the probability-weighted sum of the values. XLA runs
-// the same as a loop over blocks of gathered pages with an online softmax; this reads each key and value
-// once, with no gathered copy. Work is shared with XLA's intra-op pool (cpu_parallel.h).
+// buffer, then an exact softmax (max, a vector exp, sum) and the probability-weighted sum of the values.
+// XLA runs the same as a loop over blocks of gathered pages with an online softmax; this reads each key and
+// value once, with no gathered copy. Work is shared with XLA's intra-op pool (cpu_parallel.h).
 
 #include <immintrin.h>
 
@@ -23,19 +23,17 @@
 #include <vector>
 
 #include "cpu_parallel.h"
+#include "cpu_simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kMaxGroup = 16;  // query heads per KV head
+using kvloom::Exp;
+using kvloom::Load16;
 
-inline __m512 Load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 Load16(const uint16_t* p) {  // bfloat16 bits: the high half of a float32
-  __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-}
+constexpr int64_t kMaxGroup = 16;  // query heads per KV head
 
 struct Shape {
   int64_t pages, page_size, kv_heads, group, table_width;
@@ -77,12 +75,15 @@ void RowHead(const float* q, const float* k_own, const float* v_own, const E* k_
     float* sg = s + g * n;
     float m = sg[0];
     for (int64_t t = 1; t < n; ++t) m = sg[t] > m ? sg[t] : m;
-    float sum = 0.0f;
-    for (int64_t t = 0; t < n; ++t) {
-      sg[t] = std::exp(sg[t] - m);
-      sum += sg[t];
+    const __m512 top = _mm512_set1_ps(m);
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n; t += 16) {  // the exp, 16 at a time (the tail masked)
+      const __mmask16 lanes = n - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t)) - 1);
+      __m512 p = Exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, sg + t), top));
+      total = _mm512_add_ps(total, _mm512_maskz_mov_ps(lanes, p));
+      _mm512_mask_storeu_ps(sg + t, lanes, p);
     }
-    sums[g] = sum;
+    sums[g] = _mm512_reduce_add_ps(total);
   }
   __m512 acc[kMaxGroup][C];
   for (int64_t g = 0; g < G; ++g)

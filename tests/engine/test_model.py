@@ -61,7 +61,7 @@ def test_prefill_and_decode_match_transformers(tiny_checkpoints, reference_logit
 
 
 @pytest.mark.parametrize("family", tiny_models.FAMILIES)
-def test_decode_steps_with_the_cpu_kernel_match_transformers(tiny_checkpoints, reference_logits, family):
+def test_steps_with_the_cpu_kernels_match_transformers(tiny_checkpoints, reference_logits, family):
     from kvloom.engine.config import cache_root
     from kvloom.kernels import cpu_kernels
 
