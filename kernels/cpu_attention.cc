@@ -4,7 +4,7 @@
 //
 //   q [B, H, D] float32, already scaled; k_own, v_own [B, KVH, D] float32: the row's own new key and value
 //   new_lens [B] int32 (0: a padding row, whose output is zeros); past_lens [B] int32
-//   k_cache, v_cache [L, P, S, KVH, D]: float32, or bfloat16 kept as its 16-bit patterns (uint16)
+//   k_cache, v_cache [L, P, S, KVH, D]: float32, float16, or bfloat16 kept as its 16-bit patterns (uint16)
 //   page_table [B, NP] int32; layer [] int32  ->  out [B, H, D] float32
 //
 // Each (row, KV head) is one unit of work: the G query heads that read that KV head share every key and
@@ -165,8 +165,10 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
       return std::apply([&](auto... a) { return Dispatch<float>(pool, a...); }, args);
     case ffi::DataType::U16:
       return std::apply([&](auto... a) { return Dispatch<uint16_t>(pool, a...); }, args);
+    case ffi::DataType::F16:
+      return std::apply([&](auto... a) { return Dispatch<kvloom::Half>(pool, a...); }, args);
     default:
-      return ffi::Error::InvalidArgument("kvloom decode attention: a float32 or bfloat16-bits cache only");
+      return ffi::Error::InvalidArgument("kvloom decode attention: a float32, float16 or bfloat16-bits cache only");
   }
 }
 

@@ -7,7 +7,7 @@
 //   new_lens [B] int32 (the row's real new tokens; the rest, and a row of 0, give zeros)
 //   segment_ids [B, Q] int32: new token i sees new token j <= i only when both carry the same id; ids
 //       label contiguous runs (scoring's packed items; all zeros for a plain extension)
-//   k_cache, v_cache [L, P, S, KVH, D]: float32, or bfloat16 kept as its 16-bit patterns (uint16)
+//   k_cache, v_cache [L, P, S, KVH, D]: float32, float16, or bfloat16 kept as its 16-bit patterns (uint16)
 //   page_table [B, NP] int32; past_lens [B] int32; layer [] int32  ->  out [B, Q, H, D] float32
 //
 // Two passes, each shared with XLA's intra-op pool (cpu_parallel.h):
@@ -298,7 +298,8 @@ ffi::Error ExtendAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   switch (k_cache.element_type()) {
     case ffi::DataType::F32: return make(static_cast<float*>(nullptr));
     case ffi::DataType::U16: return make(static_cast<uint16_t*>(nullptr));
-    default: return ffi::Error::InvalidArgument("kvloom extend attention: a float32 or bfloat16-bits cache only");
+    case ffi::DataType::F16: return make(static_cast<kvloom::Half*>(nullptr));
+    default: return ffi::Error::InvalidArgument("kvloom extend attention: a float32, float16 or bfloat16-bits cache only");
   }
 }
 

@@ -7,10 +7,11 @@
         (the digest: the sources and header, the compiler flags, jaxlib's version), loaded, and its handlers
         registered with XLA under names that carry the digest
     kernels.linear(x, w)
-                     -> x [T, K] float32 times w [N, K] (float32, or bfloat16 where the CPU has
-                        AVX512-BF16) -> [T, N] float32, for T <= MAX_ROWS (`handles`)
+                     -> x [T, K] float32 times w [N, K] (float32, float16, or bfloat16 where the CPU
+                        has AVX512-BF16) -> [T, N] float32, for T <= MAX_ROWS (`handles`)
     kernels.decode_attention(q, k_own, v_own, new_lens, k_cache, v_cache, page_table, past_lens, layer)
-                     -> what kernels.attention's decode path computes, for a float32 or bfloat16 cache
+                     -> what kernels.attention's decode path computes, for a float32, float16 or
+                        bfloat16 cache
                         and a head size of 16, 32, 64 or 128 (`handles_attention`)
     kernels.extend_attention(q, k_new, v_new, new_lens, segment_ids, k_cache, ..., layer)
                      -> what kernels.attention's blocked path computes for several new tokens per row
@@ -65,6 +66,8 @@ ATTENTION_MAX_GROUP = 16  # query heads per KV head
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
          "-mfma")
 _TARGET_PREFIX = "kvloom_cpu"
+_LINEAR_KINDS = {jnp.dtype(jnp.float32): "f32", jnp.dtype(jnp.float16): "f16",
+                 jnp.dtype(jnp.bfloat16): "bf16"}  # weight dtype -> the linear handler's suffix
 
 _LOADED: dict[str, "CpuKernels"] = {}
 _LOCK = threading.Lock()
@@ -83,11 +86,13 @@ class CpuKernels:
     def handles(self, rows: int, dtype) -> bool:
         """Whether `linear` takes a product of `rows` rows with a weight of `dtype`."""
         dtype = jnp.dtype(dtype)
-        return rows <= MAX_ROWS and (dtype == jnp.float32 or (self.bfloat16 and dtype == jnp.bfloat16))
+        return rows <= MAX_ROWS and (dtype in (jnp.float32, jnp.float16)
+                                     or (self.bfloat16 and dtype == jnp.bfloat16))
 
     def linear(self, x, w):
-        """x [T, K] (any float; read as float32) times w [N, K] -> [T, N] float32."""
-        kind = "f32" if jnp.dtype(w.dtype) == jnp.float32 else "bf16"
+        """x [T, K] (any float; read as float32) times w [N, K] -> [T, N] float32 (bfloat16 weights
+        multiply x rounded to bfloat16; float16 weights are widened, x kept float32)."""
+        kind = _LINEAR_KINDS[jnp.dtype(w.dtype)]
         out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
         return jax.ffi.ffi_call(self._target(f"linear_{kind}"), out)(x.astype(jnp.float32), w)
 
@@ -97,7 +102,7 @@ class CpuKernels:
         per KV head, over a cache of storage dtype `storage` (kernels.kv_format: float32, or uint16 for
         bfloat16)."""
         return (head_size in ATTENTION_HEAD_SIZES and 1 <= group <= ATTENTION_MAX_GROUP
-                and jnp.dtype(storage) in (jnp.float32, jnp.uint16))
+                and jnp.dtype(storage) in (jnp.float32, jnp.float16, jnp.uint16))
 
     def decode_attention(self, q, k_own, v_own, new_lens, k_cache, v_cache, page_table, past_lens, layer):
         """q [B, H, D] float32 (scaled), k_own/v_own [B, KVH, D] float32, the cache [L, P, S, KVH, D] in
@@ -199,7 +204,8 @@ def load(build_dir: str) -> Optional[CpuKernels]:
             except (OSError, RuntimeError) as e:
                 log.warning("CPU kernels not used: %s", e)
                 return None
-            handlers = dict(linear_f32=library.KvloomLinearF32, linear_bf16=library.KvloomLinearBF16,
+            handlers = dict(linear_f32=library.KvloomLinearF32, linear_f16=library.KvloomLinearF16,
+                            linear_bf16=library.KvloomLinearBF16,
                             decode_attention=library.KvloomDecodeAttention,
                             extend_attention=library.KvloomExtendAttention)
             for name, handler in handlers.items():

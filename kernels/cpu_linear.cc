@@ -7,7 +7,8 @@
 // row of x while it is in registers: tiles of 6 rows of x by 4 rows of w (24 accumulators of 16 floats,
 // AVX-512), the weight rows ahead prefetched, the four sums of a row of a tile reduced together.
 // bfloat16 weights take AVX512-BF16's dot product of bfloat16 pairs with float32 accumulation, x rounded
-// to bfloat16 (round to nearest even), as XLA's own bfloat16 x bfloat16 -> float32 product does.
+// to bfloat16 (round to nearest even), as XLA's own bfloat16 x bfloat16 -> float32 product does; float16
+// weights are widened to float32 as they are loaded (x stays float32).
 //
 // The output rows are split into chunks of kChunkRows, shared with XLA's intra-op thread pool
 // (cpu_parallel.h).
@@ -59,49 +60,66 @@ inline void Store(__m512 (&acc)[TT][NN], float* y, int64_t ldy) {
 
 // float32: 16 values of K per step.
 struct F32 {
-  using Elem = float;
-  using Vec = __m512;
+  using XElem = float;
+  using WElem = float;
+  using XVec = __m512;
   static constexpr int64_t kLanes = 16;
-  static Vec Load(const float* p) { return _mm512_loadu_ps(p); }
-  static Vec LoadPart(const float* p, int64_t n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
-  static __m512 Fma(__m512 acc, Vec x, Vec w) { return _mm512_fmadd_ps(x, w, acc); }
+  static XVec LoadX(const float* p) { return _mm512_loadu_ps(p); }
+  static XVec LoadXPart(const float* p, int64_t n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
+  static __m512 LoadW(const float* p) { return LoadX(p); }
+  static __m512 LoadWPart(const float* p, int64_t n) { return LoadXPart(p, n); }
+  static __m512 Fma(__m512 acc, XVec x, __m512 w) { return _mm512_fmadd_ps(x, w, acc); }
+};
+
+// float16 weights, widened to float32 as they are loaded (exact); x and the products stay float32.
+struct F16 : F32 {
+  using WElem = uint16_t;
+  static __m512 LoadW(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static __m512 LoadWPart(const uint16_t* p, int64_t n) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p));
+  }
 };
 
 // bfloat16: 32 values of K per step, products of pairs summed into 16 float32 lanes.
 struct BF16 {
-  using Elem = uint16_t;
-  using Vec = __m512bh;
+  using XElem = uint16_t;
+  using WElem = uint16_t;
+  using XVec = __m512bh;
   static constexpr int64_t kLanes = 32;
-  static Vec Load(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
-  static Vec LoadPart(const uint16_t* p, int64_t n) {
+  static XVec LoadX(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  static XVec LoadXPart(const uint16_t* p, int64_t n) {
     return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1ull << n) - 1), p);
   }
-  static __m512 Fma(__m512 acc, Vec x, Vec w) { return _mm512_dpbf16_ps(acc, x, w); }
+  static XVec LoadW(const uint16_t* p) { return LoadX(p); }
+  static XVec LoadWPart(const uint16_t* p, int64_t n) { return LoadXPart(p, n); }
+  static __m512 Fma(__m512 acc, XVec x, XVec w) { return _mm512_dpbf16_ps(acc, x, w); }
 };
 
 // y[t, n] (row stride ldy) for TT rows of x and NN rows of w, both K long.
 template <typename D, int TT, int NN>
-inline void Tile(const typename D::Elem* x, const typename D::Elem* w, int64_t K, float* y, int64_t ldy) {
+inline void Tile(const typename D::XElem* x, const typename D::WElem* w, int64_t K, float* y, int64_t ldy) {
   __m512 acc[TT][NN];
   for (int t = 0; t < TT; ++t)
     for (int n = 0; n < NN; ++n) acc[t][n] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + D::kLanes <= K; k += D::kLanes) {
-    typename D::Vec wv[NN];
+    decltype(D::LoadW(w)) wv[NN];
     for (int n = 0; n < NN; ++n) {
       _mm_prefetch(reinterpret_cast<const char*>(w + (n + kPrefetchRows) * K + k), _MM_HINT_T1);
-      wv[n] = D::Load(w + n * K + k);
+      wv[n] = D::LoadW(w + n * K + k);
     }
     for (int t = 0; t < TT; ++t) {
-      typename D::Vec xv = D::Load(x + t * K + k);
+      typename D::XVec xv = D::LoadX(x + t * K + k);
       for (int n = 0; n < NN; ++n) acc[t][n] = D::Fma(acc[t][n], xv, wv[n]);
     }
   }
   if (k < K) {
-    typename D::Vec wv[NN];
-    for (int n = 0; n < NN; ++n) wv[n] = D::LoadPart(w + n * K + k, K - k);
+    decltype(D::LoadW(w)) wv[NN];
+    for (int n = 0; n < NN; ++n) wv[n] = D::LoadWPart(w + n * K + k, K - k);
     for (int t = 0; t < TT; ++t) {
-      typename D::Vec xv = D::LoadPart(x + t * K + k, K - k);
+      typename D::XVec xv = D::LoadXPart(x + t * K + k, K - k);
       for (int n = 0; n < NN; ++n) acc[t][n] = D::Fma(acc[t][n], xv, wv[n]);
     }
   }
@@ -110,14 +128,14 @@ inline void Tile(const typename D::Elem* x, const typename D::Elem* w, int64_t K
 
 // Rows n0..n1 of w against all T rows of x.
 template <typename D>
-void Rows(const typename D::Elem* x, int64_t T, int64_t K, const typename D::Elem* w, int64_t n0, int64_t n1,
+void Rows(const typename D::XElem* x, int64_t T, int64_t K, const typename D::WElem* w, int64_t n0, int64_t n1,
           float* y, int64_t N) {
   int64_t n = n0;
   for (; n + kTileCols <= n1; n += kTileCols) {
-    const typename D::Elem* wn = w + n * K;
+    const typename D::WElem* wn = w + n * K;
     int64_t t = 0;
     for (; t + kTileRows <= T; t += kTileRows) Tile<D, kTileRows, kTileCols>(x + t * K, wn, K, y + t * N + n, N);
-    const typename D::Elem* xt = x + t * K;
+    const typename D::XElem* xt = x + t * K;
     float* yt = y + t * N + n;
     switch (T - t) {
       case 5: Tile<D, 5, kTileCols>(xt, wn, K, yt, N); break;
@@ -162,6 +180,19 @@ ffi::Error LinearF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   return ffi::Error::Success();
 }
 
+ffi::Error LinearF16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F16> w,
+                     ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  if (ffi::Error e = Check(x, w.dimensions(), y); e.failure()) return e;
+  int64_t T = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[0];
+  const float* xp = x.typed_data();
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.untyped_data());
+  float* yp = y->typed_data();
+  kvloom::ParallelFor(pool, (N + kChunkRows - 1) / kChunkRows, [=](int64_t c) {
+    Rows<F16>(xp, T, K, wp, c * kChunkRows, std::min(N, (c + 1) * kChunkRows), yp, N);
+  });
+  return ffi::Error::Success();
+}
+
 ffi::Error LinearBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
                       ffi::Result<ffi::Buffer<ffi::F32>> y) {
   if (ffi::Error e = Check(x, w.dimensions(), y); e.failure()) return e;
@@ -192,4 +223,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KvloomLinearBF16, LinearBF16,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KvloomLinearF16, LinearF16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,6 +1,8 @@
 // Vector helpers shared by kernels/cpu_*attention.cc (AVX-512).
 //
-//   Load16(p)  16 float32 values from p, or 16 bfloat16 values (their 16-bit patterns) widened to float32
+//   Half       a float16 value's 16 bits (a type of its own: uint16_t holds bfloat16 bits)
+//   Load16(p)  16 float32 values from p, or 16 bfloat16 (uint16_t bits) or float16 (Half) values widened
+//              to float32, exactly
 //   Exp(x)     e^x of 16 float32 values (Cephes' expf: a degree-5 polynomial after reducing by ln 2,
 //              within 2 ulp for x in [-87, 88]; below about -104 it returns 0, above 88.7 the clamp's value)
 
@@ -13,7 +15,15 @@
 
 namespace kvloom {
 
+struct Half {
+  uint16_t bits;
+};
+
 inline __m512 Load16(const float* p) { return _mm512_loadu_ps(p); }
+
+inline __m512 Load16(const Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
 
 inline __m512 Load16(const uint16_t* p) {  // bfloat16 bits: the high half of a float32
   __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));

@@ -1,7 +1,7 @@
 """A decode step's matmuls alone: one pass over a model's weights (its layers' four products and the LM
 head), with the CPU kernel (kernels/cpu_kernels) and with XLA's dot, at a few row counts and dtypes.
 
-    .venv/bin/python -m kvloom.tools.bench_linear [--rows 1,8,32] [--dtypes float32,bfloat16]
+    .venv/bin/python -m kvloom.tools.bench_linear [--rows 1,8,32] [--dtypes float32,float16,bfloat16]
         [--layers 30 --hidden 576 --intermediate 1536 --qkv 960 --vocab 49152] [--repeats 20]
 
 The shapes default to the default model's (SmolLM2-135M). Random weights, one jitted program per (dtype,
@@ -60,7 +60,7 @@ def time_pass(fn, params, x, repeats: int) -> float:
 def main(argv=None) -> list:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", default="1,8,32")
-    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--dtypes", default="float32,float16,bfloat16")
     for name, default in (("layers", 30), ("hidden", 576), ("intermediate", 1536), ("qkv", 960),
                           ("vocab", 49152), ("repeats", 20)):
         p.add_argument(f"--{name}", type=int, default=default)

@@ -295,13 +295,16 @@ def linear(x, w, kernel=None):
     Lower-precision weights multiply x rounded to their dtype, accumulating in float32: XLA's CPU dot
     runs bfloat16 x bfloat16 -> float32 natively (twice float32's rate where the CPU has bfloat16 dot
     instructions), where a bfloat16 result, or a single row, takes a path ~5x slower: a single row is
-    doubled."""
+    doubled. float16 weights on a CPU are widened to float32 instead (XLA's CPU dot converts float16 to
+    float32 itself, at the same speed), so x keeps float32, as in the CPU kernel."""
     rows = x.shape[0]
     w2 = w.reshape(-1, w.shape[-1])  # [N, K]: free, and what keeps XLA from copying w into another layout
     if kernel is not None and kernel.handles(rows, w2.dtype):
         return kernel.linear(x, w2).reshape(rows, *w.shape[:-1])
-    if w.dtype != x.dtype:
-        x = x.astype(w.dtype)
+    if w2.dtype == jnp.float16 and jax.default_backend() == "cpu":
+        w2 = w2.astype(jnp.float32)  # XLA's CPU dot widens float16 anyway (measured as fast): x stays float32
+    if w2.dtype != x.dtype:
+        x = x.astype(w2.dtype)
         if rows == 1:
             x = jnp.concatenate([x, x])
     if rows <= TRANSPOSED_DOT_MAX_ROWS:

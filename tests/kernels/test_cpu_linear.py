@@ -26,8 +26,10 @@ def kernel():
 
 
 def _reference(x, w):
-    """x [T, K] times w [N, K] in float64, from the values the kernel reads (x rounded to w's dtype)."""
-    x = np.asarray(jnp.asarray(x).astype(w.dtype).astype(jnp.float32), np.float64)
+    """x [T, K] times w [N, K] in float64, from the values the kernel reads (x rounded to bfloat16 for
+    bfloat16 weights; float16 weights are widened and x kept)."""
+    x = jnp.asarray(x).astype(jnp.bfloat16) if w.dtype == jnp.bfloat16 else jnp.asarray(x)
+    x = np.asarray(x.astype(jnp.float32), np.float64)
     return x @ np.asarray(w.astype(jnp.float32), np.float64).T
 
 
@@ -35,7 +37,7 @@ def _reference(x, w):
 # bfloat16 per vector); N: a remainder of the 4-row tiles and of the 32-row chunks
 @pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 32])
 @pytest.mark.parametrize("k,n", [(64, 8), (100, 37), (576, 130), (40, 3)])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_products_match_numpy(kernel, rows, k, n, dtype):
     if not kernel.handles(rows, dtype):
         pytest.skip(f"no {dtype} kernel on this CPU")
@@ -45,11 +47,11 @@ def test_products_match_numpy(kernel, rows, k, n, dtype):
     y = jax.jit(kernel.linear)(x, w)
     assert y.shape == (rows, n) and y.dtype == jnp.float32
     ref = _reference(x, w)
-    # summation order differs from numpy's; products of bfloat16 values are exact in float32
+    # summation order differs from numpy's; products of bfloat16 or float16 values are exact in float32
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-4 * np.sqrt(k))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_llama_linear_takes_the_kernel_for_a_decode_steps_rows_only(kernel, dtype):
     if not kernel.handles(1, dtype):
         pytest.skip(f"no {dtype} kernel on this CPU")
