@@ -47,6 +47,7 @@ constexpr int kMaxRows = 48;    // query rows per unit of work (tokens x G, padd
 constexpr int kMaxD = 128;
 constexpr int64_t kMaxGroup = 16;
 constexpr float kNegInf = -1e30f;
+constexpr int64_t kKeptScratch = int64_t{16} << 20;  // floats of transposed keys kept between calls (64 MiB)
 
 template <typename E>
 struct Step {
@@ -235,7 +236,10 @@ void Run(ffi::ThreadPool& pool, Step<E> st) {
     stride[b] = (st.new_lens[b] > 0 ? st.past_lens[b] : 0) + Q + kKeys;
     for (int64_t h = 0; h < KVH; ++h, total += D * stride[b]) at[b * KVH + h] = total;
   }
-  thread_local std::vector<float> keys_t;
+  // kept for the calling thread's next call up to kKeptScratch floats; a larger one is freed on return
+  thread_local std::vector<float> kept;
+  std::vector<float> once;
+  std::vector<float>& keys_t = total <= kKeptScratch ? kept : once;
   if (static_cast<int64_t>(keys_t.size()) < total) keys_t.resize(total);
   st.keys_t = keys_t.data();
   st.keys_t_at = at.data();

@@ -267,7 +267,7 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure kvloom through its HTTP server (loopback, in this process; the "
                         "client a process of its own, as for llama-server)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="kvloom's weights (the peers keep theirs: transformers float32, llama.cpp each "
                         "peer's FORMAT) (default float32)")
 

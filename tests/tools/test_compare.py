@@ -65,5 +65,7 @@ def test_dtype_sets_kvloom_s_weights_only():
 
     assert config().dtype == "float32"
     assert config("--dtype", "bfloat16").dtype == "bfloat16"
+    assert config("--dtype", "float16").dtype == "float16"
+    assert compare.bytes_per_parameter("float16") == compare.bytes_per_parameter("bfloat16") == 2
     with pytest.raises(SystemExit):
         config("--dtype", "float64")
