@@ -69,7 +69,7 @@ struct Step {
 
 template <int D, typename E>
 void TransposeKeys(const Step<E>& st, int64_t b, int64_t h) {
-  const int64_t past = st.past_lens[b], n = st.new_lens[b], stride = st.stride[b];
+  const int64_t past = st.past_lens[b], n = std::min<int64_t>(st.new_lens[b], st.Q), stride = st.stride[b];
   float* kt = st.keys_t + st.keys_t_at[b * st.KVH + h];
   for (int64_t t = 0; t < past; ++t) {
     alignas(64) float row[D];
