@@ -3,9 +3,9 @@
 
     load(build_dir)  -> a CpuKernels, or None with the reason logged (not x86-64 Linux with AVX-512, no
                         C++ compiler, a failed build)
-        the sources are compiled once per machine into one library, build_dir/cpu_kernels-<digest>.so
-        (the digest: the sources and header, the compiler flags, jaxlib's version), loaded, and its handlers
-        registered with XLA under names that carry the digest
+        the sources are compiled once per machine (in parallel, then linked) into one library,
+        build_dir/cpu_kernels-<digest>.so (the digest: the sources and headers, the compiler flags, jaxlib's
+        version), loaded, and its handlers registered with XLA under names that carry the digest
     kernels.linear(x, w)
                      -> x [T, K] float32 times w [N, K] (float32, float16, or bfloat16 where the CPU
                         has AVX512-BF16) -> [T, N] float32, for T <= MAX_ROWS (`handles`)
@@ -166,24 +166,30 @@ def unavailable_reason() -> Optional[str]:
 
 
 def build(build_dir: str, cxx: str, digest: str) -> str:
-    """The shared library for this digest in build_dir, compiled unless already there (written under a
-    temporary name and renamed: concurrent builds of the same digest are harmless)."""
+    """The shared library for this digest in build_dir, compiled unless already there: each source to an
+    object file at once (one compiler process per source), then linked; written under a temporary name and
+    renamed, so concurrent builds of the same digest are harmless."""
     path = os.path.join(build_dir, f"cpu_kernels-{digest}.so")
     if os.path.exists(path):
         return path
     os.makedirs(build_dir, exist_ok=True)
     log.info("building the CPU kernels (once per machine) into %s", path)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=build_dir)
-    os.close(fd)
-    try:
-        command = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", *SOURCES, "-o", tmp]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+    with tempfile.TemporaryDirectory(dir=build_dir, prefix=".build-") as work:
+        objects = [os.path.join(work, os.path.basename(source) + ".o") for source in SOURCES]
+        compiles = [[cxx, *FLAGS, "-c", f"-I{jax.ffi.include_dir()}", source, "-o", obj]
+                    for source, obj in zip(SOURCES, objects)]
+        running = [(command, subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                              text=True)) for command in compiles]
+        tmp = os.path.join(work, "cpu_kernels.so")
+        steps = [(command, process.communicate()[1], process.returncode) for command, process in running]
+        if all(code == 0 for _, _, code in steps):
+            link = [cxx, *FLAGS, *objects, "-o", tmp]
+            done = subprocess.run(link, capture_output=True, text=True)
+            steps.append((link, done.stderr, done.returncode))
+        for command, stderr, code in steps:
+            if code != 0:
+                raise RuntimeError(f"{' '.join(command)} failed:\n{stderr[-2000:]}")
         os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
