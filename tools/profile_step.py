@@ -1,6 +1,7 @@
 """Where one engine step's time goes, measured from a real `jax.profiler` trace.
 
     .venv/bin/python -m kvloom.tools.profile_step [--model PATH] [--batches 1,8,32] [--prefill-tokens 512]
+        [--score-items 0 --score-query-tokens 2000 --score-item-tokens 20]
         [--steps 16] [--dtype float32] [--keep-trace DIR] [--json OUT.json]
 
 Data flow:
@@ -8,6 +9,8 @@ Data flow:
   one step), its runner wrapped to record the shape of every step it runs
   per scenario: decode with B requests (greedy, never ending early; traced once all B decode), then
       a prefill (fresh prompts of --prefill-tokens, one at a time, max_tokens 1)
+      a score request with --score-items items (when asked; the engine's scoring mode, packed by default),
+      its query scored once before so that the traced steps are score steps, as with a cached query
       jax.profiler.trace over --steps steps -> perfetto JSON
   trace -> XLA op events (module, op, thread, start, duration; nested ops counted once, exclusive)
         + host spans (engine.spans: schedule, inputs, dispatch, results, apply)
@@ -353,6 +356,24 @@ async def profile_prefill(engine, num_tokens: int, steps: int, rng, trace: Trace
     await trace(run)
 
 
+async def profile_score(engine, query_tokens: int, num_items: int, item_tokens: int, rng,
+                        trace: Tracer) -> None:
+    id_range = prompt_id_range(engine.runner.vocab_size)
+    query = random_prompts(rng, 1, query_tokens, id_range)[0]
+    items = random_prompts(rng, num_items, item_tokens, id_range)
+    labels = [query[0], query[1]]
+    await engine.score(query, items[:1], labels)  # the query computed and cached before the trace
+    out = None
+
+    async def run():
+        nonlocal out
+        out = await engine.score(query, items, labels)
+
+    await trace(run)
+    if len(out.scores) != num_items:
+        raise RuntimeError(f"score: {len(out.scores)} scores for {num_items} items")
+
+
 async def profile(args) -> dict:
     from kvloom.engine.engine import Engine
 
@@ -371,6 +392,11 @@ async def profile(args) -> dict:
         if args.prefill_tokens:
             scenarios.append((f"prefill, {args.prefill_tokens} tokens",
                               lambda d: profile_prefill(engine, args.prefill_tokens, args.steps, rng, d)))
+        if args.score_items:
+            scenarios.append((f"score, {args.score_items} items x {args.score_item_tokens} tokens after a "
+                              f"{args.score_query_tokens}-token query",
+                              lambda d: profile_score(engine, args.score_query_tokens, args.score_items,
+                                                      args.score_item_tokens, rng, d)))
         for name, run in scenarios:
             trace_dir = tempfile.mkdtemp(prefix="kvloom-profile-", dir=args.keep_trace)
             _log(f"{name}: tracing {args.steps} steps into {trace_dir}")
@@ -400,7 +426,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_compile_cache_arg(p)
     p.add_argument("--batches", type=parse_int_list, default=[1, 8, 32], help="decode batch sizes")
     p.add_argument("--prefill-tokens", type=int, default=512, help="prefill length (0: no prefill scenario)")
-    p.add_argument("--steps", type=int, default=16, help="steps traced per scenario")
+    p.add_argument("--score-items", type=int, default=0, help="items of a score scenario (0: none)")
+    p.add_argument("--score-query-tokens", type=int, default=2000, help="the score scenario's query length")
+    p.add_argument("--score-item-tokens", type=int, default=20, help="the score scenario's item length")
+    p.add_argument("--steps", type=int, default=16, help="steps traced per scenario (at most)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-trace", default=None, help="directory for the traces (default: a temp directory)")
     p.add_argument("--json", default=None, help="write the figures as JSON")

@@ -102,10 +102,12 @@ def test_a_real_trace_of_a_tiny_model(tiny_llama, tmp_path, capsys):
     out = tmp_path / "profile.json"
     ps.main(["--model", tiny_llama, "--batches", "2", "--prefill-tokens", "32", "--steps", "3",
              "--max-model-len", "256", "--page-size", "4", "--num-pages", "256", "--max-prefill-seqs", "2",
+             "--score-items", "100", "--score-query-tokens", "40", "--score-item-tokens", "16",
              "--keep-trace", str(tmp_path), "--json", str(out),
              "--jax-cache-dir", jax.config.jax_compilation_cache_dir])
     report = json.loads(out.read_text())
-    assert set(report["scenarios"]) == {"decode, batch 2", "prefill, 32 tokens"}
+    score = "score, 100 items x 16 tokens after a 40-token query"
+    assert set(report["scenarios"]) == {"decode, batch 2", "prefill, 32 tokens", score}
     for name, result in report["scenarios"].items():
         assert result["num_steps"] == 3, name
         assert result["step_ms"] > 0
@@ -113,9 +115,14 @@ def test_a_real_trace_of_a_tiny_model(tiny_llama, tmp_path, capsys):
         # every part of the model ran and was named: matmuls by their scope, attention, sampling
         assert device["MLP (+ norm, activation)"] > 0 and device["q/k/v projection (+ norm, rope)"] > 0, name
         assert device["attention (incl. page gathers)"] > 0 and device["LM head"] > 0, name
-        assert device["sampling"] > 0, name
+        if name == score:  # score steps take label logprobs, not the sampler
+            assert device["sampling"] < 0.05 * result["step_ms"], name
+        else:
+            assert device["sampling"] > 0, name
         assert sum(device.values()) == pytest.approx(result["device_busy_ms"], rel=0.2)
         assert result["device_busy_ms"] <= result["step_ms"] * 1.001
     decode = report["scenarios"]["decode, batch 2"]
     assert any("decode 2" in shape for shape in decode["shapes"])
+    # 1,600 item tokens in steps of 512: the traced steps are score steps (the query was cached before)
+    assert all("prefill 1x" in shape for shape in report["scenarios"][score]["shapes"])
     assert "ms per step" in capsys.readouterr().out
