@@ -28,8 +28,10 @@ the past in blocks of pages with an online softmax and stops after the longest
 past, so its cost follows the real context, not the table's width, and skips the
 new keys after each block of query rows; a decode step
 (one new token per row) takes `_decode_attention`, the same walk with scores read
-from the gathered pages' own layout. The test compares them with the reference
-over dtypes, page sizes and lengths.
+from the gathered pages' own layout. On a CPU with AVX-512 the runner passes
+`kernel` (kernels.cpu_kernels), and both kinds of step run as native kernels
+instead (cpu_attention.cc, cpu_extend_attention.cc). The tests compare each
+with the reference over dtypes, page sizes and lengths.
 """
 
 from __future__ import annotations
