@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_parallel.h"
@@ -167,46 +168,44 @@ ffi::Error Check(ffi::Buffer<ffi::F32>& x, ffi::AnyBuffer::Dimensions wdims, ffi
   return ffi::Error::Success();
 }
 
-ffi::Error LinearF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                     ffi::Result<ffi::Buffer<ffi::F32>> y) {
+// y = x w^T on the pool, in 32-row chunks of w; W: the weight buffer's dtype. x comes as float32 and is
+// rounded to bfloat16 first where D multiplies bfloat16 pairs.
+template <typename D, ffi::DataType W>
+ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<W> w,
+                  ffi::Result<ffi::Buffer<ffi::F32>> y) {
   if (ffi::Error e = Check(x, w.dimensions(), y); e.failure()) return e;
   int64_t T = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[0];
-  const float* xp = x.typed_data();
-  const float* wp = w.typed_data();
+  const float* xf = x.typed_data();
+  std::vector<uint16_t> rounded;
+  const typename D::XElem* xp;
+  if constexpr (std::is_same_v<typename D::XElem, float>) {
+    xp = xf;
+  } else {
+    rounded.resize(T * K);
+    for (int64_t i = 0; i < T * K; ++i) rounded[i] = RoundToBF16(xf[i]);
+    xp = rounded.data();
+  }
+  const auto* wp = static_cast<const typename D::WElem*>(w.untyped_data());
   float* yp = y->typed_data();
   kvloom::ParallelFor(pool, (N + kChunkRows - 1) / kChunkRows, [=](int64_t c) {
-    Rows<F32>(xp, T, K, wp, c * kChunkRows, std::min(N, (c + 1) * kChunkRows), yp, N);
+    Rows<D>(xp, T, K, wp, c * kChunkRows, std::min(N, (c + 1) * kChunkRows), yp, N);
   });
   return ffi::Error::Success();
+}
+
+ffi::Error LinearF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                     ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  return Linear<F32>(pool, x, w, y);
 }
 
 ffi::Error LinearF16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F16> w,
                      ffi::Result<ffi::Buffer<ffi::F32>> y) {
-  if (ffi::Error e = Check(x, w.dimensions(), y); e.failure()) return e;
-  int64_t T = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[0];
-  const float* xp = x.typed_data();
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.untyped_data());
-  float* yp = y->typed_data();
-  kvloom::ParallelFor(pool, (N + kChunkRows - 1) / kChunkRows, [=](int64_t c) {
-    Rows<F16>(xp, T, K, wp, c * kChunkRows, std::min(N, (c + 1) * kChunkRows), yp, N);
-  });
-  return ffi::Error::Success();
+  return Linear<F16>(pool, x, w, y);
 }
 
 ffi::Error LinearBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
                       ffi::Result<ffi::Buffer<ffi::F32>> y) {
-  if (ffi::Error e = Check(x, w.dimensions(), y); e.failure()) return e;
-  int64_t T = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[0];
-  std::vector<uint16_t> xb(T * K);
-  const float* xf = x.typed_data();
-  for (int64_t i = 0; i < T * K; ++i) xb[i] = RoundToBF16(xf[i]);
-  const uint16_t* xp = xb.data();
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.untyped_data());
-  float* yp = y->typed_data();
-  kvloom::ParallelFor(pool, (N + kChunkRows - 1) / kChunkRows, [=](int64_t c) {
-    Rows<BF16>(xp, T, K, wp, c * kChunkRows, std::min(N, (c + 1) * kChunkRows), yp, N);
-  });
-  return ffi::Error::Success();
+  return Linear<BF16>(pool, x, w, y);
 }
 
 }  // namespace
