@@ -7,22 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvloom.engine.config import cache_root
-from kvloom.kernels import cpu_kernels
 from kvloom.kernels.attention import prefix_extend_attention, prefix_extend_attention_reference
 from tests.kernels.test_attention import _case
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def kernels():
-    reason = cpu_kernels.unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"the CPU kernels cannot run here: {reason}")
-    loaded = cpu_kernels.load(f"{cache_root()}/kernels")
-    assert loaded is not None
-    return loaded
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.float16, 2e-3), (jnp.bfloat16, 2e-2)])

@@ -8,21 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvloom.engine.config import cache_root
 from kvloom.engine.models import llama
 from kvloom.kernels import cpu_kernels
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def kernel():
-    reason = cpu_kernels.unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"the CPU kernel cannot run here: {reason}")
-    loaded = cpu_kernels.load(f"{cache_root()}/kernels")
-    assert loaded is not None
-    return loaded
 
 
 def _reference(x, w):
@@ -38,13 +27,13 @@ def _reference(x, w):
 @pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 32])
 @pytest.mark.parametrize("k,n", [(64, 8), (100, 37), (576, 130), (40, 3)])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_products_match_numpy(kernel, rows, k, n, dtype):
-    if not kernel.handles(rows, dtype):
+def test_products_match_numpy(kernels, rows, k, n, dtype):
+    if not kernels.handles(rows, dtype):
         pytest.skip(f"no {dtype} kernel on this CPU")
     rng = np.random.default_rng(rows * 1000 + k + n)
     x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((n, k)), dtype)
-    y = jax.jit(kernel.linear)(x, w)
+    y = jax.jit(kernels.linear)(x, w)
     assert y.shape == (rows, n) and y.dtype == jnp.float32
     ref = _reference(x, w)
     # summation order differs from numpy's; products of bfloat16 or float16 values are exact in float32
@@ -52,16 +41,16 @@ def test_products_match_numpy(kernel, rows, k, n, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_llama_linear_takes_the_kernel_for_a_decode_steps_rows_only(kernel, dtype):
-    if not kernel.handles(1, dtype):
+def test_llama_linear_takes_the_kernel_for_a_decode_steps_rows_only(kernels, dtype):
+    if not kernels.handles(1, dtype):
         pytest.skip(f"no {dtype} kernel on this CPU")
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.standard_normal((3, 2, 48)), dtype)  # [*out, K], as a fused weight is stored
     for rows in (1, cpu_kernels.MAX_ROWS, cpu_kernels.MAX_ROWS + 1):
         x = jnp.asarray(rng.standard_normal((rows, 48)), jnp.float32)
-        fn = jax.jit(lambda x, w: llama.linear(x, w, kernel))
+        fn = jax.jit(lambda x, w: llama.linear(x, w, kernels))
         hlo = fn.lower(x, w).as_text()
-        assert ("custom_call" in hlo and kernel.digest in hlo) == (rows <= cpu_kernels.MAX_ROWS), rows
+        assert ("custom_call" in hlo and kernels.digest in hlo) == (rows <= cpu_kernels.MAX_ROWS), rows
         if rows <= cpu_kernels.MAX_ROWS:  # the kernel reads the weight in place: no copy into a layout
             entry = fn.lower(x, w).compile().as_text().split("ENTRY")[1].splitlines()
             weight = next(line.split(" = ")[0].strip() for line in entry if "parameter(1)" in line)
