@@ -63,8 +63,8 @@ def _finish(params, kv, h, keys, values, slot_mapping, logits_indices, *, cfg: M
 
 def forward_functions(cfg: ModelConfig, page_size: int, mesh, kernel=None) -> dict:
     """The pieces, name -> (function, jax.jit options), for params placed on `mesh`: the runner compiles
-    them ahead of time (engine.executables), `LayeredForward.jitted` with jax.jit. `kernel`: the decode
-    steps' matmul and attention kernels (kernels.cpu_kernels), or None."""
+    them ahead of time (engine.executables), `LayeredForward.jitted` with jax.jit. `kernel`: the CPU
+    kernels (kernels.cpu_kernels: a decode step's matmuls, every step's attention), or None."""
     whole = NamedSharding(mesh, P())
     kv_sharding = NamedSharding(mesh, llama.KV_CACHE_SHARDING)
     logits_sharding = NamedSharding(mesh, llama.logits_sharding(cfg, mesh.size))

@@ -324,7 +324,7 @@ def decoder_layer(lp, h, kv_cache, layer, step: StepInput, *, cfg: ModelConfig, 
     """One decoder layer over the step: (h [T, D] after the layer, its new keys and values [T, KVH, D]).
     `lp` is the layer's own weights; `layer` (an int32 scalar, traced) picks its slice of the KV cache,
     read only (the new keys are written after the last layer, by `write_kv_cache`). `kernel`: `linear`'s and
-    the decode attention's (kernels.cpu_kernels), or None."""
+    the attention's (kernels.cpu_kernels), or None."""
     num_tokens = h.shape[0]
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     angles = step.positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
